@@ -1,0 +1,33 @@
+# Makefile for the cqrs extension (PGXS)
+
+EXTENSION = cqrs
+MODULE_big = cqrs
+OBJS = \
+	src/cqrs.o \
+	src/commands.o \
+	src/guard.o \
+	src/uuidv7.o
+DATA = cqrs--0.1.0.sql
+PGFILEDESC = "cqrs - command log, projection and read model inside PostgreSQL"
+
+PG_CPPFLAGS = -I$(srcdir)/src
+# The warning set the code is kept clean under; CI adds -Werror.
+PG_CFLAGS = -Wall -Wextra -Wno-unused-parameter $(CQRS_CFLAGS)
+
+# pg_regress: SQL behaviour of the command path.
+REGRESS = setup uuidv7 submit ship_cancel validation append_only privileges search_path
+REGRESS_OPTS = --temp-config=$(srcdir)/test/cqrs.conf \
+	--temp-instance=./tmp_check --port=54391
+
+# Isolation specs: every concurrency claim of the command path.
+ISOLATION = duplicate_command_id sequence_assignment create_race
+ISOLATION_OPTS = --inputdir=$(srcdir)/test/isolation \
+	--temp-config=$(srcdir)/test/cqrs.conf \
+	--temp-instance=./tmp_check_iso --port=54392
+
+EXTRA_CLEAN = tmp_check tmp_check_iso results regression.diffs regression.out \
+	output_iso
+
+PG_CONFIG ?= pg_config
+PGXS := $(shell $(PG_CONFIG) --pgxs)
+include $(PGXS)

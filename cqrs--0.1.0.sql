@@ -1,0 +1,201 @@
+\echo Use "CREATE EXTENSION cqrs" to load this file. \quit
+
+-- cqrs--0.1.0.sql
+--
+-- Schema, tables, command functions and privileges of the cqrs extension.
+-- Every object is schema-qualified and every operator spelled
+-- OPERATOR(pg_catalog.x), so nothing here depends on the installer's
+-- search_path.
+
+-- The three roles cqrs grants to.  Roles are cluster-wide and outlive the
+-- extension, so they are created only where missing (another database of
+-- the cluster may already have created them).  They cannot log in; grant
+-- them to login roles.
+DO $roles$
+BEGIN
+	IF NOT EXISTS (SELECT FROM pg_catalog.pg_roles
+				   WHERE rolname OPERATOR(pg_catalog.=) 'cqrs_writer') THEN
+		CREATE ROLE cqrs_writer NOLOGIN;
+	END IF;
+	IF NOT EXISTS (SELECT FROM pg_catalog.pg_roles
+				   WHERE rolname OPERATOR(pg_catalog.=) 'cqrs_reader') THEN
+		CREATE ROLE cqrs_reader NOLOGIN;
+	END IF;
+	IF NOT EXISTS (SELECT FROM pg_catalog.pg_roles
+				   WHERE rolname OPERATOR(pg_catalog.=) 'cqrs_admin') THEN
+		CREATE ROLE cqrs_admin NOLOGIN;
+	END IF;
+END
+$roles$;
+
+-- Fails when a schema of that name exists already: the extension never
+-- adopts a schema somebody else owns.
+CREATE SCHEMA cqrs;
+COMMENT ON SCHEMA cqrs IS 'cqrs: command log, read model and their administration';
+
+-- The command log: append-only, idempotent by command_id, ordered per
+-- order by sequence_id.
+CREATE TABLE cqrs.command_log (
+	log_id bigint GENERATED ALWAYS AS IDENTITY,
+	command_id uuid NOT NULL,
+	command_type text NOT NULL,
+	aggregate_id text NOT NULL,
+	sequence_id bigint NOT NULL,
+	payload jsonb NOT NULL,
+	created_at timestamptz NOT NULL DEFAULT pg_catalog.now(),
+	CONSTRAINT command_log_pkey PRIMARY KEY (log_id),
+	CONSTRAINT command_log_command_id_key UNIQUE (command_id),
+	CONSTRAINT command_log_aggregate_sequence_key
+		UNIQUE (aggregate_id, sequence_id),
+	CONSTRAINT command_log_command_type_check CHECK (
+		command_type OPERATOR(pg_catalog.=) ANY
+		(ARRAY['CREATE_ORDER', 'SHIP_ORDER', 'CANCEL_ORDER']::pg_catalog.text[])),
+	CONSTRAINT command_log_sequence_id_check CHECK (
+		sequence_id OPERATOR(pg_catalog.>=) 1)
+);
+COMMENT ON TABLE cqrs.command_log IS
+	'Append-only log of every accepted command; written only by cqrs.submit_order(), cqrs.ship_order() and cqrs.cancel_order()';
+COMMENT ON COLUMN cqrs.command_log.command_id IS 'Idempotency key of the command';
+COMMENT ON COLUMN cqrs.command_log.aggregate_id IS 'The order the command is about';
+COMMENT ON COLUMN cqrs.command_log.sequence_id IS 'Position of the command in its order: 1, 2, 3 ...';
+
+CREATE FUNCTION cqrs.command_log_append_only()
+RETURNS trigger
+AS 'MODULE_PATHNAME', 'command_log_append_only'
+LANGUAGE C;
+COMMENT ON FUNCTION cqrs.command_log_append_only() IS
+	'Trigger refusing UPDATE, DELETE and TRUNCATE on cqrs.command_log';
+
+-- Statement-level, so it fires even when no row matches; ALWAYS, so
+-- session_replication_role = replica does not switch it off.
+CREATE TRIGGER command_log_append_only
+	BEFORE UPDATE OR DELETE OR TRUNCATE ON cqrs.command_log
+	FOR EACH STATEMENT EXECUTE FUNCTION cqrs.command_log_append_only();
+ALTER TABLE cqrs.command_log ENABLE ALWAYS TRIGGER command_log_append_only;
+
+-- The read model: one row per order, the fold of its commands.
+CREATE TABLE cqrs.read_model (
+	order_id text NOT NULL,
+	user_id text NOT NULL,
+	total_amount numeric NOT NULL,
+	status text NOT NULL,
+	version bigint NOT NULL,
+	updated_at timestamptz NOT NULL DEFAULT pg_catalog.now(),
+	CONSTRAINT read_model_pkey PRIMARY KEY (order_id),
+	CONSTRAINT read_model_status_check CHECK (
+		status OPERATOR(pg_catalog.=) ANY
+		(ARRAY['created', 'shipped', 'cancelled']::pg_catalog.text[]))
+);
+CREATE INDEX read_model_user_id_idx ON cqrs.read_model (user_id);
+COMMENT ON TABLE cqrs.read_model IS
+	'Query side: one row per order, maintained by the cqrs projector';
+COMMENT ON COLUMN cqrs.read_model.version IS
+	'sequence_id of the last command applied to this order';
+
+-- Where the projector stands, written in the transaction of the read-model
+-- changes it covers.
+CREATE TABLE cqrs.offset_tracking (
+	slot_name text NOT NULL,
+	last_lsn pg_catalog.pg_lsn NOT NULL,
+	updated_at timestamptz NOT NULL DEFAULT pg_catalog.now(),
+	CONSTRAINT offset_tracking_pkey PRIMARY KEY (slot_name)
+);
+COMMENT ON TABLE cqrs.offset_tracking IS
+	'Position of the projector in the WAL, committed with the read-model changes';
+
+-- Commands the projection could not apply.
+CREATE TABLE cqrs.dead_letter (
+	command_id uuid NOT NULL,
+	command_type text,
+	aggregate_id text,
+	sequence_id bigint,
+	reason text NOT NULL,
+	failed_at timestamptz NOT NULL DEFAULT pg_catalog.now(),
+	CONSTRAINT dead_letter_pkey PRIMARY KEY (command_id)
+);
+COMMENT ON TABLE cqrs.dead_letter IS
+	'Commands the projection could not apply, with the reason';
+
+-- Commands waiting for a missing predecessor in their order.
+CREATE TABLE cqrs.parked (
+	aggregate_id text NOT NULL,
+	sequence_id bigint NOT NULL,
+	command_id uuid NOT NULL,
+	waiting_for bigint NOT NULL,
+	parked_at timestamptz NOT NULL DEFAULT pg_catalog.now(),
+	CONSTRAINT parked_pkey PRIMARY KEY (aggregate_id, sequence_id)
+);
+COMMENT ON TABLE cqrs.parked IS
+	'Commands held back until the sequence_id they wait for is applied';
+
+CREATE TYPE cqrs.receipt AS (
+	command_id uuid,
+	log_id bigint,
+	sequence_id bigint,
+	duplicate boolean
+);
+COMMENT ON TYPE cqrs.receipt IS
+	'What a command function returns: the command, its place in the log, and whether it was a repeat';
+
+-- Command functions: validate in C, append, return.  They run the append
+-- as the owner of cqrs.command_log, so callers need EXECUTE only, never a
+-- privilege on the table.
+CREATE FUNCTION cqrs.uuidv7()
+RETURNS uuid
+AS 'MODULE_PATHNAME', 'uuidv7'
+LANGUAGE C VOLATILE PARALLEL SAFE;
+COMMENT ON FUNCTION cqrs.uuidv7() IS
+	'RFC 9562 version 7 UUID, monotonic within a session';
+
+CREATE FUNCTION cqrs.submit_order(order_id text, user_id text, amount numeric,
+								  command_id uuid DEFAULT NULL,
+								  sequence_id bigint DEFAULT NULL)
+RETURNS cqrs.receipt
+AS 'MODULE_PATHNAME', 'submit_order'
+LANGUAGE C VOLATILE PARALLEL UNSAFE;
+COMMENT ON FUNCTION cqrs.submit_order(text, text, numeric, uuid, bigint) IS
+	'Append a CREATE_ORDER command (sequence 1 of the order)';
+
+CREATE FUNCTION cqrs.ship_order(order_id text,
+								command_id uuid DEFAULT NULL,
+								sequence_id bigint DEFAULT NULL)
+RETURNS cqrs.receipt
+AS 'MODULE_PATHNAME', 'ship_order'
+LANGUAGE C VOLATILE PARALLEL UNSAFE;
+COMMENT ON FUNCTION cqrs.ship_order(text, uuid, bigint) IS
+	'Append a SHIP_ORDER command; sequence_id NULL takes the order''s next one';
+
+CREATE FUNCTION cqrs.cancel_order(order_id text, reason text DEFAULT NULL,
+								  command_id uuid DEFAULT NULL,
+								  sequence_id bigint DEFAULT NULL)
+RETURNS cqrs.receipt
+AS 'MODULE_PATHNAME', 'cancel_order'
+LANGUAGE C VOLATILE PARALLEL UNSAFE;
+COMMENT ON FUNCTION cqrs.cancel_order(text, text, uuid, bigint) IS
+	'Append a CANCEL_ORDER command; sequence_id NULL takes the order''s next one';
+
+-- Privileges: nothing for PUBLIC, then exactly what each role needs.
+REVOKE ALL ON SCHEMA cqrs FROM PUBLIC;
+REVOKE ALL ON ALL TABLES IN SCHEMA cqrs FROM PUBLIC;
+REVOKE ALL ON ALL SEQUENCES IN SCHEMA cqrs FROM PUBLIC;
+REVOKE ALL ON ALL FUNCTIONS IN SCHEMA cqrs FROM PUBLIC;
+REVOKE ALL ON TYPE cqrs.receipt FROM PUBLIC;
+
+GRANT USAGE ON SCHEMA cqrs TO cqrs_writer, cqrs_reader, cqrs_admin;
+GRANT USAGE ON TYPE cqrs.receipt TO cqrs_writer, cqrs_admin;
+
+-- Writers submit through the functions only.
+GRANT EXECUTE ON FUNCTION
+	cqrs.uuidv7(),
+	cqrs.submit_order(text, text, numeric, uuid, bigint),
+	cqrs.ship_order(text, uuid, bigint),
+	cqrs.cancel_order(text, text, uuid, bigint)
+	TO cqrs_writer;
+
+-- Readers see the query side only.
+GRANT SELECT ON cqrs.read_model TO cqrs_reader;
+
+-- Operators see everything and repair through functions; they do not
+-- write the log directly either.
+GRANT SELECT ON ALL TABLES IN SCHEMA cqrs TO cqrs_admin;
+GRANT EXECUTE ON FUNCTION cqrs.uuidv7() TO cqrs_admin;

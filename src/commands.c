@@ -1,0 +1,635 @@
+/*-------------------------------------------------------------------------
+ *
+ * commands.c
+ *		The command path: cqrs.submit_order(), cqrs.ship_order() and
+ *		cqrs.cancel_order().
+ *
+ * Each function validates its arguments, builds the command's payload and
+ * appends one row to cqrs.command_log, then returns a cqrs.receipt.  No
+ * read-model work happens here: the projector does that after commit.
+ *
+ * Invariants this file keeps:
+ *
+ * - Bad input raises an error before anything is written.
+ * - command_id is the idempotency key.  The append is an INSERT ... ON
+ *   CONFLICT DO NOTHING, so the common case costs one insert; only when it
+ *   inserted nothing is the log read, to tell a retry of the same command
+ *   (the original receipt, duplicate = true) from a reuse of the id for
+ *   another command, or a taken sequence (both 23505).
+ * - sequence_id values of one order are unique (the unique index) and,
+ *   when the server assigns them, dense: ship and cancel take a
+ *   transaction-scoped lock on the order before reading its last sequence,
+ *   so concurrent commands queue on the lock and an aborted transaction
+ *   releases its number unused.
+ * - The append runs as the owner of cqrs.command_log (as RI triggers run
+ *   as the table owner), so callers need EXECUTE on the function and no
+ *   privilege on the log.  Every statement is fully schema-qualified and
+ *   prepared once per backend, and values are always parameters.
+ *
+ *-------------------------------------------------------------------------
+ */
+#include "postgres.h"
+
+#include "access/htup_details.h"
+#include "catalog/namespace.h"
+#include "catalog/pg_class.h"
+#include "catalog/pg_type.h"
+#include "common/hashfn.h"
+#include "executor/spi.h"
+#include "funcapi.h"
+#include "mb/pg_wchar.h"
+#include "miscadmin.h"
+#include "storage/lock.h"
+#include "utils/builtins.h"
+#include "utils/jsonb.h"
+#include "utils/lsyscache.h"
+#include "utils/numeric.h"
+#include "utils/syscache.h"
+#include "utils/uuid.h"
+
+#include "cqrs.h"
+
+PG_FUNCTION_INFO_V1(submit_order);
+PG_FUNCTION_INFO_V1(ship_order);
+PG_FUNCTION_INFO_V1(cancel_order);
+
+/*
+ * field4 of the advisory lock tags cqrs takes on orders.  User advisory
+ * locks use 1 and 2 there, so cqrs never collides with an application's
+ * pg_advisory_lock() keys.
+ */
+#define CQRS_ORDER_LOCK_SPACE	0x4351
+
+/* Upper bound of an order amount, inclusive. */
+#define CQRS_MAX_AMOUNT			INT64CONST(1000000000000000)
+
+typedef enum CqrsCommandType
+{
+	CQRS_CREATE_ORDER,
+	CQRS_SHIP_ORDER,
+	CQRS_CANCEL_ORDER
+} CqrsCommandType;
+
+static const char *const cmd_type_names[] = {
+	[CQRS_CREATE_ORDER] = "CREATE_ORDER",
+	[CQRS_SHIP_ORDER] = "SHIP_ORDER",
+	[CQRS_CANCEL_ORDER] = "CANCEL_ORDER",
+};
+
+/* A validated command, ready to append. */
+typedef struct CqrsCommand
+{
+	CqrsCommandType type;
+	text	   *order_id;
+	pg_uuid_t	command_id;
+	bool		sequence_given; /* caller chose sequence_id */
+	int64		sequence_id;
+	Jsonb	   *payload;
+} CqrsCommand;
+
+/* What the command functions return, as cqrs.receipt. */
+typedef struct CqrsReceipt
+{
+	pg_uuid_t	command_id;
+	int64		log_id;
+	int64		sequence_id;
+	bool		duplicate;
+} CqrsReceipt;
+
+/* Plans kept for the life of the backend, prepared on first use. */
+static SPIPlanPtr insert_plan = NULL;
+static SPIPlanPtr lookup_plan = NULL;
+static SPIPlanPtr last_sequence_plan = NULL;
+static SPIPlanPtr holder_plan = NULL;
+
+/*
+ * Fetch a required identifier argument and check it: not NULL (22004), not
+ * empty, at most CQRS_MAX_ID_BYTES, no control characters (22023).
+ */
+static text *
+cmd_get_id(FunctionCallInfo fcinfo, int argno, const char *name)
+{
+	text	   *t;
+	const unsigned char *p;
+	int			len;
+	bool		utf8 = (GetDatabaseEncoding() == PG_UTF8);
+
+	if (PG_ARGISNULL(argno))
+		ereport(ERROR,
+				(errcode(ERRCODE_NULL_VALUE_NOT_ALLOWED),
+				 errmsg("%s must not be null", name)));
+
+	t = PG_GETARG_TEXT_PP(argno);
+	p = (const unsigned char *) VARDATA_ANY(t);
+	len = VARSIZE_ANY_EXHDR(t);
+
+	if (len == 0)
+		ereport(ERROR,
+				(errcode(ERRCODE_INVALID_PARAMETER_VALUE),
+				 errmsg("%s must not be empty", name)));
+	if (len > CQRS_MAX_ID_BYTES)
+		ereport(ERROR,
+				(errcode(ERRCODE_INVALID_PARAMETER_VALUE),
+				 errmsg("%s is too long", name),
+				 errdetail("It is %d bytes long; the limit is %d bytes.",
+						   len, CQRS_MAX_ID_BYTES)));
+
+	for (int i = 0; i < len; i++)
+	{
+		/* C0 controls and DEL; in UTF-8 also C1 controls (U+0080-U+009F) */
+		if (p[i] < 0x20 || p[i] == 0x7F ||
+			(utf8 && p[i] == 0xC2 && i + 1 < len &&
+			 p[i + 1] >= 0x80 && p[i + 1] <= 0x9F))
+			ereport(ERROR,
+					(errcode(ERRCODE_INVALID_PARAMETER_VALUE),
+					 errmsg("%s must not contain control characters", name),
+					 errdetail("Byte %d is a control character.", i + 1)));
+	}
+
+	return t;
+}
+
+/*
+ * Fetch and check the amount: present, finite, > 0 and <= 1e15 (22023).
+ */
+static Numeric
+cmd_get_amount(FunctionCallInfo fcinfo, int argno)
+{
+	Numeric		amount;
+
+	if (PG_ARGISNULL(argno))
+		ereport(ERROR,
+				(errcode(ERRCODE_INVALID_PARAMETER_VALUE),
+				 errmsg("amount must not be null")));
+
+	amount = PG_GETARG_NUMERIC(argno);
+
+	if (numeric_is_nan(amount) || numeric_is_inf(amount))
+		ereport(ERROR,
+				(errcode(ERRCODE_INVALID_PARAMETER_VALUE),
+				 errmsg("amount must be a finite number")));
+
+	if (DatumGetInt32(DirectFunctionCall2(numeric_cmp,
+										  NumericGetDatum(amount),
+										  NumericGetDatum(int64_to_numeric(0)))) <= 0)
+		ereport(ERROR,
+				(errcode(ERRCODE_INVALID_PARAMETER_VALUE),
+				 errmsg("amount must be greater than zero")));
+
+	if (DatumGetInt32(DirectFunctionCall2(numeric_cmp,
+										  NumericGetDatum(amount),
+										  NumericGetDatum(int64_to_numeric(CQRS_MAX_AMOUNT)))) > 0)
+		ereport(ERROR,
+				(errcode(ERRCODE_INVALID_PARAMETER_VALUE),
+				 errmsg("amount must not exceed 1e15")));
+
+	return amount;
+}
+
+/*
+ * Start a command: check order_id, take command_id (a fresh UUIDv7 when
+ * NULL) and sequence_id (at least 1 when given) from their argument slots.
+ */
+static void
+cmd_init(CqrsCommand *cmd, CqrsCommandType type, FunctionCallInfo fcinfo,
+		 int command_id_arg, int sequence_arg)
+{
+	memset(cmd, 0, sizeof(CqrsCommand));
+	cmd->type = type;
+	cmd->order_id = cmd_get_id(fcinfo, 0, "order_id");
+
+	if (PG_ARGISNULL(command_id_arg))
+		cqrs_generate_uuidv7(&cmd->command_id);
+	else
+		memcpy(&cmd->command_id, PG_GETARG_UUID_P(command_id_arg),
+			   sizeof(pg_uuid_t));
+
+	if (!PG_ARGISNULL(sequence_arg))
+	{
+		cmd->sequence_given = true;
+		cmd->sequence_id = PG_GETARG_INT64(sequence_arg);
+		if (cmd->sequence_id < 1)
+			ereport(ERROR,
+					(errcode(ERRCODE_INVALID_PARAMETER_VALUE),
+					 errmsg("sequence_id must be at least 1"),
+					 errdetail("The value given was " INT64_FORMAT ".",
+							   cmd->sequence_id)));
+		if (type == CQRS_CREATE_ORDER && cmd->sequence_id != 1)
+			ereport(ERROR,
+					(errcode(ERRCODE_INVALID_PARAMETER_VALUE),
+					 errmsg("sequence_id of a CREATE_ORDER command must be 1"),
+					 errdetail("The value given was " INT64_FORMAT ".",
+							   cmd->sequence_id)));
+		if (type != CQRS_CREATE_ORDER && cmd->sequence_id == 1)
+			ereport(ERROR,
+					(errcode(ERRCODE_INVALID_PARAMETER_VALUE),
+					 errmsg("sequence_id 1 is reserved for the CREATE_ORDER command of an order"),
+					 errhint("Pass sequence_id NULL to have the server assign the next one.")));
+	}
+	else if (type == CQRS_CREATE_ORDER)
+	{
+		cmd->sequence_given = true;
+		cmd->sequence_id = 1;
+	}
+}
+
+/*
+ * Payload building: push "key": value into the object under construction.
+ */
+static void
+cmd_json_put(JsonbParseState **state, const char *key, JsonbValue *value)
+{
+	JsonbValue	k;
+
+	k.type = jbvString;
+	k.val.string.val = (char *) key;
+	k.val.string.len = strlen(key);
+	(void) pushJsonbValue(state, WJB_KEY, &k);
+	(void) pushJsonbValue(state, WJB_VALUE, value);
+}
+
+/* Push "key": a JSON string holding t, or null when t is NULL. */
+static void
+cmd_json_put_text(JsonbParseState **state, const char *key, text *t)
+{
+	JsonbValue	v;
+
+	if (t == NULL)
+		v.type = jbvNull;
+	else
+	{
+		v.type = jbvString;
+		v.val.string.val = VARDATA_ANY(t);
+		v.val.string.len = VARSIZE_ANY_EXHDR(t);
+	}
+	cmd_json_put(state, key, &v);
+}
+
+/*
+ * Switch to the owner of cqrs.command_log for the append; the caller's
+ * identity is restored by the caller, or by transaction abort on error.
+ */
+static void
+cmd_become_log_owner(void)
+{
+	Oid			nspid = get_namespace_oid("cqrs", false);
+	Oid			relid = get_relname_relid("command_log", nspid);
+	HeapTuple	tuple;
+	Oid			owner;
+	Oid			save_userid;
+	int			save_sec_context;
+
+	if (!OidIsValid(relid))
+		ereport(ERROR,
+				(errcode(ERRCODE_UNDEFINED_TABLE),
+				 errmsg("relation \"cqrs.command_log\" does not exist")));
+
+	tuple = SearchSysCache1(RELOID, ObjectIdGetDatum(relid));
+	if (!HeapTupleIsValid(tuple))
+		elog(ERROR, "cache lookup failed for relation %u", relid);
+	owner = ((Form_pg_class) GETSTRUCT(tuple))->relowner;
+	ReleaseSysCache(tuple);
+
+	GetUserIdAndSecContext(&save_userid, &save_sec_context);
+	SetUserIdAndSecContext(owner,
+						   save_sec_context |
+						   SECURITY_LOCAL_USERID_CHANGE |
+						   SECURITY_NOFORCE_RLS);
+}
+
+/*
+ * Prepare sql once per backend and keep the plan.
+ */
+static SPIPlanPtr
+cmd_plan(SPIPlanPtr *cache, const char *sql, int nargs, Oid *argtypes)
+{
+	if (*cache == NULL)
+	{
+		SPIPlanPtr	plan = SPI_prepare(sql, nargs, argtypes);
+
+		if (plan == NULL)
+			elog(ERROR, "SPI_prepare failed for \"%s\": %s",
+				 sql, SPI_result_code_string(SPI_result));
+		if (SPI_keepplan(plan) != 0)
+			elog(ERROR, "SPI_keepplan failed");
+		*cache = plan;
+	}
+	return *cache;
+}
+
+/*
+ * Run a kept plan that returns at most one row; true when it returned one.
+ */
+static bool
+cmd_exec(SPIPlanPtr plan, Datum *values, const char *nulls, int expected)
+{
+	int			ret = SPI_execute_plan(plan, values, nulls, false, 1);
+
+	if (ret != expected)
+		elog(ERROR, "SPI_execute_plan returned %s",
+			 SPI_result_code_string(ret));
+	return SPI_processed == 1;
+}
+
+/* Column attno of the single result row, which must not be NULL. */
+static Datum
+cmd_result(int attno)
+{
+	bool		isnull;
+	Datum		d = SPI_getbinval(SPI_tuptable->vals[0],
+								  SPI_tuptable->tupdesc, attno, &isnull);
+
+	if (isnull)
+		elog(ERROR, "unexpected null in column %d of a command log query",
+			 attno);
+	return d;
+}
+
+/*
+ * Take the transaction-scoped lock that serialises commands of one order.
+ */
+static void
+cmd_lock_order(text *order_id)
+{
+	LOCKTAG		tag;
+	uint64		h;
+
+	h = DatumGetUInt64(hash_any_extended((const unsigned char *) VARDATA_ANY(order_id),
+										 VARSIZE_ANY_EXHDR(order_id), 0));
+	SET_LOCKTAG_ADVISORY(tag, MyDatabaseId, (uint32) (h >> 32), (uint32) h,
+						 CQRS_ORDER_LOCK_SPACE);
+	(void) LockAcquire(&tag, ExclusiveLock, false, false);
+}
+
+/*
+ * The highest sequence_id the order has in the log; ERROR when it has none.
+ * Called with the order lock held, so no other transaction can append to
+ * the order before we commit.
+ */
+static int64
+cmd_last_sequence(text *order_id)
+{
+	static const char *sql =
+		"SELECT sequence_id FROM cqrs.command_log"
+		" WHERE aggregate_id OPERATOR(pg_catalog.=) $1"
+		" ORDER BY sequence_id DESC LIMIT 1";
+	Oid			argtypes[1] = {TEXTOID};
+	Datum		values[1] = {PointerGetDatum(order_id)};
+
+	if (!cmd_exec(cmd_plan(&last_sequence_plan, sql, 1, argtypes),
+				  values, NULL, SPI_OK_SELECT))
+		ereport(ERROR,
+				(errcode(ERRCODE_FOREIGN_KEY_VIOLATION),
+				 errmsg("order \"%s\" does not exist", text_to_cstring(order_id)),
+				 errdetail("The command log has no command for this order."),
+				 errhint("Submit the order with cqrs.submit_order() first, or pass an explicit sequence_id.")));
+	return DatumGetInt64(cmd_result(1));
+}
+
+/*
+ * Append the command; true when a row was inserted, filling the receipt.
+ */
+static bool
+cmd_insert(CqrsCommand *cmd, CqrsReceipt *receipt)
+{
+	static const char *sql =
+		"INSERT INTO cqrs.command_log"
+		" (command_id, command_type, aggregate_id, sequence_id, payload)"
+		" VALUES ($1, $2, $3, $4, $5)"
+		" ON CONFLICT DO NOTHING RETURNING log_id";
+	Oid			argtypes[5] = {UUIDOID, TEXTOID, TEXTOID, INT8OID, JSONBOID};
+	Datum		values[5];
+
+	values[0] = UUIDPGetDatum(&cmd->command_id);
+	values[1] = CStringGetTextDatum(cmd_type_names[cmd->type]);
+	values[2] = PointerGetDatum(cmd->order_id);
+	values[3] = Int64GetDatum(cmd->sequence_id);
+	values[4] = JsonbPGetDatum(cmd->payload);
+
+	if (!cmd_exec(cmd_plan(&insert_plan, sql, 5, argtypes),
+				  values, NULL, SPI_OK_INSERT_RETURNING))
+		return false;
+
+	receipt->command_id = cmd->command_id;
+	receipt->log_id = DatumGetInt64(cmd_result(1));
+	receipt->sequence_id = cmd->sequence_id;
+	receipt->duplicate = false;
+	return true;
+}
+
+/*
+ * The insert hit a unique key.  Either the command_id is in the log (a
+ * retry of the same command gets the original receipt; anything else is an
+ * error), or the order's sequence is held by another command.
+ */
+static void
+cmd_resolve_conflict(CqrsCommand *cmd, CqrsReceipt *receipt)
+{
+	static const char *lookup_sql =
+		"SELECT log_id, sequence_id,"
+		" command_type OPERATOR(pg_catalog.=) $2"
+		" AND aggregate_id OPERATOR(pg_catalog.=) $3"
+		" AND payload OPERATOR(pg_catalog.=) $4"
+		" AND ($5::pg_catalog.int8 IS NULL"
+		"      OR sequence_id OPERATOR(pg_catalog.=) $5)"
+		" FROM cqrs.command_log WHERE command_id OPERATOR(pg_catalog.=) $1";
+	static const char *holder_sql =
+		"SELECT command_id FROM cqrs.command_log"
+		" WHERE aggregate_id OPERATOR(pg_catalog.=) $1"
+		" AND sequence_id OPERATOR(pg_catalog.=) $2";
+	Oid			lookup_types[5] = {UUIDOID, TEXTOID, TEXTOID, JSONBOID, INT8OID};
+	Oid			holder_types[2] = {TEXTOID, INT8OID};
+	Datum		values[5];
+	char		nulls[5] = {' ', ' ', ' ', ' ', ' '};
+	char	   *holder = NULL;
+
+	values[0] = UUIDPGetDatum(&cmd->command_id);
+	values[1] = CStringGetTextDatum(cmd_type_names[cmd->type]);
+	values[2] = PointerGetDatum(cmd->order_id);
+	values[3] = JsonbPGetDatum(cmd->payload);
+	values[4] = Int64GetDatum(cmd->sequence_id);
+	if (!cmd->sequence_given)
+		nulls[4] = 'n';
+
+	if (cmd_exec(cmd_plan(&lookup_plan, lookup_sql, 5, lookup_types),
+				 values, nulls, SPI_OK_SELECT))
+	{
+		int64		log_id = DatumGetInt64(cmd_result(1));
+
+		if (!DatumGetBool(cmd_result(3)))
+			ereport(ERROR,
+					(errcode(ERRCODE_UNIQUE_VIOLATION),
+					 errmsg("command_id %s was already used for a different command",
+							DatumGetCString(DirectFunctionCall1(uuid_out,
+																UUIDPGetDatum(&cmd->command_id)))),
+					 errdetail("Command log entry " INT64_FORMAT " holds another command under this id.",
+							   log_id),
+					 errhint("Repeat a command_id only to retry the same command.")));
+
+		receipt->command_id = cmd->command_id;
+		receipt->log_id = log_id;
+		receipt->sequence_id = DatumGetInt64(cmd_result(2));
+		receipt->duplicate = true;
+		return;
+	}
+
+	values[0] = PointerGetDatum(cmd->order_id);
+	values[1] = Int64GetDatum(cmd->sequence_id);
+	if (cmd_exec(cmd_plan(&holder_plan, holder_sql, 2, holder_types),
+				 values, NULL, SPI_OK_SELECT))
+		holder = DatumGetCString(DirectFunctionCall1(uuid_out, cmd_result(1)));
+
+	if (cmd->type == CQRS_CREATE_ORDER)
+		ereport(ERROR,
+				(errcode(ERRCODE_UNIQUE_VIOLATION),
+				 errmsg("order \"%s\" already exists",
+						text_to_cstring(cmd->order_id)),
+				 holder ? errdetail("It was created by command %s.", holder) : 0));
+
+	if (!cmd->sequence_given)
+		ereport(ERROR,
+				(errcode(ERRCODE_T_R_SERIALIZATION_FAILURE),
+				 errmsg("could not serialize access due to a concurrent command on order \"%s\"",
+						text_to_cstring(cmd->order_id)),
+				 errhint("The transaction might succeed if retried.")));
+
+	ereport(ERROR,
+			(errcode(ERRCODE_UNIQUE_VIOLATION),
+			 errmsg("sequence_id " INT64_FORMAT " of order \"%s\" is already taken",
+					cmd->sequence_id, text_to_cstring(cmd->order_id)),
+			 holder ? errdetail("It is held by command %s.", holder) : 0));
+}
+
+/*
+ * Append a validated command to the log and fill in its receipt.
+ */
+static void
+cmd_append(CqrsCommand *cmd, CqrsReceipt *receipt)
+{
+	Oid			save_userid;
+	int			save_sec_context;
+
+	GetUserIdAndSecContext(&save_userid, &save_sec_context);
+	cmd_become_log_owner();
+
+	if (SPI_connect() != SPI_OK_CONNECT)
+		elog(ERROR, "SPI_connect failed");
+
+	if (cmd->type != CQRS_CREATE_ORDER)
+	{
+		cmd_lock_order(cmd->order_id);
+		if (!cmd->sequence_given)
+			cmd->sequence_id = cmd_last_sequence(cmd->order_id) + 1;
+	}
+
+	if (!cmd_insert(cmd, receipt))
+		cmd_resolve_conflict(cmd, receipt);
+
+	SPI_finish();
+	SetUserIdAndSecContext(save_userid, save_sec_context);
+}
+
+/*
+ * Turn a receipt into the function's cqrs.receipt result.
+ */
+static Datum
+cmd_receipt_datum(FunctionCallInfo fcinfo, CqrsReceipt *receipt)
+{
+	TupleDesc	tupdesc;
+	Datum		values[4];
+	bool		nulls[4] = {false, false, false, false};
+
+	if (get_call_result_type(fcinfo, NULL, &tupdesc) != TYPEFUNC_COMPOSITE)
+		elog(ERROR, "return type must be a row type");
+	tupdesc = BlessTupleDesc(tupdesc);
+
+	values[0] = UUIDPGetDatum(&receipt->command_id);
+	values[1] = Int64GetDatum(receipt->log_id);
+	values[2] = Int64GetDatum(receipt->sequence_id);
+	values[3] = BoolGetDatum(receipt->duplicate);
+
+	return HeapTupleGetDatum(heap_form_tuple(tupdesc, values, nulls));
+}
+
+/*
+ * cqrs.submit_order(order_id text, user_id text, amount numeric,
+ *					 command_id uuid, sequence_id bigint) RETURNS cqrs.receipt
+ */
+Datum
+submit_order(PG_FUNCTION_ARGS)
+{
+	CqrsCommand cmd;
+	CqrsReceipt receipt;
+	text	   *user_id;
+	JsonbValue	amount;
+	JsonbParseState *state = NULL;
+
+	cmd_init(&cmd, CQRS_CREATE_ORDER, fcinfo, 3, 4);
+	user_id = cmd_get_id(fcinfo, 1, "user_id");
+	amount.type = jbvNumeric;
+	amount.val.numeric = cmd_get_amount(fcinfo, 2);
+
+	(void) pushJsonbValue(&state, WJB_BEGIN_OBJECT, NULL);
+	cmd_json_put_text(&state, "order_id", cmd.order_id);
+	cmd_json_put_text(&state, "user_id", user_id);
+	cmd_json_put(&state, "amount", &amount);
+	cmd.payload = JsonbValueToJsonb(pushJsonbValue(&state, WJB_END_OBJECT, NULL));
+
+	cmd_append(&cmd, &receipt);
+	PG_RETURN_DATUM(cmd_receipt_datum(fcinfo, &receipt));
+}
+
+/*
+ * cqrs.ship_order(order_id text, command_id uuid, sequence_id bigint)
+ *		RETURNS cqrs.receipt
+ */
+Datum
+ship_order(PG_FUNCTION_ARGS)
+{
+	CqrsCommand cmd;
+	CqrsReceipt receipt;
+	JsonbParseState *state = NULL;
+
+	cmd_init(&cmd, CQRS_SHIP_ORDER, fcinfo, 1, 2);
+
+	(void) pushJsonbValue(&state, WJB_BEGIN_OBJECT, NULL);
+	cmd_json_put_text(&state, "order_id", cmd.order_id);
+	cmd.payload = JsonbValueToJsonb(pushJsonbValue(&state, WJB_END_OBJECT, NULL));
+
+	cmd_append(&cmd, &receipt);
+	PG_RETURN_DATUM(cmd_receipt_datum(fcinfo, &receipt));
+}
+
+/*
+ * cqrs.cancel_order(order_id text, reason text, command_id uuid,
+ *					 sequence_id bigint) RETURNS cqrs.receipt
+ */
+Datum
+cancel_order(PG_FUNCTION_ARGS)
+{
+	CqrsCommand cmd;
+	CqrsReceipt receipt;
+	text	   *reason = NULL;
+	JsonbParseState *state = NULL;
+
+	cmd_init(&cmd, CQRS_CANCEL_ORDER, fcinfo, 2, 3);
+	if (!PG_ARGISNULL(1))
+	{
+		reason = PG_GETARG_TEXT_PP(1);
+		if (VARSIZE_ANY_EXHDR(reason) > CQRS_MAX_REASON_BYTES)
+			ereport(ERROR,
+					(errcode(ERRCODE_INVALID_PARAMETER_VALUE),
+					 errmsg("reason is too long"),
+					 errdetail("It is %d bytes long; the limit is %d bytes.",
+							   (int) VARSIZE_ANY_EXHDR(reason),
+							   CQRS_MAX_REASON_BYTES)));
+	}
+
+	(void) pushJsonbValue(&state, WJB_BEGIN_OBJECT, NULL);
+	cmd_json_put_text(&state, "order_id", cmd.order_id);
+	cmd_json_put_text(&state, "reason", reason);
+	cmd.payload = JsonbValueToJsonb(pushJsonbValue(&state, WJB_END_OBJECT, NULL));
+
+	cmd_append(&cmd, &receipt);
+	PG_RETURN_DATUM(cmd_receipt_datum(fcinfo, &receipt));
+}

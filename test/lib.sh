@@ -1,0 +1,74 @@
+# test/lib.sh: shell helpers shared by test/check.sh, test/demo.sh and the
+# benchmarks.  Source it; it defines functions and sets nothing else but
+# CQRS_ROOT and PG_CONFIG.
+
+CQRS_ROOT=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
+# PostgreSQL 15 is what Debian 12 ships and what the tests run on.
+PG_CONFIG=${PG_CONFIG:-/usr/lib/postgresql/15/bin/pg_config}
+export PG_CONFIG
+
+cqrs_log() { printf '==> %s\n' "$*" >&2; }
+
+# Install what building and testing need, with apt, when running as root
+# and something is missing.  Non-root users must have these already.
+cqrs_install_deps() {
+	local pkgs="postgresql-15 postgresql-server-dev-15 postgresql-contrib
+		libhiredis-dev redis-server pkg-config make gcc libipc-run-perl"
+	local missing=""
+	for p in $pkgs; do
+		dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q 'ok installed' ||
+			missing="$missing $p"
+	done
+	[ -z "$missing" ] && return 0
+	if [ "$(id -u)" -ne 0 ]; then
+		cqrs_log "missing packages:$missing (install them as root)"
+		return 1
+	fi
+	cqrs_log "installing:$missing"
+	export DEBIAN_FRONTEND=noninteractive
+	apt-get update -qq
+	# Debian's postgresql package starts a "main" cluster on 5432; nothing
+	# here uses it, and it is left as the package sets it up.
+	apt-get install -y -qq --no-install-recommends $missing >/dev/null
+}
+
+# Build with warnings as errors and install into the server's directories.
+cqrs_build_install() {
+	cqrs_log "building and installing cqrs"
+	make -C "$CQRS_ROOT" -s CQRS_CFLAGS=-Werror >/dev/null
+	if [ "$(id -u)" -eq 0 ]; then
+		make -C "$CQRS_ROOT" -s install >/dev/null
+	else
+		make -C "$CQRS_ROOT" -s install >/dev/null || {
+			cqrs_log "make install failed: run as root, or with write access to $($PG_CONFIG --pkglibdir)"
+			return 1
+		}
+	fi
+}
+
+# The OS user the servers run as: PostgreSQL refuses to run as root.
+cqrs_pg_user() {
+	if [ "$(id -u)" -eq 0 ]; then echo postgres; else id -un; fi
+}
+
+# Run a command as that user.
+cqrs_as_pg() {
+	if [ "$(id -u)" -eq 0 ]; then
+		runuser -u postgres -- "$@"
+	else
+		"$@"
+	fi
+}
+
+# A copy of the source tree the server user can write test output into;
+# prints its path.
+cqrs_test_tree() {
+	local dir
+	dir=$(mktemp -d /tmp/cqrs-test.XXXXXX)
+	(cd "$CQRS_ROOT" && tar --exclude=.git --exclude='*.o' --exclude='*.bc' \
+		--exclude=tmp_check --exclude=tmp_check_iso --exclude=results -cf - .) |
+		tar -C "$dir" -xf -
+	chmod 755 "$dir"
+	[ "$(id -u)" -eq 0 ] && chown -R postgres: "$dir"
+	echo "$dir"
+}
