@@ -17,10 +17,12 @@
  *   (the original receipt, duplicate = true) from a reuse of the id for
  *   another command, or a taken sequence (both 23505).
  * - sequence_id values of one order are unique (the unique index) and,
- *   when the server assigns them, dense: ship and cancel take a
- *   transaction-scoped lock on the order before reading its last sequence,
- *   so concurrent commands queue on the lock and an aborted transaction
- *   releases its number unused.
+ *   when the server assigns them, dense: every command takes a
+ *   transaction-scoped lock on its order before reading the order's last
+ *   sequence, so concurrent commands on one order queue in arrival order,
+ *   a ship never races the create it follows, and an aborted transaction
+ *   releases its number unused.  Commands on different orders never wait
+ *   for each other.
  * - The append runs as the owner of cqrs.command_log (as RI triggers run
  *   as the table owner), so callers need EXECUTE on the function and no
  *   privilege on the log.  Every statement is fully schema-qualified and
@@ -515,12 +517,9 @@ cmd_append(CqrsCommand *cmd, CqrsReceipt *receipt)
 	if (SPI_connect() != SPI_OK_CONNECT)
 		elog(ERROR, "SPI_connect failed");
 
-	if (cmd->type != CQRS_CREATE_ORDER)
-	{
-		cmd_lock_order(cmd->order_id);
-		if (!cmd->sequence_given)
-			cmd->sequence_id = cmd_last_sequence(cmd->order_id) + 1;
-	}
+	cmd_lock_order(cmd->order_id);
+	if (!cmd->sequence_given)
+		cmd->sequence_id = cmd_last_sequence(cmd->order_id) + 1;
 
 	if (!cmd_insert(cmd, receipt))
 		cmd_resolve_conflict(cmd, receipt);
