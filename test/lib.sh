@@ -72,3 +72,31 @@ cqrs_test_tree() {
 	[ "$(id -u)" -eq 0 ] && chown -R postgres: "$dir"
 	echo "$dir"
 }
+
+# Start a throwaway cluster in $1 listening on port $2 (unix socket in $1
+# only), with cqrs preloaded; further arguments are extra postgresql.conf
+# lines.  An existing cluster there is stopped and replaced.
+cqrs_cluster_start() {
+	local dir=$1 port=$2 bindir
+	shift 2
+	bindir=$("$PG_CONFIG" --bindir)
+	cqrs_cluster_stop "$dir"
+	rm -rf "$dir"
+	mkdir -p "$dir"
+	[ "$(id -u)" -eq 0 ] && chown postgres: "$dir"
+	cqrs_as_pg "$bindir/initdb" -D "$dir/data" -A trust -U postgres >/dev/null
+	{
+		cat "$CQRS_ROOT/test/cqrs.conf"
+		echo "port = $port"
+		echo "unix_socket_directories = '$dir'"
+		for line in "$@"; do echo "$line"; done
+	} | cqrs_as_pg tee -a "$dir/data/postgresql.conf" >/dev/null
+	cqrs_as_pg "$bindir/pg_ctl" -D "$dir/data" -l "$dir/server.log" -w start >/dev/null
+}
+
+# Stop the cluster in $1, if one runs there.
+cqrs_cluster_stop() {
+	local dir=$1
+	[ -f "$dir/data/postmaster.pid" ] || return 0
+	cqrs_as_pg "$("$PG_CONFIG" --bindir)/pg_ctl" -D "$dir/data" -m fast -w stop >/dev/null || true
+}

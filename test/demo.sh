@@ -1,0 +1,79 @@
+#!/usr/bin/env bash
+# test/demo.sh: set everything up and run the demo.
+#
+# Installs what is missing (as root, with apt), builds and installs cqrs,
+# starts a demo cluster with cqrs preloaded in /tmp/cqrs-demo (port 54320,
+# unix socket only), creates the extension and an application role, sends
+# commands through it (including a retry and a rejected one) and shows
+# what landed.  The cluster keeps running so you can look around;
+# "bash test/demo.sh stop" stops it.
+set -euo pipefail
+. "$(dirname "$0")/lib.sh"
+
+DEMO_DIR=${CQRS_DEMO_DIR:-/tmp/cqrs-demo}
+DEMO_PORT=${CQRS_DEMO_PORT:-54320}
+
+if [ "${1:-}" = stop ]; then
+	cqrs_cluster_stop "$DEMO_DIR"
+	cqrs_log "demo cluster in $DEMO_DIR stopped"
+	exit 0
+fi
+
+cqrs_install_deps
+cqrs_build_install
+cqrs_log "starting the demo cluster in $DEMO_DIR (port $DEMO_PORT)"
+cqrs_cluster_start "$DEMO_DIR" "$DEMO_PORT"
+
+psql_demo() {
+	cqrs_as_pg "$("$PG_CONFIG" --bindir)/psql" -X -h "$DEMO_DIR" -p "$DEMO_PORT" \
+		-U postgres -d postgres -v ON_ERROR_STOP=1 "$@"
+}
+
+psql_demo -q <<'SQL'
+CREATE EXTENSION cqrs;
+CREATE ROLE demo_app LOGIN IN ROLE cqrs_writer;
+CREATE ROLE demo_report LOGIN IN ROLE cqrs_reader;
+SQL
+
+cqrs_log "commands sent by demo_app, a login role that only has cqrs_writer"
+psql_demo -U demo_app -e <<'SQL'
+-- A new order, a retry of the same command, a ship and a cancel.
+SELECT * FROM cqrs.submit_order('order-1001', 'user-7', 249.90,
+                                '0193a000-0000-7000-8000-000000001001');
+SELECT * FROM cqrs.submit_order('order-1001', 'user-7', 249.90,
+                                '0193a000-0000-7000-8000-000000001001');
+SELECT * FROM cqrs.ship_order('order-1001');
+SELECT * FROM cqrs.submit_order('order-1002', 'user-7', 15);
+SELECT * FROM cqrs.cancel_order('order-1002', 'customer request');
+-- A producer that cannot order its own submits names the sequence.
+SELECT * FROM cqrs.ship_order('order-1003', sequence_id => 2);
+SELECT * FROM cqrs.submit_order('order-1003', 'user-9', 80, sequence_id => 1);
+-- Commands flowing: a burst of 1000 orders from one statement.
+SELECT count(*) AS submitted
+  FROM generate_series(1, 1000) AS i,
+       LATERAL cqrs.submit_order('bulk-' || i, 'user-' || (i % 50), i * 1.25);
+SQL
+
+cqrs_log "rejected commands: clear errors, nothing written"
+psql_demo -U demo_app -v ON_ERROR_STOP=0 -v VERBOSITY=default -e <<'SQL'
+\set VERBOSITY default
+SELECT * FROM cqrs.submit_order('order-1004', 'user-7', -5);
+SELECT * FROM cqrs.submit_order('order-1001', 'user-8', 1);
+INSERT INTO cqrs.command_log (command_id, command_type, aggregate_id, sequence_id, payload)
+VALUES (cqrs.uuidv7(), 'CREATE_ORDER', 'forged', 1, '{}');
+SQL
+
+cqrs_log "the command log, as an administrator sees it"
+psql_demo -e <<'SQL'
+SELECT log_id, command_type, aggregate_id, sequence_id, payload
+  FROM cqrs.command_log WHERE aggregate_id NOT LIKE 'bulk-%' ORDER BY log_id;
+SELECT command_type, count(*) FROM cqrs.command_log GROUP BY 1 ORDER BY 1;
+SQL
+
+cat <<EOF2
+
+The demo cluster is running.  Connect with:
+  runuser -u postgres -- psql -h $DEMO_DIR -p $DEMO_PORT postgres
+Stop it with:
+  bash test/demo.sh stop
+EOF2
