@@ -15,7 +15,7 @@ work=$(cqrs_test_tree)
 cqrs_log "running the tests in $work as $(cqrs_pg_user)"
 
 status=0
-cqrs_as_pg make -C "$work" -s installcheck 2>&1 | tee "$work/check.log" ||
+cqrs_as_pg make -k -C "$work" -s installcheck 2>&1 | tee "$work/check.log" ||
 	status=1
 
 # Show what failed: the diffs and the server logs of the test instances.
@@ -39,7 +39,8 @@ while read -r line; do
 		f=${line%% of *}; t=${line#* of }; t=${t%% *}
 		failed=$((failed + f)); passed=$((passed + t - f)) ;;
 	esac
-done < <(grep -E '^(# )?(All [0-9]+ tests passed|[0-9]+ of [0-9]+ tests failed)' "$work/check.log" | sed 's/^# //')
+done < <(sed -E 's/^[# ]+//' "$work/check.log" |
+	grep -E '^(All [0-9]+ tests passed|[0-9]+ of [0-9]+ tests failed)')
 [ "$status" -ne 0 ] && [ "$failed" -eq 0 ] && failed=1
 echo "$passed passed, $failed failed"
 exit "$status"
