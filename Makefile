@@ -6,7 +6,12 @@ OBJS = \
 	src/cqrs.o \
 	src/commands.o \
 	src/guard.o \
-	src/uuidv7.o
+	src/uuidv7.o \
+	src/shmem.o \
+	src/decoder.o \
+	src/projector.o \
+	src/worker.o \
+	src/admin.o
 DATA = cqrs--0.1.0.sql
 PGFILEDESC = "cqrs - command log, projection and read model inside PostgreSQL"
 
@@ -15,7 +20,8 @@ PG_CPPFLAGS = -I$(srcdir)/src
 PG_CFLAGS = -Wall -Wextra -Wno-unused-parameter $(CQRS_CFLAGS)
 
 # pg_regress: SQL behaviour of the command path.
-REGRESS = setup uuidv7 submit ship_cancel validation append_only privileges search_path
+REGRESS = setup uuidv7 submit ship_cancel validation append_only privileges \
+	search_path decoder
 REGRESS_OPTS = --temp-config=$(srcdir)/test/cqrs.conf \
 	--temp-instance=./tmp_check --port=54391
 

@@ -123,6 +123,9 @@ CREATE TABLE cqrs.parked (
 	command_id uuid NOT NULL,
 	waiting_for bigint NOT NULL,
 	parked_at timestamptz NOT NULL DEFAULT pg_catalog.now(),
+	log_id bigint,
+	command_type text,
+	payload jsonb,
 	CONSTRAINT parked_pkey PRIMARY KEY (aggregate_id, sequence_id)
 );
 COMMENT ON TABLE cqrs.parked IS
@@ -174,6 +177,120 @@ LANGUAGE C VOLATILE PARALLEL UNSAFE;
 COMMENT ON FUNCTION cqrs.cancel_order(text, text, uuid, bigint) IS
 	'Append a CANCEL_ORDER command; sequence_id NULL takes the order''s next one';
 
+-- The projector's state, as the shared memory of this server has it.
+CREATE FUNCTION cqrs.worker_status(
+	OUT state text, OUT slot_name text, OUT leader_pid integer,
+	OUT applied_lsn pg_catalog.pg_lsn, OUT lag_seconds double precision,
+	OUT batch_size integer, OUT last_batch_size integer,
+	OUT last_batch_ms double precision, OUT applied_total bigint,
+	OUT batches_total bigint, OUT redis text, OUT last_error text,
+	OUT last_error_at timestamptz)
+RETURNS record
+AS 'MODULE_PATHNAME', 'worker_status'
+LANGUAGE C VOLATILE;
+COMMENT ON FUNCTION cqrs.worker_status() IS
+	'Raw state of the cqrs projector; use the cqrs.status view';
+
+CREATE VIEW cqrs.status AS
+SELECT w.state,
+	   w.leader_pid,
+	   w.slot_name,
+	   w.applied_lsn,
+	   CASE WHEN w.applied_lsn IS NOT NULL THEN
+		   pg_catalog.int8(GREATEST(0::pg_catalog.numeric,
+			   pg_catalog.pg_wal_lsn_diff(pg_catalog.pg_current_wal_flush_lsn(),
+										  w.applied_lsn)))
+	   END AS lag_bytes,
+	   w.lag_seconds,
+	   w.batch_size,
+	   w.last_batch_size,
+	   w.last_batch_ms,
+	   w.applied_total,
+	   (SELECT pg_catalog.count(*) FROM cqrs.parked) AS parked,
+	   (SELECT pg_catalog.count(*) FROM cqrs.dead_letter) AS dead_letter,
+	   w.redis,
+	   w.last_error,
+	   w.last_error_at
+  FROM cqrs.worker_status() AS w;
+COMMENT ON VIEW cqrs.status IS
+	'One row: what the cqrs projector is doing, how far behind it is, and its last error';
+
+-- Recompute every order from the log, set-based and independently of the
+-- projector's code, and report where the read model differs.
+CREATE FUNCTION cqrs.verify()
+RETURNS TABLE (order_id text, problem text)
+LANGUAGE sql STABLE
+SET search_path = pg_catalog, pg_temp
+BEGIN ATOMIC
+	WITH numbered AS (
+		SELECT l.aggregate_id, l.sequence_id, l.command_type, l.payload,
+			   l.sequence_id OPERATOR(pg_catalog.=) pg_catalog.row_number()
+				   OVER (PARTITION BY l.aggregate_id ORDER BY l.sequence_id)
+				   AS in_prefix
+		  FROM cqrs.command_log AS l
+	), prefix AS (
+		SELECT * FROM numbered WHERE in_prefix
+	), created AS (
+		SELECT p.aggregate_id,
+			   p.payload OPERATOR(pg_catalog.->>) 'user_id' AS user_id,
+			   CAST(p.payload OPERATOR(pg_catalog.->>) 'amount' AS pg_catalog.numeric)
+				   AS total_amount
+		  FROM prefix AS p
+		 WHERE p.sequence_id OPERATOR(pg_catalog.=) 1
+		   AND p.command_type OPERATOR(pg_catalog.=) 'CREATE_ORDER'
+		   AND pg_catalog.jsonb_typeof(p.payload OPERATOR(pg_catalog.->) 'user_id')
+			   OPERATOR(pg_catalog.=) 'string'
+		   AND pg_catalog.jsonb_typeof(p.payload OPERATOR(pg_catalog.->) 'amount')
+			   OPERATOR(pg_catalog.=) 'number'
+	), first_transition AS (
+		SELECT DISTINCT ON (p.aggregate_id) p.aggregate_id, p.command_type
+		  FROM prefix AS p
+		 WHERE p.sequence_id OPERATOR(pg_catalog.>) 1
+		   AND p.command_type OPERATOR(pg_catalog.=) ANY
+			   (ARRAY['SHIP_ORDER', 'CANCEL_ORDER']::pg_catalog.text[])
+		 ORDER BY p.aggregate_id, p.sequence_id
+	), versions AS (
+		SELECT p.aggregate_id, pg_catalog.max(p.sequence_id) AS version
+		  FROM prefix AS p GROUP BY p.aggregate_id
+	), expected AS (
+		SELECT c.aggregate_id AS order_id, c.user_id, c.total_amount,
+			   CASE t.command_type
+				   WHEN 'SHIP_ORDER' THEN 'shipped'
+				   WHEN 'CANCEL_ORDER' THEN 'cancelled'
+				   ELSE 'created'
+			   END AS status,
+			   v.version
+		  FROM created AS c
+		  JOIN versions AS v ON v.aggregate_id OPERATOR(pg_catalog.=) c.aggregate_id
+		  LEFT JOIN first_transition AS t
+			ON t.aggregate_id OPERATOR(pg_catalog.=) c.aggregate_id
+	)
+	SELECT COALESCE(e.order_id, r.order_id),
+		   CASE
+			   WHEN r.order_id IS NULL THEN 'missing from the read model'
+			   WHEN e.order_id IS NULL THEN 'in the read model but not created by the log'
+			   ELSE pg_catalog.concat_ws('; ',
+				   CASE WHEN r.status IS DISTINCT FROM e.status THEN
+					   pg_catalog.format('status is %s, the log says %s', r.status, e.status) END,
+				   CASE WHEN r.version IS DISTINCT FROM e.version THEN
+					   pg_catalog.format('version is %s, the log says %s', r.version, e.version) END,
+				   CASE WHEN r.user_id IS DISTINCT FROM e.user_id THEN
+					   pg_catalog.format('user_id is %s, the log says %s', r.user_id, e.user_id) END,
+				   CASE WHEN r.total_amount IS DISTINCT FROM e.total_amount THEN
+					   pg_catalog.format('total_amount is %s, the log says %s', r.total_amount, e.total_amount) END)
+		   END
+	  FROM expected AS e
+	  FULL JOIN cqrs.read_model AS r ON r.order_id OPERATOR(pg_catalog.=) e.order_id
+	 WHERE r.order_id IS NULL OR e.order_id IS NULL
+		OR r.status IS DISTINCT FROM e.status
+		OR r.version IS DISTINCT FROM e.version
+		OR r.user_id IS DISTINCT FROM e.user_id
+		OR r.total_amount IS DISTINCT FROM e.total_amount
+	 ORDER BY 1;
+END;
+COMMENT ON FUNCTION cqrs.verify() IS
+	'Orders where the read model differs from the fold of the command log; no rows means consistent';
+
 -- Privileges: nothing for PUBLIC, then exactly what each role needs.
 REVOKE ALL ON SCHEMA cqrs FROM PUBLIC;
 REVOKE ALL ON ALL TABLES IN SCHEMA cqrs FROM PUBLIC;
@@ -198,4 +315,5 @@ GRANT SELECT ON cqrs.read_model TO cqrs_reader;
 -- Operators see everything and repair through functions; they do not
 -- write the log directly either.
 GRANT SELECT ON ALL TABLES IN SCHEMA cqrs TO cqrs_admin;
-GRANT EXECUTE ON FUNCTION cqrs.uuidv7() TO cqrs_admin;
+GRANT EXECUTE ON FUNCTION cqrs.uuidv7(), cqrs.worker_status(), cqrs.verify()
+	TO cqrs_admin;

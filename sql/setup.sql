@@ -49,9 +49,12 @@ SELECT 'type', typname FROM pg_type,
  WHERE typnamespace = 'cqrs'::regnamespace AND a.grantee = 0
    AND typtype = 'c' AND typrelid IN (SELECT oid FROM pg_class WHERE relkind = 'c');
 
--- Every function is C (no SQL body that a search_path could redirect).
-SELECT proname, l.lanname, prosecdef FROM pg_proc p
-  JOIN pg_language l ON l.oid = p.prolang
+-- Every function is C, or SQL whose body was parsed at creation (BEGIN
+-- ATOMIC) and runs with a fixed search_path: nothing a caller's
+-- search_path could redirect.  None is SECURITY DEFINER.
+SELECT proname, l.lanname, prosecdef, prosqlbody IS NOT NULL AS atomic_body,
+       proconfig
+  FROM pg_proc p JOIN pg_language l ON l.oid = p.prolang
  WHERE pronamespace = 'cqrs'::regnamespace ORDER BY 1;
 
 -- A schema named cqrs that already exists is never adopted.

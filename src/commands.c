@@ -33,6 +33,7 @@
 #include "postgres.h"
 
 #include "access/htup_details.h"
+#include "access/xact.h"
 #include "catalog/namespace.h"
 #include "catalog/pg_class.h"
 #include "catalog/pg_type.h"
@@ -97,6 +98,10 @@ typedef struct CqrsReceipt
 	int64		sequence_id;
 	bool		duplicate;
 } CqrsReceipt;
+
+/* This transaction appended a command: wake the projector at commit. */
+static bool wake_at_commit = false;
+static bool xact_callback_registered = false;
 
 /* Plans kept for the life of the backend, prepared on first use. */
 static SPIPlanPtr insert_plan = NULL;
@@ -503,6 +508,30 @@ cmd_resolve_conflict(CqrsCommand *cmd, CqrsReceipt *receipt)
 }
 
 /*
+ * Transaction callback: a committed command wakes the projector at once,
+ * so it reaches the read model without waiting for a poll interval.
+ */
+static void
+cmd_xact_callback(XactEvent event, void *arg)
+{
+	switch (event)
+	{
+		case XACT_EVENT_COMMIT:
+		case XACT_EVENT_PARALLEL_COMMIT:
+			if (wake_at_commit)
+				cqrs_wake_projector();
+			wake_at_commit = false;
+			break;
+		case XACT_EVENT_ABORT:
+		case XACT_EVENT_PARALLEL_ABORT:
+			wake_at_commit = false;
+			break;
+		default:
+			break;
+	}
+}
+
+/*
  * Append a validated command to the log and fill in its receipt.
  */
 static void
@@ -523,6 +552,15 @@ cmd_append(CqrsCommand *cmd, CqrsReceipt *receipt)
 
 	if (!cmd_insert(cmd, receipt))
 		cmd_resolve_conflict(cmd, receipt);
+	else
+	{
+		if (!xact_callback_registered)
+		{
+			RegisterXactCallback(cmd_xact_callback, NULL);
+			xact_callback_registered = true;
+		}
+		wake_at_commit = true;
+	}
 
 	SPI_finish();
 	SetUserIdAndSecContext(save_userid, save_sec_context);

@@ -20,4 +20,34 @@
 #include "varatt.h"
 #endif
 
+/*
+ * The new tuple of a decoded INSERT: a ReorderBufferTupleBuf up to 16, a
+ * plain HeapTuple from 17 on.
+ */
+#if PG_VERSION_NUM >= 170000
+#define CQRS_CHANGE_NEWTUPLE(change)	((change)->data.tp.newtuple)
+#else
+#define CQRS_CHANGE_NEWTUPLE(change) \
+	((change)->data.tp.newtuple ? &(change)->data.tp.newtuple->tuple : NULL)
+#endif
+
+/* Slot creation grew failover/synced arguments in 17. */
+#if PG_VERSION_NUM >= 170000
+#define CQRS_SLOT_CREATE(name) \
+	ReplicationSlotCreate((name), true, RS_EPHEMERAL, false, false, false)
+#else
+#define CQRS_SLOT_CREATE(name) \
+	ReplicationSlotCreate((name), true, RS_EPHEMERAL, false)
+#endif
+
+/* Slot acquisition learned an error_if_invalid argument in 18; 15-17 agree. */
+#define CQRS_SLOT_ACQUIRE(name)		ReplicationSlotAcquire((name), false)
+
+/* Session origins name their acquiring process from 16 on. */
+#if PG_VERSION_NUM >= 160000
+#define CQRS_ORIGIN_SESSION_SETUP(origin)	replorigin_session_setup((origin), 0)
+#else
+#define CQRS_ORIGIN_SESSION_SETUP(origin)	replorigin_session_setup(origin)
+#endif
+
 #endif							/* CQRS_COMPAT_H */

@@ -1,14 +1,14 @@
 /*-------------------------------------------------------------------------
  *
  * cqrs.c
- *		Module entry point of the cqrs extension.
+ *		Module entry point of the cqrs extension: settings, shared memory
+ *		hooks and registration of the projector workers.
  *
  * The library is loaded three ways: preloaded by the postmaster through
  * shared_preload_libraries, by a backend calling one of its SQL functions,
- * and by a walsender or decoding backend as a logical decoding output
- * plugin.  Only the first may register background workers or request
- * shared memory, so _PG_init does everything else before it returns for
- * the other two.
+ * and by a decoding backend as the logical decoding output plugin "cqrs".
+ * Only the first may register background workers or request shared memory,
+ * so _PG_init defines the settings and returns for the other two.
  *
  *-------------------------------------------------------------------------
  */
@@ -16,6 +16,8 @@
 
 #include "fmgr.h"
 #include "miscadmin.h"
+#include "postmaster/bgworker.h"
+#include "storage/ipc.h"
 #include "utils/guc.h"
 
 #include "cqrs.h"
@@ -24,14 +26,157 @@ PG_MODULE_MAGIC;
 
 void		_PG_init(void);
 
+char	   *cqrs_database = NULL;
+char	   *cqrs_slot_name = NULL;
+int			cqrs_workers = 1;
+bool		cqrs_enabled = true;
+int			cqrs_batch_size_min = 64;
+int			cqrs_batch_size_max = 10000;
+int			cqrs_poll_interval = 1000;
+int			cqrs_backoff_base = 100;
+int			cqrs_backoff_max = 5000;
+
+static shmem_request_hook_type prev_shmem_request_hook = NULL;
+static shmem_startup_hook_type prev_shmem_startup_hook = NULL;
+
+/*
+ * shmem_request_hook: reserve the projector's shared state.
+ */
+static void
+cqrs_shmem_request_hook(void)
+{
+	if (prev_shmem_request_hook)
+		prev_shmem_request_hook();
+	cqrs_shmem_request();
+}
+
+/*
+ * shmem_startup_hook: attach to (or create) the projector's shared state.
+ */
+static void
+cqrs_shmem_startup_hook(void)
+{
+	if (prev_shmem_startup_hook)
+		prev_shmem_startup_hook();
+	cqrs_shmem_startup();
+}
+
+/*
+ * Define the settings that make sense in any process loading the library.
+ */
+static void
+cqrs_define_settings(void)
+{
+	DefineCustomStringVariable("cqrs.database",
+							   "Database the cqrs projector serves.",
+							   NULL,
+							   &cqrs_database,
+							   "postgres",
+							   PGC_POSTMASTER, 0,
+							   NULL, NULL, NULL);
+	DefineCustomStringVariable("cqrs.slot_name",
+							   "Logical replication slot the cqrs projector consumes.",
+							   NULL,
+							   &cqrs_slot_name,
+							   "cqrs",
+							   PGC_POSTMASTER, 0,
+							   NULL, NULL, NULL);
+	DefineCustomIntVariable("cqrs.workers",
+							"Number of cqrs projector processes (one leads, the others stand by).",
+							NULL,
+							&cqrs_workers,
+							1, 0, 8,
+							PGC_POSTMASTER, 0,
+							NULL, NULL, NULL);
+	DefineCustomBoolVariable("cqrs.enabled",
+							 "Whether the cqrs projector applies commands to the read model.",
+							 "Turning it off stops projection and keeps the position; "
+							 "turning it on again resumes where it stopped.",
+							 &cqrs_enabled,
+							 true,
+							 PGC_SIGHUP, 0,
+							 NULL, NULL, NULL);
+	DefineCustomIntVariable("cqrs.batch_size_min",
+							"Smallest number of commands the projector aims to apply per transaction.",
+							NULL,
+							&cqrs_batch_size_min,
+							64, 1, 1000000,
+							PGC_SIGHUP, 0,
+							NULL, NULL, NULL);
+	DefineCustomIntVariable("cqrs.batch_size_max",
+							"Largest number of commands the projector applies per transaction.",
+							NULL,
+							&cqrs_batch_size_max,
+							10000, 1, 1000000,
+							PGC_SIGHUP, 0,
+							NULL, NULL, NULL);
+	DefineCustomIntVariable("cqrs.poll_interval",
+							"How long the idle projector sleeps when no commit wakes it.",
+							NULL,
+							&cqrs_poll_interval,
+							1000, 10, 3600 * 1000,
+							PGC_SIGHUP, GUC_UNIT_MS,
+							NULL, NULL, NULL);
+	DefineCustomIntVariable("cqrs.backoff_base",
+							"First delay before the projector retries a failed batch.",
+							NULL,
+							&cqrs_backoff_base,
+							100, 1, 3600 * 1000,
+							PGC_SIGHUP, GUC_UNIT_MS,
+							NULL, NULL, NULL);
+	DefineCustomIntVariable("cqrs.backoff_max",
+							"Longest delay between retries of a failed batch.",
+							NULL,
+							&cqrs_backoff_max,
+							5000, 1, 3600 * 1000,
+							PGC_SIGHUP, GUC_UNIT_MS,
+							NULL, NULL, NULL);
+
+	MarkGUCPrefixReserved("cqrs");
+}
+
+/*
+ * Register the projector workers: static workers, one of which leads.
+ */
+static void
+cqrs_register_workers(void)
+{
+	for (int i = 0; i < cqrs_workers; i++)
+	{
+		BackgroundWorker worker;
+
+		memset(&worker, 0, sizeof(worker));
+		worker.bgw_flags = BGWORKER_SHMEM_ACCESS |
+			BGWORKER_BACKEND_DATABASE_CONNECTION;
+		/* never during recovery: a standby has nothing to project */
+		worker.bgw_start_time = BgWorkerStart_RecoveryFinished;
+		worker.bgw_restart_time = 5;
+		snprintf(worker.bgw_library_name, BGW_MAXLEN, "cqrs");
+		snprintf(worker.bgw_function_name, BGW_MAXLEN, "cqrs_worker_main");
+		snprintf(worker.bgw_name, BGW_MAXLEN, "cqrs projector %d", i);
+		snprintf(worker.bgw_type, BGW_MAXLEN, "cqrs projector");
+		worker.bgw_main_arg = Int32GetDatum(i);
+		RegisterBackgroundWorker(&worker);
+	}
+}
+
 /*
  * Module load callback.
  */
 void
 _PG_init(void)
 {
+	cqrs_define_settings();
+
 	if (!process_shared_preload_libraries_in_progress)
 		return;
 
-	MarkGUCPrefixReserved("cqrs");
+	prev_shmem_request_hook = shmem_request_hook;
+	shmem_request_hook = cqrs_shmem_request_hook;
+	prev_shmem_startup_hook = shmem_startup_hook;
+	shmem_startup_hook = cqrs_shmem_startup_hook;
+
+	/* pg_upgrade starts servers that must not run our workers */
+	if (!IsBinaryUpgrade)
+		cqrs_register_workers();
 }

@@ -8,12 +8,129 @@
 #ifndef CQRS_H
 #define CQRS_H
 
-#include "compat.h"
+#include "access/xlogdefs.h"
+#include "datatype/timestamp.h"
+#include "storage/latch.h"
+#include "storage/spin.h"
+#include "utils/jsonb.h"
 #include "utils/uuid.h"
+
+#include "compat.h"
 
 /* Limits the command functions enforce on their input. */
 #define CQRS_MAX_ID_BYTES		256
 #define CQRS_MAX_REASON_BYTES	1024
+
+/* Advisory lock spaces (field4 of the tag); user locks use 1 and 2. */
+#define CQRS_ORDER_LOCK_SPACE	0x4351
+#define CQRS_LEADER_LOCK_SPACE	0x4352
+
+#define CQRS_ERROR_LEN			512
+
+/* Settings (cqrs.c) */
+extern char *cqrs_database;
+extern char *cqrs_slot_name;
+extern int	cqrs_workers;
+extern bool cqrs_enabled;
+extern int	cqrs_batch_size_min;
+extern int	cqrs_batch_size_max;
+extern int	cqrs_poll_interval;
+extern int	cqrs_backoff_base;
+extern int	cqrs_backoff_max;
+
+/* What the projector is doing, as cqrs.status reports it. */
+typedef enum CqrsState
+{
+	CQRS_STATE_IDLE = 0,		/* no leader */
+	CQRS_STATE_RUNNING,
+	CQRS_STATE_CATCHING_UP,
+	CQRS_STATE_DISABLED,
+	CQRS_STATE_ERROR
+} CqrsState;
+
+/* Buckets of the commit-to-read-model lag histogram, in milliseconds. */
+#define CQRS_LAG_BUCKETS		16
+extern const double cqrs_lag_bucket_ms[CQRS_LAG_BUCKETS];
+
+/* Shared state of the projector workers (shmem.c). */
+typedef struct CqrsShared
+{
+	slock_t		mutex;
+	int			workers_alive;	/* projector processes running */
+	Latch	   *leader_latch;	/* set on commit of a command */
+	int			leader_pid;
+	CqrsState	state;
+	XLogRecPtr	applied_lsn;	/* all commands committed before are applied */
+	TimestampTz last_applied_at;
+	double		last_lag_ms;	/* commit-to-read-model of the last batch */
+	uint64		applied_total;	/* commands processed */
+	uint64		batches_total;
+	int			batch_size;		/* current adaptive target */
+	int			last_batch_size;
+	double		last_batch_ms;
+	uint64		lag_histogram[CQRS_LAG_BUCKETS + 1];	/* + overflow */
+	char		last_error[CQRS_ERROR_LEN];
+	TimestampTz last_error_at;
+} CqrsShared;
+
+extern CqrsShared *cqrs_shared;
+
+/* shmem.c */
+extern void cqrs_shmem_request(void);
+extern void cqrs_shmem_startup(void);
+extern void cqrs_set_error(const char *message);
+extern void cqrs_wake_projector(void);
+
+/* A decoded command (decoder.c fills, projector.c applies). */
+typedef struct CqrsRecord
+{
+	int64		log_id;
+	pg_uuid_t	command_id;
+	char	   *command_type;
+	char	   *aggregate_id;
+	int64		sequence_id;
+	Jsonb	   *payload;
+	XLogRecPtr	commit_lsn;		/* end of the commit record */
+	TimestampTz commit_time;
+} CqrsRecord;
+
+/* Commands decoded in the projector process, waiting to be applied. */
+typedef struct CqrsQueue
+{
+	MemoryContext context;		/* records live here; reset per batch */
+	CqrsRecord *records;
+	int			nrecords;
+	int			capacity;
+	int			xact_start;		/* first record of the transaction decoding */
+	int			ntxns;
+	XLogRecPtr	last_commit_lsn;
+	TimestampTz first_commit_time;
+	TimestampTz last_commit_time;
+	bool		catalog_changed;	/* a decoded transaction changed catalogs */
+} CqrsQueue;
+
+/* decoder.c: set in the projector process only, NULL elsewhere */
+extern CqrsQueue *cqrs_decoding_queue;
+extern void cqrs_queue_reset(CqrsQueue *queue);
+
+/* projector.c */
+typedef struct CqrsApplyStats
+{
+	int64		applied;		/* commands that changed or dead-lettered an order */
+	int64		skipped;		/* already applied */
+	int64		parked;			/* newly parked */
+	int64		unparked;
+	int64		dead;			/* newly dead-lettered */
+} CqrsApplyStats;
+
+extern void cqrs_project(CqrsRecord *records, int nrecords,
+						 CqrsApplyStats *stats);
+extern void cqrs_save_offset(const char *slot_name, XLogRecPtr lsn);
+extern XLogRecPtr cqrs_load_offset(const char *slot_name);
+extern int64 cqrs_project_log(CqrsApplyStats *stats);
+
+/* worker.c */
+extern PGDLLEXPORT void cqrs_worker_main(Datum main_arg);
 
 /* uuidv7.c */
 extern void cqrs_generate_uuidv7(pg_uuid_t *uuid);

@@ -1,0 +1,369 @@
+/*-------------------------------------------------------------------------
+ *
+ * decoder.c
+ *		The logical decoding output plugin "cqrs".
+ *
+ * Emits the inserts into cqrs.command_log and nothing else: no other
+ * table, no UPDATE or DELETE (the log has none), no transaction without a
+ * command.  The projector's own writes carry its replication origin and are
+ * filtered out before the reorder buffer even queues them.
+ *
+ * Two sinks share one extraction.  In the projector process, which keeps
+ * one decoding context open for its whole life, each command is copied into
+ * cqrs_decoding_queue as a CqrsRecord, with the commit LSN and time filled
+ * in by the commit callback: no text is formatted or parsed on the hot
+ * path.  Anywhere else (pg_logical_slot_peek_changes() and friends) each
+ * command becomes one compact text line and each transaction ends with a
+ * COMMIT line:
+ *
+ *	 command log_id=3 command_id=... type=SHIP_ORDER order="o-1" sequence=2 payload={...}
+ *	 COMMIT commands=1
+ *
+ *-------------------------------------------------------------------------
+ */
+#include "postgres.h"
+
+#include "access/htup_details.h"
+#include "catalog/pg_type.h"
+#include "fmgr.h"
+#include "lib/stringinfo.h"
+#include "replication/logical.h"
+#include "replication/origin.h"
+#include "replication/output_plugin.h"
+#include "utils/builtins.h"
+#include "utils/json.h"
+#include "utils/lsyscache.h"
+#include "utils/memutils.h"
+#include "utils/rel.h"
+
+#include "cqrs.h"
+
+PGDLLEXPORT void _PG_output_plugin_init(OutputPluginCallbacks *cb);
+
+CqrsQueue  *cqrs_decoding_queue = NULL;
+
+/* Columns of cqrs.command_log the plugin reads, in this order. */
+enum
+{
+	COL_LOG_ID,
+	COL_COMMAND_ID,
+	COL_COMMAND_TYPE,
+	COL_AGGREGATE_ID,
+	COL_SEQUENCE_ID,
+	COL_PAYLOAD,
+	NUM_COLS
+};
+
+static const char *const col_names[NUM_COLS] = {
+	"log_id", "command_id", "command_type", "aggregate_id", "sequence_id",
+	"payload"
+};
+
+typedef struct CqrsDecodingState
+{
+	MemoryContext context;		/* per change, reset after each */
+	CqrsQueue  *queue;			/* projector process: the sink */
+	Oid			log_relid;		/* cqrs.command_log as last recognised */
+	AttrNumber	attnums[NUM_COLS];
+	int			xact_commands;	/* commands emitted in this transaction */
+} CqrsDecodingState;
+
+/*
+ * Empty the queue, keeping its allocation, and forget its records.
+ */
+void
+cqrs_queue_reset(CqrsQueue *queue)
+{
+	MemoryContextReset(queue->context);
+	queue->records = NULL;
+	queue->nrecords = 0;
+	queue->capacity = 0;
+	queue->xact_start = 0;
+	queue->ntxns = 0;
+	queue->last_commit_lsn = InvalidXLogRecPtr;
+	queue->first_commit_time = 0;
+	queue->last_commit_time = 0;
+	queue->catalog_changed = false;
+}
+
+/*
+ * startup_cb: textual output, no options.
+ */
+static void
+decoder_startup(LogicalDecodingContext *ctx, OutputPluginOptions *opt,
+				bool is_init)
+{
+	CqrsDecodingState *state = palloc0(sizeof(CqrsDecodingState));
+	ListCell   *lc;
+
+	foreach(lc, ctx->output_plugin_options)
+	{
+		DefElem    *elem = lfirst(lc);
+
+		ereport(ERROR,
+				(errcode(ERRCODE_INVALID_PARAMETER_VALUE),
+				 errmsg("option \"%s\" is not recognized by the cqrs output plugin",
+						elem->defname)));
+	}
+
+	state->context = AllocSetContextCreate(ctx->context,
+										   "cqrs decoding change",
+										   ALLOCSET_DEFAULT_SIZES);
+	state->queue = cqrs_decoding_queue;
+	state->log_relid = InvalidOid;
+	ctx->output_plugin_private = state;
+
+	opt->output_type = OUTPUT_PLUGIN_TEXTUAL_OUTPUT;
+	opt->receive_rewrites = false;
+}
+
+/*
+ * shutdown_cb
+ */
+static void
+decoder_shutdown(LogicalDecodingContext *ctx)
+{
+	CqrsDecodingState *state = ctx->output_plugin_private;
+
+	MemoryContextDelete(state->context);
+}
+
+/*
+ * filter_by_origin_cb: drop changes the projector made (they carry an
+ * origin); commands come from ordinary sessions, which have none.
+ */
+static bool
+decoder_filter_origin(LogicalDecodingContext *ctx, RepOriginId origin_id)
+{
+	return origin_id != InvalidRepOriginId;
+}
+
+/*
+ * begin_cb
+ */
+static void
+decoder_begin(LogicalDecodingContext *ctx, ReorderBufferTXN *txn)
+{
+	CqrsDecodingState *state = ctx->output_plugin_private;
+
+	state->xact_commands = 0;
+	if (state->queue)
+		state->queue->xact_start = state->queue->nrecords;
+}
+
+/*
+ * Is relation cqrs.command_log?  Recognised by name once per relation OID,
+ * so that a dropped and re-created extension is followed.
+ */
+static bool
+decoder_is_command_log(CqrsDecodingState *state, Relation relation)
+{
+	TupleDesc	desc;
+	char	   *nspname;
+
+	if (RelationGetRelid(relation) == state->log_relid)
+		return true;
+	if (strcmp(RelationGetRelationName(relation), "command_log") != 0)
+		return false;
+	nspname = get_namespace_name(RelationGetNamespace(relation));
+	if (nspname == NULL || strcmp(nspname, "cqrs") != 0)
+		return false;
+
+	desc = RelationGetDescr(relation);
+	for (int c = 0; c < NUM_COLS; c++)
+	{
+		state->attnums[c] = InvalidAttrNumber;
+		for (int i = 0; i < desc->natts; i++)
+		{
+			Form_pg_attribute att = TupleDescAttr(desc, i);
+
+			if (!att->attisdropped &&
+				strcmp(NameStr(att->attname), col_names[c]) == 0)
+				state->attnums[c] = att->attnum;
+		}
+		if (state->attnums[c] == InvalidAttrNumber)
+			elog(ERROR, "cqrs.command_log has no column \"%s\"", col_names[c]);
+	}
+	state->log_relid = RelationGetRelid(relation);
+	return true;
+}
+
+/*
+ * Column c of the decoded tuple, or NULL when it is null.
+ */
+static Datum
+decoder_column(CqrsDecodingState *state, HeapTuple tuple, TupleDesc desc,
+			   int c, bool *isnull)
+{
+	return heap_getattr(tuple, state->attnums[c], desc, isnull);
+}
+
+/*
+ * Text of column c, or NULL.
+ */
+static char *
+decoder_text(CqrsDecodingState *state, HeapTuple tuple, TupleDesc desc, int c)
+{
+	bool		isnull;
+	Datum		d = decoder_column(state, tuple, desc, c, &isnull);
+
+	return isnull ? NULL : TextDatumGetCString(d);
+}
+
+/*
+ * Append the command to the projector's queue, in the queue's context.
+ */
+static void
+decoder_enqueue(CqrsDecodingState *state, HeapTuple tuple, TupleDesc desc)
+{
+	CqrsQueue  *queue = state->queue;
+	MemoryContext old = MemoryContextSwitchTo(queue->context);
+	CqrsRecord *rec;
+	bool		isnull;
+	Datum		d;
+
+	if (queue->nrecords == queue->capacity)
+	{
+		queue->capacity = Max(1024, queue->capacity * 2);
+		if (queue->records == NULL)
+			queue->records = palloc(sizeof(CqrsRecord) * queue->capacity);
+		else
+			queue->records = repalloc(queue->records,
+									  sizeof(CqrsRecord) * queue->capacity);
+	}
+	rec = &queue->records[queue->nrecords++];
+	memset(rec, 0, sizeof(CqrsRecord));
+
+	d = decoder_column(state, tuple, desc, COL_LOG_ID, &isnull);
+	rec->log_id = isnull ? 0 : DatumGetInt64(d);
+	d = decoder_column(state, tuple, desc, COL_COMMAND_ID, &isnull);
+	if (!isnull)
+		memcpy(&rec->command_id, DatumGetUUIDP(d), sizeof(pg_uuid_t));
+	rec->command_type = decoder_text(state, tuple, desc, COL_COMMAND_TYPE);
+	rec->aggregate_id = decoder_text(state, tuple, desc, COL_AGGREGATE_ID);
+	d = decoder_column(state, tuple, desc, COL_SEQUENCE_ID, &isnull);
+	rec->sequence_id = isnull ? 0 : DatumGetInt64(d);
+	d = decoder_column(state, tuple, desc, COL_PAYLOAD, &isnull);
+	rec->payload = isnull ? NULL : DatumGetJsonbPCopy(d);
+
+	MemoryContextSwitchTo(old);
+}
+
+/*
+ * Write the command as one text line.
+ */
+static void
+decoder_write_text(LogicalDecodingContext *ctx, CqrsDecodingState *state,
+				   HeapTuple tuple, TupleDesc desc)
+{
+	bool		isnull;
+	Datum		d;
+	char	   *s;
+
+	OutputPluginPrepareWrite(ctx, true);
+	appendStringInfoString(ctx->out, "command");
+
+	d = decoder_column(state, tuple, desc, COL_LOG_ID, &isnull);
+	if (!isnull)
+		appendStringInfo(ctx->out, " log_id=" INT64_FORMAT, DatumGetInt64(d));
+	d = decoder_column(state, tuple, desc, COL_COMMAND_ID, &isnull);
+	if (!isnull)
+		appendStringInfo(ctx->out, " command_id=%s",
+						 DatumGetCString(DirectFunctionCall1(uuid_out, d)));
+	s = decoder_text(state, tuple, desc, COL_COMMAND_TYPE);
+	appendStringInfo(ctx->out, " type=%s", s ? s : "null");
+	s = decoder_text(state, tuple, desc, COL_AGGREGATE_ID);
+	appendStringInfoString(ctx->out, " order=");
+	if (s)
+		escape_json(ctx->out, s);
+	else
+		appendStringInfoString(ctx->out, "null");
+	d = decoder_column(state, tuple, desc, COL_SEQUENCE_ID, &isnull);
+	if (!isnull)
+		appendStringInfo(ctx->out, " sequence=" INT64_FORMAT, DatumGetInt64(d));
+	d = decoder_column(state, tuple, desc, COL_PAYLOAD, &isnull);
+	appendStringInfo(ctx->out, " payload=%s",
+					 isnull ? "null" : DatumGetCString(DirectFunctionCall1(jsonb_out, d)));
+
+	OutputPluginWrite(ctx, true);
+}
+
+/*
+ * change_cb: emit inserts into cqrs.command_log.
+ */
+static void
+decoder_change(LogicalDecodingContext *ctx, ReorderBufferTXN *txn,
+			   Relation relation, ReorderBufferChange *change)
+{
+	CqrsDecodingState *state = ctx->output_plugin_private;
+	MemoryContext old;
+	HeapTuple	tuple;
+
+	if (change->action != REORDER_BUFFER_CHANGE_INSERT)
+		return;
+	if (!decoder_is_command_log(state, relation))
+		return;
+	tuple = CQRS_CHANGE_NEWTUPLE(change);
+	if (tuple == NULL)
+		return;
+
+	old = MemoryContextSwitchTo(state->context);
+	if (state->queue)
+		decoder_enqueue(state, tuple, RelationGetDescr(relation));
+	else
+		decoder_write_text(ctx, state, tuple, RelationGetDescr(relation));
+	state->xact_commands++;
+	MemoryContextSwitchTo(old);
+	MemoryContextReset(state->context);
+}
+
+/*
+ * commit_cb: close the transaction if it carried commands.
+ */
+static void
+decoder_commit(LogicalDecodingContext *ctx, ReorderBufferTXN *txn,
+			   XLogRecPtr commit_lsn)
+{
+	CqrsDecodingState *state = ctx->output_plugin_private;
+	CqrsQueue  *queue = state->queue;
+
+	if (queue)
+	{
+		/* catalog changes invalidate what the apply side has cached */
+		if (rbtxn_has_catalog_changes(txn))
+			queue->catalog_changed = true;
+		if (state->xact_commands == 0)
+			return;
+		for (int i = queue->xact_start; i < queue->nrecords; i++)
+		{
+			queue->records[i].commit_lsn = txn->end_lsn;
+			queue->records[i].commit_time = txn->xact_time.commit_time;
+		}
+		if (queue->ntxns == 0)
+			queue->first_commit_time = txn->xact_time.commit_time;
+		queue->ntxns++;
+		queue->last_commit_lsn = txn->end_lsn;
+		queue->last_commit_time = txn->xact_time.commit_time;
+		return;
+	}
+
+	if (state->xact_commands == 0)
+		return;
+	OutputPluginPrepareWrite(ctx, true);
+	appendStringInfo(ctx->out, "COMMIT commands=%d", state->xact_commands);
+	OutputPluginWrite(ctx, true);
+}
+
+/*
+ * Output plugin entry point.
+ */
+void
+_PG_output_plugin_init(OutputPluginCallbacks *cb)
+{
+	cb->startup_cb = decoder_startup;
+	cb->begin_cb = decoder_begin;
+	cb->change_cb = decoder_change;
+	cb->commit_cb = decoder_commit;
+	cb->filter_by_origin_cb = decoder_filter_origin;
+	cb->shutdown_cb = decoder_shutdown;
+}

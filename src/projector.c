@@ -1,0 +1,1000 @@
+/*-------------------------------------------------------------------------
+ *
+ * projector.c
+ *		Apply decoded commands to cqrs.read_model: one batch, one
+ *		transaction, a handful of set-based statements.
+ *
+ * A batch is folded in memory and written back with one statement per
+ * table: load the current rows (and any parked commands) of the orders the
+ * batch touches, apply the projection rules in sequence order, then upsert
+ * the changed rows, park, unpark and dead-letter with unnest() arrays.
+ *
+ * Projection rules, per order, in sequence order:
+ * - sequence_id <= version: already applied, skipped (redelivery after a
+ *   crash, or overlap with the catch-up from the log);
+ * - sequence_id > version + 1: parked until the gap fills;
+ * - otherwise the command is applied: CREATE_ORDER inserts the row
+ *   (created, version 1); SHIP_ORDER and CANCEL_ORDER move created to
+ *   shipped or cancelled; any other transition, a CREATE_ORDER for an order
+ *   that exists, a malformed payload or an unknown type is dead-lettered
+ *   with a reason, and the version still advances so later commands are
+ *   not blocked.  A first command (sequence 1) that does not create a valid
+ *   order is dead-lettered and leaves no row.
+ * Because the outcome depends only on the set of commands, never on how
+ * often or in which order they arrive, at-least-once delivery yields
+ * exactly-once effects.  The caller commits the position in the same
+ * transaction.
+ *
+ * Errors: the batch runs in a subtransaction.  An error a command can be
+ * to blame for (see projector_blames_command) splits the batch in halves
+ * until the one command that fails alone is found; it is dead-lettered
+ * with the error text.  Any other error is re-thrown for the caller to
+ * retry the whole batch with backoff.
+ *
+ *-------------------------------------------------------------------------
+ */
+#include "postgres.h"
+
+#include "access/xact.h"
+#include "catalog/pg_type.h"
+#include "common/hashfn.h"
+#include "executor/spi.h"
+#include "miscadmin.h"
+#include "utils/array.h"
+#include "utils/builtins.h"
+#include "utils/datum.h"
+#include "utils/hsearch.h"
+#include "utils/jsonb.h"
+#include "utils/lsyscache.h"
+#include "utils/memutils.h"
+#include "utils/numeric.h"
+#include "utils/pg_lsn.h"
+#include "utils/resowner.h"
+
+#include "cqrs.h"
+
+typedef enum OrderStatus
+{
+	STATUS_CREATED,
+	STATUS_SHIPPED,
+	STATUS_CANCELLED
+} OrderStatus;
+
+static const char *const status_names[] = {"created", "shipped", "cancelled"};
+
+/* One order touched by the batch. */
+typedef struct OrderState
+{
+	const char *order_id;		/* hash key (a pointer to the string) */
+	bool		exists;			/* has a read-model row */
+	bool		dirty;			/* row to write back */
+	char	   *user_id;
+	Datum		total_amount;	/* numeric */
+	OrderStatus status;
+	int64		version;
+	List	   *parked;			/* ParkedCommand *, by sequence */
+} OrderState;
+
+typedef struct ParkedCommand
+{
+	CqrsRecord *rec;
+	bool		stored;			/* already in cqrs.parked */
+	bool		drained;		/* applied in this batch */
+} ParkedCommand;
+
+/* A dead letter to write. */
+typedef struct DeadLetter
+{
+	CqrsRecord *rec;
+	char	   *reason;
+} DeadLetter;
+
+/* Everything one fold produces. */
+typedef struct FoldResult
+{
+	HTAB	   *orders;
+	List	   *dead;			/* DeadLetter * */
+	CqrsApplyStats stats;
+} FoldResult;
+
+/* Kept plans, prepared on first use. */
+static SPIPlanPtr load_rows_plan = NULL;
+static SPIPlanPtr load_parked_plan = NULL;
+static SPIPlanPtr upsert_plan = NULL;
+static SPIPlanPtr park_plan = NULL;
+static SPIPlanPtr unpark_plan = NULL;
+static SPIPlanPtr dead_plan = NULL;
+static SPIPlanPtr bump_plan = NULL;
+static SPIPlanPtr offset_plan = NULL;
+static SPIPlanPtr load_offset_plan = NULL;
+
+/* The command being applied, for the error context. */
+static CqrsRecord *current_record = NULL;
+static int	current_batch_size = 0;
+
+/*
+ * Error context: name the command (or batch) being applied and its LSN.
+ */
+static void
+projector_error_context(void *arg)
+{
+	CqrsRecord *rec = current_record;
+
+	if (rec == NULL)
+		return;
+	if (current_batch_size > 1)
+		errcontext("cqrs projector applying a batch of %d commands ending at %X/%X",
+				   current_batch_size, LSN_FORMAT_ARGS(rec->commit_lsn));
+	else
+		errcontext("cqrs projector applying %s command %s (log_id " INT64_FORMAT ", order \"%s\", sequence " INT64_FORMAT ") committed at %X/%X",
+				   rec->command_type ? rec->command_type : "(null)",
+				   DatumGetCString(DirectFunctionCall1(uuid_out, UUIDPGetDatum(&rec->command_id))),
+				   rec->log_id,
+				   rec->aggregate_id ? rec->aggregate_id : "(null)",
+				   rec->sequence_id,
+				   LSN_FORMAT_ARGS(rec->commit_lsn));
+}
+
+/*
+ * Prepare sql once per process and keep the plan.
+ */
+static SPIPlanPtr
+projector_plan(SPIPlanPtr *cache, const char *sql, int nargs, Oid *argtypes)
+{
+	if (*cache == NULL)
+	{
+		SPIPlanPtr	plan = SPI_prepare(sql, nargs, argtypes);
+
+		if (plan == NULL)
+			elog(ERROR, "SPI_prepare failed for \"%s\": %s",
+				 sql, SPI_result_code_string(SPI_result));
+		if (SPI_keepplan(plan) != 0)
+			elog(ERROR, "SPI_keepplan failed");
+		*cache = plan;
+	}
+	return *cache;
+}
+
+/*
+ * Execute a kept plan; ERROR unless it returns the expected code.
+ */
+static void
+projector_exec(SPIPlanPtr plan, Datum *values, int expected)
+{
+	int			ret = SPI_execute_plan(plan, values, NULL, false, 0);
+
+	if (ret != expected)
+		elog(ERROR, "SPI_execute_plan returned %s",
+			 SPI_result_code_string(ret));
+}
+
+/*
+ * Build a one-dimensional array of n datums of type elemtype.
+ */
+static Datum
+projector_array(Datum *elems, bool *nulls, int n, Oid elemtype)
+{
+	int16		typlen;
+	bool		typbyval;
+	char		typalign;
+	int			dims[1] = {n};
+	int			lbs[1] = {1};
+
+	get_typlenbyvalalign(elemtype, &typlen, &typbyval, &typalign);
+	return PointerGetDatum(construct_md_array(elems, nulls, 1, dims, lbs,
+											  elemtype, typlen, typbyval,
+											  typalign));
+}
+
+/* Hash support: keys are pointers to NUL-terminated order ids. */
+static uint32
+order_hash(const void *key, Size keysize)
+{
+	const char *s = *(const char *const *) key;
+
+	return string_hash(s, strlen(s) + 1);
+}
+
+static int
+order_match(const void *key1, const void *key2, Size keysize)
+{
+	return strcmp(*(const char *const *) key1, *(const char *const *) key2);
+}
+
+/*
+ * Load the read-model rows of every order in the hash table.
+ */
+static void
+projector_load_rows(HTAB *orders, int norders)
+{
+	static const char *sql =
+		"SELECT order_id, user_id, total_amount, status, version"
+		" FROM cqrs.read_model"
+		" WHERE order_id OPERATOR(pg_catalog.=) ANY ($1)";
+	Oid			argtypes[1] = {TEXTARRAYOID};
+	Datum	   *keys = palloc(sizeof(Datum) * norders);
+	Datum		values[1];
+	HASH_SEQ_STATUS seq;
+	OrderState *o;
+	int			n = 0;
+
+	hash_seq_init(&seq, orders);
+	while ((o = hash_seq_search(&seq)) != NULL)
+		keys[n++] = CStringGetTextDatum(o->order_id);
+	values[0] = projector_array(keys, NULL, n, TEXTOID);
+
+	projector_exec(projector_plan(&load_rows_plan, sql, 1, argtypes),
+				   values, SPI_OK_SELECT);
+
+	for (uint64 i = 0; i < SPI_processed; i++)
+	{
+		HeapTuple	tup = SPI_tuptable->vals[i];
+		TupleDesc	desc = SPI_tuptable->tupdesc;
+		char	   *order_id = SPI_getvalue(tup, desc, 1);
+		char	   *status = SPI_getvalue(tup, desc, 4);
+		bool		isnull;
+
+		o = hash_search(orders, &order_id, HASH_FIND, NULL);
+		if (o == NULL)
+			continue;
+		o->exists = true;
+		o->user_id = SPI_getvalue(tup, desc, 2);
+		o->total_amount = datumCopy(SPI_getbinval(tup, desc, 3, &isnull),
+									false, -1);
+		o->status = strcmp(status, "shipped") == 0 ? STATUS_SHIPPED :
+			strcmp(status, "cancelled") == 0 ? STATUS_CANCELLED : STATUS_CREATED;
+		o->version = DatumGetInt64(SPI_getbinval(tup, desc, 5, &isnull));
+	}
+}
+
+/*
+ * Load the parked commands of every order in the hash table.
+ */
+static void
+projector_load_parked(HTAB *orders, int norders)
+{
+	static const char *sql =
+		"SELECT aggregate_id, sequence_id, command_id, log_id, command_type,"
+		" payload FROM cqrs.parked"
+		" WHERE aggregate_id OPERATOR(pg_catalog.=) ANY ($1)"
+		" ORDER BY aggregate_id, sequence_id";
+	Oid			argtypes[1] = {TEXTARRAYOID};
+	Datum	   *keys = palloc(sizeof(Datum) * norders);
+	Datum		values[1];
+	HASH_SEQ_STATUS seq;
+	OrderState *o;
+	int			n = 0;
+
+	hash_seq_init(&seq, orders);
+	while ((o = hash_seq_search(&seq)) != NULL)
+		keys[n++] = CStringGetTextDatum(o->order_id);
+	values[0] = projector_array(keys, NULL, n, TEXTOID);
+
+	projector_exec(projector_plan(&load_parked_plan, sql, 1, argtypes),
+				   values, SPI_OK_SELECT);
+
+	for (uint64 i = 0; i < SPI_processed; i++)
+	{
+		HeapTuple	tup = SPI_tuptable->vals[i];
+		TupleDesc	desc = SPI_tuptable->tupdesc;
+		CqrsRecord *rec = palloc0(sizeof(CqrsRecord));
+		ParkedCommand *pc = palloc0(sizeof(ParkedCommand));
+		bool		isnull;
+		Datum		d;
+
+		rec->aggregate_id = SPI_getvalue(tup, desc, 1);
+		rec->sequence_id = DatumGetInt64(SPI_getbinval(tup, desc, 2, &isnull));
+		memcpy(&rec->command_id,
+			   DatumGetUUIDP(SPI_getbinval(tup, desc, 3, &isnull)),
+			   sizeof(pg_uuid_t));
+		d = SPI_getbinval(tup, desc, 4, &isnull);
+		rec->log_id = isnull ? 0 : DatumGetInt64(d);
+		rec->command_type = SPI_getvalue(tup, desc, 5);
+		d = SPI_getbinval(tup, desc, 6, &isnull);
+		rec->payload = isnull ? NULL : DatumGetJsonbPCopy(d);
+
+		o = hash_search(orders, &rec->aggregate_id, HASH_FIND, NULL);
+		if (o == NULL)
+			continue;
+		pc->rec = rec;
+		pc->stored = true;
+		o->parked = lappend(o->parked, pc);
+	}
+}
+
+/*
+ * Dead-letter rec with a reason.
+ */
+static void
+fold_dead(FoldResult *fr, CqrsRecord *rec, const char *reason)
+{
+	DeadLetter *dl = palloc(sizeof(DeadLetter));
+
+	dl->rec = rec;
+	dl->reason = pstrdup(reason);
+	fr->dead = lappend(fr->dead, dl);
+}
+
+/*
+ * A JSON string or number member of the payload, or NULL.
+ */
+static JsonbValue *
+fold_member(Jsonb *payload, const char *key, enum jbvType type)
+{
+	JsonbValue *v;
+
+	if (payload == NULL || !JB_ROOT_IS_OBJECT(payload))
+		return NULL;
+	v = getKeyJsonValueFromContainer(&payload->root, key, strlen(key), NULL);
+	if (v == NULL || v->type != type)
+		return NULL;
+	return v;
+}
+
+/*
+ * Apply rec, whose sequence is the order's next, to the order.
+ */
+static void
+fold_apply(FoldResult *fr, OrderState *o, CqrsRecord *rec)
+{
+	const char *type = rec->command_type ? rec->command_type : "";
+
+	fr->stats.applied++;
+
+	if (!o->exists)
+	{
+		JsonbValue *user_id = fold_member(rec->payload, "user_id", jbvString);
+		JsonbValue *amount = fold_member(rec->payload, "amount", jbvNumeric);
+
+		if (strcmp(type, "CREATE_ORDER") != 0)
+		{
+			fold_dead(fr, rec, psprintf("the first command of order \"%s\" is %s, not CREATE_ORDER",
+										o->order_id, type));
+			return;
+		}
+		if (user_id == NULL || amount == NULL)
+		{
+			fold_dead(fr, rec, "malformed CREATE_ORDER payload: it needs a string \"user_id\" and a numeric \"amount\"");
+			return;
+		}
+		o->exists = true;
+		o->user_id = pnstrdup(user_id->val.string.val, user_id->val.string.len);
+		o->total_amount = NumericGetDatum(amount->val.numeric);
+		o->status = STATUS_CREATED;
+		o->version = rec->sequence_id;
+		o->dirty = true;
+		return;
+	}
+
+	if (strcmp(type, "SHIP_ORDER") == 0 || strcmp(type, "CANCEL_ORDER") == 0)
+	{
+		bool		ship = (type[0] == 'S');
+
+		if (o->status == STATUS_CREATED)
+			o->status = ship ? STATUS_SHIPPED : STATUS_CANCELLED;
+		else
+			fold_dead(fr, rec, psprintf("invalid transition: %s on a %s order",
+										type, status_names[o->status]));
+	}
+	else if (strcmp(type, "CREATE_ORDER") == 0)
+		fold_dead(fr, rec, psprintf("invalid transition: CREATE_ORDER at sequence " INT64_FORMAT " of an existing order",
+									rec->sequence_id));
+	else
+		fold_dead(fr, rec, psprintf("unknown command type \"%s\"", type));
+
+	o->version = rec->sequence_id;
+	o->dirty = true;
+}
+
+/*
+ * Apply the order's parked commands that are now next in line.
+ */
+static void
+fold_drain(FoldResult *fr, OrderState *o)
+{
+	bool		progress = true;
+
+	while (progress)
+	{
+		ListCell   *lc;
+
+		progress = false;
+		foreach(lc, o->parked)
+		{
+			ParkedCommand *pc = lfirst(lc);
+
+			if (pc->drained || pc->rec->sequence_id != o->version + 1)
+				continue;
+			/* a row-less order only moves on with its sequence 1 */
+			if (!o->exists && pc->rec->sequence_id != 1)
+				continue;
+			pc->drained = true;
+			fr->stats.unparked++;
+			fold_apply(fr, o, pc->rec);
+			progress = true;
+		}
+	}
+}
+
+/*
+ * Fold one record into its order.
+ */
+static void
+fold_record(FoldResult *fr, OrderState *o, CqrsRecord *rec)
+{
+	ListCell   *lc;
+	ParkedCommand *pc;
+
+	if (rec->sequence_id <= o->version)
+	{
+		fr->stats.skipped++;
+		return;
+	}
+	if (rec->sequence_id == o->version + 1)
+	{
+		fold_apply(fr, o, rec);
+		fold_drain(fr, o);
+		return;
+	}
+
+	/* a gap: park it, once */
+	foreach(lc, o->parked)
+	{
+		pc = lfirst(lc);
+		if (pc->rec->sequence_id == rec->sequence_id)
+		{
+			fr->stats.skipped++;
+			return;
+		}
+	}
+	pc = palloc0(sizeof(ParkedCommand));
+	pc->rec = rec;
+	o->parked = lappend(o->parked, pc);
+	fr->stats.parked++;
+}
+
+/*
+ * Write the fold back: read-model rows, parked and unparked commands,
+ * dead letters.
+ */
+static void
+projector_write(FoldResult *fr, int norders)
+{
+	static const char *upsert_sql =
+		"INSERT INTO cqrs.read_model AS r"
+		" (order_id, user_id, total_amount, status, version, updated_at)"
+		" SELECT u.order_id, u.user_id, u.total_amount, u.status, u.version,"
+		" pg_catalog.now()"
+		" FROM ROWS FROM (pg_catalog.unnest($1::pg_catalog.text[]),"
+		" pg_catalog.unnest($2::pg_catalog.text[]),"
+		" pg_catalog.unnest($3::pg_catalog.numeric[]),"
+		" pg_catalog.unnest($4::pg_catalog.text[]),"
+		" pg_catalog.unnest($5::pg_catalog.int8[]))"
+		" AS u(order_id, user_id, total_amount, status, version)"
+		" ON CONFLICT (order_id) DO UPDATE SET status = excluded.status,"
+		" version = excluded.version, updated_at = excluded.updated_at"
+		" WHERE r.version OPERATOR(pg_catalog.<) excluded.version";
+	static const char *park_sql =
+		"INSERT INTO cqrs.parked (aggregate_id, sequence_id, command_id,"
+		" waiting_for, log_id, command_type, payload)"
+		" SELECT * FROM ROWS FROM (pg_catalog.unnest($1::pg_catalog.text[]),"
+		" pg_catalog.unnest($2::pg_catalog.int8[]),"
+		" pg_catalog.unnest($3::pg_catalog.uuid[]),"
+		" pg_catalog.unnest($4::pg_catalog.int8[]),"
+		" pg_catalog.unnest($5::pg_catalog.int8[]),"
+		" pg_catalog.unnest($6::pg_catalog.text[]),"
+		" pg_catalog.unnest($7::pg_catalog.jsonb[]))"
+		" ON CONFLICT DO NOTHING";
+	static const char *unpark_sql =
+		"DELETE FROM cqrs.parked p"
+		" USING ROWS FROM (pg_catalog.unnest($1::pg_catalog.text[]),"
+		" pg_catalog.unnest($2::pg_catalog.int8[]))"
+		" AS u(aggregate_id, sequence_id)"
+		" WHERE p.aggregate_id OPERATOR(pg_catalog.=) u.aggregate_id"
+		" AND p.sequence_id OPERATOR(pg_catalog.=) u.sequence_id";
+	static const char *dead_sql =
+		"INSERT INTO cqrs.dead_letter (command_id, command_type, aggregate_id,"
+		" sequence_id, reason)"
+		" SELECT * FROM ROWS FROM (pg_catalog.unnest($1::pg_catalog.uuid[]),"
+		" pg_catalog.unnest($2::pg_catalog.text[]),"
+		" pg_catalog.unnest($3::pg_catalog.text[]),"
+		" pg_catalog.unnest($4::pg_catalog.int8[]),"
+		" pg_catalog.unnest($5::pg_catalog.text[]))"
+		" ON CONFLICT (command_id) DO NOTHING";
+	Oid			upsert_types[5] = {TEXTARRAYOID, TEXTARRAYOID, NUMERICARRAYOID, TEXTARRAYOID, INT8ARRAYOID};
+	Oid			park_types[7] = {TEXTARRAYOID, INT8ARRAYOID, UUIDARRAYOID, INT8ARRAYOID, INT8ARRAYOID, TEXTARRAYOID, JSONBARRAYOID};
+	Oid			unpark_types[2] = {TEXTARRAYOID, INT8ARRAYOID};
+	Oid			dead_types[5] = {UUIDARRAYOID, TEXTARRAYOID, TEXTARRAYOID, INT8ARRAYOID, TEXTARRAYOID};
+	int			cap = norders + list_length(fr->dead) + 1;
+	Datum	   *a = palloc(sizeof(Datum) * cap);
+	Datum	   *b = palloc(sizeof(Datum) * cap);
+	Datum	   *c = palloc(sizeof(Datum) * cap);
+	Datum	   *d = palloc(sizeof(Datum) * cap);
+	Datum	   *e = palloc(sizeof(Datum) * cap);
+	HASH_SEQ_STATUS seq;
+	OrderState *o;
+	int			n = 0;
+	int			nparked = 0;
+	int			nunparked = 0;
+	List	   *park = NIL;
+	List	   *unpark = NIL;
+	ListCell   *lc;
+
+	hash_seq_init(&seq, fr->orders);
+	while ((o = hash_seq_search(&seq)) != NULL)
+	{
+		foreach(lc, o->parked)
+		{
+			ParkedCommand *pc = lfirst(lc);
+
+			if (pc->drained && pc->stored)
+				unpark = lappend(unpark, pc);
+			else if (!pc->drained && !pc->stored)
+				park = lappend(park, pc);
+		}
+		if (!o->dirty || !o->exists)
+			continue;
+		a[n] = CStringGetTextDatum(o->order_id);
+		b[n] = CStringGetTextDatum(o->user_id);
+		c[n] = o->total_amount;
+		d[n] = CStringGetTextDatum(status_names[o->status]);
+		e[n] = Int64GetDatum(o->version);
+		n++;
+	}
+
+	if (n > 0)
+	{
+		Datum		values[5];
+
+		values[0] = projector_array(a, NULL, n, TEXTOID);
+		values[1] = projector_array(b, NULL, n, TEXTOID);
+		values[2] = projector_array(c, NULL, n, NUMERICOID);
+		values[3] = projector_array(d, NULL, n, TEXTOID);
+		values[4] = projector_array(e, NULL, n, INT8OID);
+		projector_exec(projector_plan(&upsert_plan, upsert_sql, 5, upsert_types),
+					   values, SPI_OK_INSERT);
+	}
+
+	if (park != NIL)
+	{
+		int			np = list_length(park);
+		Datum		values[7];
+		Datum	   *f = palloc(sizeof(Datum) * np);
+		Datum	   *g = palloc(sizeof(Datum) * np);
+		bool	   *gnull = palloc0(sizeof(bool) * np);
+		Datum	   *h = palloc(sizeof(Datum) * np);
+		bool	   *hnull = palloc0(sizeof(bool) * np);
+		Datum	   *pa = palloc(sizeof(Datum) * np);
+		Datum	   *pb = palloc(sizeof(Datum) * np);
+		Datum	   *pc_ = palloc(sizeof(Datum) * np);
+		Datum	   *pd = palloc(sizeof(Datum) * np);
+
+		foreach(lc, park)
+		{
+			ParkedCommand *pc = lfirst(lc);
+			OrderState *po = hash_search(fr->orders, &pc->rec->aggregate_id,
+										 HASH_FIND, NULL);
+
+			pa[nparked] = CStringGetTextDatum(pc->rec->aggregate_id);
+			pb[nparked] = Int64GetDatum(pc->rec->sequence_id);
+			pc_[nparked] = UUIDPGetDatum(&pc->rec->command_id);
+			pd[nparked] = Int64GetDatum(po->version + 1);
+			f[nparked] = Int64GetDatum(pc->rec->log_id);
+			if (pc->rec->command_type)
+				g[nparked] = CStringGetTextDatum(pc->rec->command_type);
+			else
+				gnull[nparked] = true;
+			if (pc->rec->payload)
+				h[nparked] = JsonbPGetDatum(pc->rec->payload);
+			else
+				hnull[nparked] = true;
+			nparked++;
+		}
+		values[0] = projector_array(pa, NULL, np, TEXTOID);
+		values[1] = projector_array(pb, NULL, np, INT8OID);
+		values[2] = projector_array(pc_, NULL, np, UUIDOID);
+		values[3] = projector_array(pd, NULL, np, INT8OID);
+		values[4] = projector_array(f, NULL, np, INT8OID);
+		values[5] = projector_array(g, gnull, np, TEXTOID);
+		values[6] = projector_array(h, hnull, np, JSONBOID);
+		projector_exec(projector_plan(&park_plan, park_sql, 7, park_types),
+					   values, SPI_OK_INSERT);
+	}
+
+	if (unpark != NIL)
+	{
+		int			nu = list_length(unpark);
+		Datum		values[2];
+		Datum	   *ua = palloc(sizeof(Datum) * nu);
+		Datum	   *ub = palloc(sizeof(Datum) * nu);
+
+		foreach(lc, unpark)
+		{
+			ParkedCommand *pc = lfirst(lc);
+
+			ua[nunparked] = CStringGetTextDatum(pc->rec->aggregate_id);
+			ub[nunparked] = Int64GetDatum(pc->rec->sequence_id);
+			nunparked++;
+		}
+		values[0] = projector_array(ua, NULL, nu, TEXTOID);
+		values[1] = projector_array(ub, NULL, nu, INT8OID);
+		projector_exec(projector_plan(&unpark_plan, unpark_sql, 2, unpark_types),
+					   values, SPI_OK_DELETE);
+	}
+
+	if (fr->dead != NIL)
+	{
+		int			nd = list_length(fr->dead);
+		int			i = 0;
+		Datum		values[5];
+		bool	   *bnull = palloc0(sizeof(bool) * nd);
+		bool	   *cnull = palloc0(sizeof(bool) * nd);
+
+		foreach(lc, fr->dead)
+		{
+			DeadLetter *dl = lfirst(lc);
+
+			a[i] = UUIDPGetDatum(&dl->rec->command_id);
+			if (dl->rec->command_type)
+				b[i] = CStringGetTextDatum(dl->rec->command_type);
+			else
+				bnull[i] = true;
+			if (dl->rec->aggregate_id)
+				c[i] = CStringGetTextDatum(dl->rec->aggregate_id);
+			else
+				cnull[i] = true;
+			d[i] = Int64GetDatum(dl->rec->sequence_id);
+			e[i] = CStringGetTextDatum(dl->reason);
+			i++;
+		}
+		values[0] = projector_array(a, NULL, nd, UUIDOID);
+		values[1] = projector_array(b, bnull, nd, TEXTOID);
+		values[2] = projector_array(c, cnull, nd, TEXTOID);
+		values[3] = projector_array(d, NULL, nd, INT8OID);
+		values[4] = projector_array(e, NULL, nd, TEXTOID);
+		projector_exec(projector_plan(&dead_plan, dead_sql, 5, dead_types),
+					   values, SPI_OK_INSERT);
+		fr->stats.dead += SPI_processed;
+	}
+}
+
+/*
+ * Fold and write records[lo, hi) in the current (sub)transaction.
+ */
+static void
+projector_fold(CqrsRecord *records, int lo, int hi, CqrsApplyStats *stats)
+{
+	HASHCTL		hctl;
+	FoldResult	fr;
+	int			norders;
+
+	memset(&fr, 0, sizeof(fr));
+	hctl.keysize = sizeof(char *);
+	hctl.entrysize = sizeof(OrderState);
+	hctl.hash = order_hash;
+	hctl.match = order_match;
+	hctl.hcxt = CurrentMemoryContext;
+	fr.orders = hash_create("cqrs batch orders", Max(16, hi - lo), &hctl,
+							HASH_ELEM | HASH_FUNCTION | HASH_COMPARE | HASH_CONTEXT);
+
+	for (int i = lo; i < hi; i++)
+	{
+		CqrsRecord *rec = &records[i];
+		bool		found;
+		OrderState *o;
+
+		if (rec->aggregate_id == NULL)
+		{
+			current_record = rec;
+			fold_dead(&fr, rec, "command without an aggregate_id");
+			continue;
+		}
+		o = hash_search(fr.orders, &rec->aggregate_id, HASH_ENTER, &found);
+		if (!found)
+		{
+			memset(((char *) o) + sizeof(char *), 0,
+				   sizeof(OrderState) - sizeof(char *));
+			o->order_id = rec->aggregate_id;
+		}
+	}
+	norders = hash_get_num_entries(fr.orders);
+	if (norders > 0)
+	{
+		projector_load_rows(fr.orders, norders);
+		projector_load_parked(fr.orders, norders);
+	}
+
+	for (int i = lo; i < hi; i++)
+	{
+		CqrsRecord *rec = &records[i];
+		OrderState *o;
+
+		if (rec->aggregate_id == NULL)
+			continue;
+		current_record = rec;
+		o = hash_search(fr.orders, &rec->aggregate_id, HASH_FIND, NULL);
+		fold_record(&fr, o, rec);
+	}
+	current_record = &records[hi - 1];
+
+	projector_write(&fr, norders);
+
+	stats->applied += fr.stats.applied;
+	stats->skipped += fr.stats.skipped;
+	stats->parked += fr.stats.parked;
+	stats->unparked += fr.stats.unparked;
+	stats->dead += fr.stats.dead;
+}
+
+/*
+ * Can a single command be to blame for this error?  Only errors about the
+ * data a command carries (bad values, constraint or trigger rejections)
+ * are worth splitting the batch for.  Everything else (serialization
+ * failures, deadlocks, lock or statement timeouts, out of memory, I/O,
+ * missing or inaccessible objects) is the pipeline's, and the whole batch
+ * is retried with backoff instead of dead-lettering good commands.
+ */
+static bool
+projector_blames_command(int sqlerrcode)
+{
+	switch (ERRCODE_TO_CATEGORY(sqlerrcode))
+	{
+		case ERRCODE_TO_CATEGORY(ERRCODE_DATA_EXCEPTION):
+		case ERRCODE_TO_CATEGORY(ERRCODE_INTEGRITY_CONSTRAINT_VIOLATION):
+		case ERRCODE_TO_CATEGORY(ERRCODE_RAISE_EXCEPTION):
+		case ERRCODE_TO_CATEGORY(ERRCODE_SQL_ROUTINE_EXCEPTION):
+		case ERRCODE_TO_CATEGORY(ERRCODE_EXTERNAL_ROUTINE_EXCEPTION):
+		case ERRCODE_TO_CATEGORY(ERRCODE_TRIGGERED_ACTION_EXCEPTION):
+			return true;
+		default:
+			return false;
+	}
+}
+
+/*
+ * Dead-letter one command that fails on its own, and move its order past
+ * it when it was next in line.
+ */
+static void
+projector_poison(CqrsRecord *rec, const char *message, CqrsApplyStats *stats)
+{
+	static const char *bump_sql =
+		"UPDATE cqrs.read_model SET version = $2, updated_at = pg_catalog.now()"
+		" WHERE order_id OPERATOR(pg_catalog.=) $1"
+		" AND version OPERATOR(pg_catalog.=) $2 OPERATOR(pg_catalog.-) 1";
+	FoldResult	fr;
+	Oid			bump_types[2] = {TEXTOID, INT8OID};
+
+	ereport(LOG,
+			(errmsg("cqrs projector dead-lettered command %s: %s",
+					DatumGetCString(DirectFunctionCall1(uuid_out, UUIDPGetDatum(&rec->command_id))),
+					message)));
+
+	memset(&fr, 0, sizeof(fr));
+	fold_dead(&fr, rec, message);
+	fr.orders = NULL;
+	/* reuse the writer for the single dead letter */
+	{
+		HASHCTL		hctl;
+
+		hctl.keysize = sizeof(char *);
+		hctl.entrysize = sizeof(OrderState);
+		hctl.hash = order_hash;
+		hctl.match = order_match;
+		hctl.hcxt = CurrentMemoryContext;
+		fr.orders = hash_create("cqrs poison", 4, &hctl,
+								HASH_ELEM | HASH_FUNCTION | HASH_COMPARE | HASH_CONTEXT);
+	}
+	projector_write(&fr, 0);
+	stats->dead += fr.stats.dead;
+	stats->applied++;
+
+	if (rec->aggregate_id != NULL)
+	{
+		Datum		values[2];
+
+		values[0] = CStringGetTextDatum(rec->aggregate_id);
+		values[1] = Int64GetDatum(rec->sequence_id);
+		projector_exec(projector_plan(&bump_plan, bump_sql, 2, bump_types),
+					   values, SPI_OK_UPDATE);
+	}
+}
+
+/*
+ * Apply records[lo, hi) in a subtransaction; on a non-transient error,
+ * split until the failing command is alone, and dead-letter it.
+ */
+static void
+projector_range(CqrsRecord *records, int lo, int hi, CqrsApplyStats *stats)
+{
+	MemoryContext oldcontext = CurrentMemoryContext;
+	ResourceOwner oldowner = CurrentResourceOwner;
+	CqrsApplyStats local;
+
+	memset(&local, 0, sizeof(local));
+	current_batch_size = hi - lo;
+
+	BeginInternalSubTransaction(NULL);
+	MemoryContextSwitchTo(oldcontext);
+	PG_TRY();
+	{
+		projector_fold(records, lo, hi, &local);
+		ReleaseCurrentSubTransaction();
+		MemoryContextSwitchTo(oldcontext);
+		CurrentResourceOwner = oldowner;
+	}
+	PG_CATCH();
+	{
+		ErrorData  *edata;
+
+		MemoryContextSwitchTo(oldcontext);
+		edata = CopyErrorData();
+		FlushErrorState();
+		RollbackAndReleaseCurrentSubTransaction();
+		MemoryContextSwitchTo(oldcontext);
+		CurrentResourceOwner = oldowner;
+
+		if (!projector_blames_command(edata->sqlerrcode))
+			ReThrowError(edata);
+
+		memset(&local, 0, sizeof(local));
+		if (hi - lo == 1)
+		{
+			current_batch_size = 1;
+			current_record = &records[lo];
+			projector_poison(&records[lo], edata->message, &local);
+		}
+		else
+		{
+			int			mid = lo + (hi - lo) / 2;
+
+			projector_range(records, lo, mid, &local);
+			projector_range(records, mid, hi, &local);
+		}
+	}
+	PG_END_TRY();
+
+	stats->applied += local.applied;
+	stats->skipped += local.skipped;
+	stats->parked += local.parked;
+	stats->unparked += local.unparked;
+	stats->dead += local.dead;
+}
+
+/*
+ * Apply a batch of decoded commands in the current transaction, with SPI
+ * connected.  Errors that are not the batch's fault propagate.
+ */
+void
+cqrs_project(CqrsRecord *records, int nrecords, CqrsApplyStats *stats)
+{
+	ErrorContextCallback errcallback;
+
+	if (nrecords == 0)
+		return;
+
+	errcallback.callback = projector_error_context;
+	errcallback.arg = NULL;
+	errcallback.previous = error_context_stack;
+	error_context_stack = &errcallback;
+
+	projector_range(records, 0, nrecords, stats);
+
+	error_context_stack = errcallback.previous;
+	current_record = NULL;
+}
+
+/*
+ * Record the position of slot_name, in the current transaction.
+ */
+void
+cqrs_save_offset(const char *slot_name, XLogRecPtr lsn)
+{
+	static const char *sql =
+		"INSERT INTO cqrs.offset_tracking (slot_name, last_lsn, updated_at)"
+		" VALUES ($1, $2, pg_catalog.now())"
+		" ON CONFLICT (slot_name) DO UPDATE SET last_lsn = excluded.last_lsn,"
+		" updated_at = excluded.updated_at";
+	Oid			argtypes[2] = {TEXTOID, PG_LSNOID};
+	Datum		values[2];
+
+	values[0] = CStringGetTextDatum(slot_name);
+	values[1] = LSNGetDatum(lsn);
+	projector_exec(projector_plan(&offset_plan, sql, 2, argtypes),
+				   values, SPI_OK_INSERT);
+}
+
+/*
+ * The recorded position of slot_name, or InvalidXLogRecPtr.
+ */
+XLogRecPtr
+cqrs_load_offset(const char *slot_name)
+{
+	static const char *sql =
+		"SELECT last_lsn FROM cqrs.offset_tracking"
+		" WHERE slot_name OPERATOR(pg_catalog.=) $1";
+	Oid			argtypes[1] = {TEXTOID};
+	Datum		values[1];
+	bool		isnull;
+
+	values[0] = CStringGetTextDatum(slot_name);
+	projector_exec(projector_plan(&load_offset_plan, sql, 1, argtypes),
+				   values, SPI_OK_SELECT);
+	if (SPI_processed == 0)
+		return InvalidXLogRecPtr;
+	return DatumGetLSN(SPI_getbinval(SPI_tuptable->vals[0],
+									 SPI_tuptable->tupdesc, 1, &isnull));
+}
+
+/*
+ * Fold the whole command log into the read model, in the current
+ * transaction: the catch-up after a slot is created (first start, or a
+ * lost slot).  Commands already applied are skipped by the version rule,
+ * so this is safe to run over a read model of any age.  Returns the
+ * number of log rows read.
+ */
+int64
+cqrs_project_log(CqrsApplyStats *stats)
+{
+	static const char *sql =
+		"SELECT log_id, command_id, command_type, aggregate_id, sequence_id,"
+		" payload FROM cqrs.command_log ORDER BY aggregate_id, sequence_id";
+	SPIPlanPtr	plan;
+	Portal		portal;
+	int64		total = 0;
+	MemoryContext chunk_context;
+	MemoryContext oldcontext;
+
+	plan = SPI_prepare(sql, 0, NULL);
+	if (plan == NULL)
+		elog(ERROR, "SPI_prepare failed for \"%s\": %s",
+			 sql, SPI_result_code_string(SPI_result));
+	portal = SPI_cursor_open("cqrs_catch_up", plan, NULL, NULL, true);
+	chunk_context = AllocSetContextCreate(CurrentMemoryContext,
+										  "cqrs catch-up chunk",
+										  ALLOCSET_DEFAULT_SIZES);
+
+	for (;;)
+	{
+		CqrsRecord *records;
+		int			n;
+
+		SPI_cursor_fetch(portal, true, 10000);
+		n = (int) SPI_processed;
+		if (n == 0)
+			break;
+
+		oldcontext = MemoryContextSwitchTo(chunk_context);
+		records = palloc0(sizeof(CqrsRecord) * n);
+		for (int i = 0; i < n; i++)
+		{
+			HeapTuple	tup = SPI_tuptable->vals[i];
+			TupleDesc	desc = SPI_tuptable->tupdesc;
+			bool		isnull;
+			Datum		d;
+
+			d = SPI_getbinval(tup, desc, 1, &isnull);
+			records[i].log_id = isnull ? 0 : DatumGetInt64(d);
+			d = SPI_getbinval(tup, desc, 2, &isnull);
+			if (!isnull)
+				memcpy(&records[i].command_id, DatumGetUUIDP(d),
+					   sizeof(pg_uuid_t));
+			records[i].command_type = SPI_getvalue(tup, desc, 3);
+			records[i].aggregate_id = SPI_getvalue(tup, desc, 4);
+			d = SPI_getbinval(tup, desc, 5, &isnull);
+			records[i].sequence_id = isnull ? 0 : DatumGetInt64(d);
+			d = SPI_getbinval(tup, desc, 6, &isnull);
+			records[i].payload = isnull ? NULL : DatumGetJsonbPCopy(d);
+		}
+		SPI_freetuptable(SPI_tuptable);
+		cqrs_project(records, n, stats);
+		MemoryContextSwitchTo(oldcontext);
+		MemoryContextReset(chunk_context);
+		total += n;
+	}
+
+	SPI_cursor_close(portal);
+	SPI_freeplan(plan);
+	MemoryContextDelete(chunk_context);
+	return total;
+}

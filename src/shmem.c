@@ -1,0 +1,90 @@
+/*-------------------------------------------------------------------------
+ *
+ * shmem.c
+ *		Shared state of the cqrs projector: who leads, where it stands,
+ *		what it measured, and the latch that commits set to wake it.
+ *
+ * The struct exists only when cqrs is preloaded; cqrs_shared is NULL in a
+ * backend of a server that loaded the library on demand, and every reader
+ * copes with that.  Fields are read and written under the spinlock, except
+ * leader_latch, which committing backends read without it: a stale or
+ * NULL pointer costs at worst one poll interval of latency, never
+ * correctness, because latches of exited processes stay valid memory.
+ *
+ *-------------------------------------------------------------------------
+ */
+#include "postgres.h"
+
+#include "miscadmin.h"
+#include "storage/ipc.h"
+#include "storage/lwlock.h"
+#include "storage/shmem.h"
+#include "utils/timestamp.h"
+
+#include "cqrs.h"
+
+CqrsShared *cqrs_shared = NULL;
+
+/* Upper bounds of the lag histogram buckets, in milliseconds. */
+const double cqrs_lag_bucket_ms[CQRS_LAG_BUCKETS] = {
+	1, 2, 5, 10, 20, 50, 100, 200, 500, 1000, 2000, 5000, 10000, 30000,
+	60000, 300000
+};
+
+/*
+ * Ask for the shared memory the state needs.
+ */
+void
+cqrs_shmem_request(void)
+{
+	RequestAddinShmemSpace(MAXALIGN(sizeof(CqrsShared)));
+}
+
+/*
+ * Create or attach to the shared state.
+ */
+void
+cqrs_shmem_startup(void)
+{
+	bool		found;
+
+	LWLockAcquire(AddinShmemInitLock, LW_EXCLUSIVE);
+	cqrs_shared = ShmemInitStruct("cqrs", sizeof(CqrsShared), &found);
+	if (!found)
+	{
+		memset(cqrs_shared, 0, sizeof(CqrsShared));
+		SpinLockInit(&cqrs_shared->mutex);
+		cqrs_shared->state = CQRS_STATE_IDLE;
+		cqrs_shared->applied_lsn = InvalidXLogRecPtr;
+	}
+	LWLockRelease(AddinShmemInitLock);
+}
+
+/*
+ * Remember an error for cqrs.status (last_error, last_error_at).
+ */
+void
+cqrs_set_error(const char *message)
+{
+	if (cqrs_shared == NULL)
+		return;
+	SpinLockAcquire(&cqrs_shared->mutex);
+	strlcpy(cqrs_shared->last_error, message, CQRS_ERROR_LEN);
+	cqrs_shared->last_error_at = GetCurrentTimestamp();
+	SpinLockRelease(&cqrs_shared->mutex);
+}
+
+/*
+ * Wake the leading projector, if there is one.
+ */
+void
+cqrs_wake_projector(void)
+{
+	Latch	   *latch;
+
+	if (cqrs_shared == NULL)
+		return;
+	latch = cqrs_shared->leader_latch;
+	if (latch != NULL)
+		SetLatch(latch);
+}

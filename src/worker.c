@@ -1,0 +1,734 @@
+/*-------------------------------------------------------------------------
+ *
+ * worker.c
+ *		Lifecycle of the "cqrs projector" background workers: signals,
+ *		leader election, the replication slot and origin, and the loop that
+ *		decodes WAL and hands batches to projector.c.
+ *
+ * cqrs.workers static workers connect to cqrs.database.  Each waits on its
+ * latch until the extension exists and cqrs.enabled is on, then tries a
+ * session-level advisory lock; the one that gets it leads, the others retry
+ * every 200 ms, so a follower takes over well within a second after the
+ * leader exits.
+ *
+ * The leader keeps one logical decoding context open for as long as it
+ * leads: WAL is read once, sequentially, never again from the slot's
+ * restart point as every call of pg_logical_slot_get_changes() would.
+ * Decoding runs in short read-only transactions (so that catalog access
+ * during decoding has a resource owner, as in logicalfuncs.c); the output
+ * plugin in this library puts the commands into an in-memory queue.  Each
+ * batch is applied in one transaction that also records the position in
+ * cqrs.offset_tracking and, through the session's replication origin, in
+ * the origin's progress.  The apply commits with synchronous_commit =
+ * local, so the slot is confirmed only after the batch is durable.  After
+ * a crash, decoding resumes at the slot's confirmed position, which may be
+ * behind the last applied batch; transactions at or before the recorded
+ * offset are skipped, and the version rule of projector.c makes any
+ * redelivery harmless anyway.
+ *
+ * The projector's own transactions carry its replication origin, which the
+ * output plugin filters, so its writes are never decoded at all.
+ *
+ * When the slot is missing (first start, or lost), the leader creates it
+ * and folds the whole command log into the read model before streaming
+ * from the slot's start, so nothing committed before the slot is lost.
+ *
+ *-------------------------------------------------------------------------
+ */
+#include "postgres.h"
+
+#include "access/xact.h"
+#include "access/xlog.h"
+#include "access/xlogutils.h"
+#include "commands/extension.h"
+#include "common/pg_prng.h"
+#include "executor/spi.h"
+#include "miscadmin.h"
+#include "pgstat.h"
+#include "postmaster/bgworker.h"
+#include "postmaster/interrupt.h"
+#include "replication/decode.h"
+#include "replication/logical.h"
+#include "replication/origin.h"
+#include "replication/slot.h"
+#include "storage/ipc.h"
+#include "storage/latch.h"
+#include "storage/lock.h"
+#include "storage/proc.h"
+#include "tcop/tcopprot.h"
+#include "utils/guc.h"
+#include "utils/inval.h"
+#include "utils/memutils.h"
+#include "utils/snapmgr.h"
+#include "utils/timestamp.h"
+#include "utils/wait_event.h"
+
+#include "cqrs.h"
+
+/* How often a follower retries the leader lock. */
+#define CQRS_FOLLOWER_NAPTIME	200
+
+/* Poison commands isolated in one batch before the failure counts as the
+ * pipeline's, not the commands'. */
+#define CQRS_MAX_POISON_PER_BATCH	8
+
+static MemoryContext worker_context = NULL;
+static bool worker_is_leader = false;
+static LogicalDecodingContext *lead_ctx = NULL;	/* while streaming */
+static CqrsQueue *lead_queue = NULL;	/* created once, reset per batch */
+
+/*
+ * on_shmem_exit callback: step down and leave the census.
+ */
+static void
+worker_exit(int code, Datum arg)
+{
+	SpinLockAcquire(&cqrs_shared->mutex);
+	cqrs_shared->workers_alive--;
+	if (worker_is_leader && cqrs_shared->leader_pid == MyProcPid)
+	{
+		cqrs_shared->leader_latch = NULL;
+		cqrs_shared->leader_pid = 0;
+		cqrs_shared->state = CQRS_STATE_IDLE;
+	}
+	SpinLockRelease(&cqrs_shared->mutex);
+}
+
+/*
+ * Publish the state for cqrs.status.
+ */
+static void
+worker_set_state(CqrsState state)
+{
+	SpinLockAcquire(&cqrs_shared->mutex);
+	cqrs_shared->state = state;
+	SpinLockRelease(&cqrs_shared->mutex);
+}
+
+/*
+ * Sleep on the latch for up to timeout ms, then handle interrupts and
+ * configuration reloads.
+ */
+static void
+worker_wait(long timeout)
+{
+	(void) WaitLatch(MyLatch, WL_LATCH_SET | WL_TIMEOUT | WL_EXIT_ON_PM_DEATH,
+					 timeout, PG_WAIT_EXTENSION);
+	ResetLatch(MyLatch);
+	CHECK_FOR_INTERRUPTS();
+	if (ConfigReloadPending)
+	{
+		ConfigReloadPending = false;
+		ProcessConfigFile(PGC_SIGHUP);
+	}
+}
+
+/*
+ * Is the extension installed in our database?
+ */
+static bool
+worker_extension_exists(void)
+{
+	bool		exists;
+
+	SetCurrentStatementStartTimestamp();
+	StartTransactionCommand();
+	exists = OidIsValid(get_extension_oid("cqrs", true));
+	CommitTransactionCommand();
+	return exists;
+}
+
+/*
+ * The tag of the leader lock.
+ */
+static void
+worker_leader_tag(LOCKTAG *tag)
+{
+	SET_LOCKTAG_ADVISORY(*tag, MyDatabaseId, 0, 0, CQRS_LEADER_LOCK_SPACE);
+}
+
+/*
+ * Try to become the leader; true when this process now leads.
+ */
+static bool
+worker_try_lead(void)
+{
+	LOCKTAG		tag;
+	LockAcquireResult res;
+
+	worker_leader_tag(&tag);
+	StartTransactionCommand();
+	res = LockAcquire(&tag, ExclusiveLock, true, true);
+	CommitTransactionCommand();
+	if (res == LOCKACQUIRE_NOT_AVAIL)
+		return false;
+
+	worker_is_leader = true;
+	SpinLockAcquire(&cqrs_shared->mutex);
+	cqrs_shared->leader_latch = MyLatch;
+	cqrs_shared->leader_pid = MyProcPid;
+	cqrs_shared->state = CQRS_STATE_RUNNING;
+	if (cqrs_shared->batch_size == 0)
+		cqrs_shared->batch_size = cqrs_batch_size_min;
+	SpinLockRelease(&cqrs_shared->mutex);
+	ereport(LOG,
+			(errmsg("cqrs projector %d is now the leader", MyProcPid)));
+	return true;
+}
+
+/*
+ * Give up leadership.
+ */
+static void
+worker_step_down(CqrsState state)
+{
+	LOCKTAG		tag;
+
+	worker_leader_tag(&tag);
+	SpinLockAcquire(&cqrs_shared->mutex);
+	cqrs_shared->leader_latch = NULL;
+	cqrs_shared->leader_pid = 0;
+	cqrs_shared->state = state;
+	SpinLockRelease(&cqrs_shared->mutex);
+	worker_is_leader = false;
+	LockRelease(&tag, ExclusiveLock, true);
+}
+
+/*
+ * Set up the replication origin that marks the projector's transactions.
+ */
+static void
+worker_setup_origin(void)
+{
+	RepOriginId origin;
+
+	if (replorigin_session_origin != InvalidRepOriginId)
+		return;
+	StartTransactionCommand();
+	origin = replorigin_by_name(cqrs_slot_name, true);
+	if (origin == InvalidRepOriginId)
+		origin = replorigin_create(cqrs_slot_name);
+	CQRS_ORIGIN_SESSION_SETUP(origin);
+	replorigin_session_origin = origin;
+	CommitTransactionCommand();
+}
+
+/*
+ * Create the slot, then fold the whole log into the read model so that
+ * commands committed before the slot's start are not lost.
+ */
+static void
+worker_create_slot(void)
+{
+	LogicalDecodingContext *ctx;
+	XLogRecPtr	start;
+	CqrsApplyStats stats;
+	int64		nread;
+
+	ereport(LOG,
+			(errmsg("cqrs projector is creating replication slot \"%s\"",
+					cqrs_slot_name)));
+	pgstat_report_activity(STATE_RUNNING, "creating replication slot");
+
+	CheckLogicalDecodingRequirements();
+	CQRS_SLOT_CREATE(cqrs_slot_name);
+	ctx = CreateInitDecodingContext("cqrs", NIL, false, InvalidXLogRecPtr,
+									XL_ROUTINE(.page_read = read_local_xlog_page,
+											   .segment_open = wal_segment_open,
+											   .segment_close = wal_segment_close),
+									NULL, NULL, NULL);
+	DecodingContextFindStartpoint(ctx);
+	start = MyReplicationSlot->data.confirmed_flush;
+	FreeDecodingContext(ctx);
+	ReplicationSlotPersist();
+	ReplicationSlotRelease();
+
+	/* catch up from the log, in one transaction with the new offset */
+	pgstat_report_activity(STATE_RUNNING, "catching up from the command log");
+	worker_set_state(CQRS_STATE_CATCHING_UP);
+	memset(&stats, 0, sizeof(stats));
+	SetCurrentStatementStartTimestamp();
+	StartTransactionCommand();
+	if (SPI_connect() != SPI_OK_CONNECT)
+		elog(ERROR, "SPI_connect failed");
+	PushActiveSnapshot(GetTransactionSnapshot());
+	nread = cqrs_project_log(&stats);
+	cqrs_save_offset(cqrs_slot_name, start);
+	SPI_finish();
+	PopActiveSnapshot();
+	CommitTransactionCommand();
+	pgstat_report_activity(STATE_IDLE, NULL);
+
+	SpinLockAcquire(&cqrs_shared->mutex);
+	cqrs_shared->applied_total += stats.applied;
+	cqrs_shared->applied_lsn = start;
+	SpinLockRelease(&cqrs_shared->mutex);
+
+	ereport(LOG,
+			(errmsg("cqrs projector created slot \"%s\" at %X/%X and caught up from the command log",
+					cqrs_slot_name, LSN_FORMAT_ARGS(start)),
+			 errdetail("Read " INT64_FORMAT " commands: " INT64_FORMAT " applied, " INT64_FORMAT " already applied, " INT64_FORMAT " parked, " INT64_FORMAT " dead-lettered.",
+					   nread, stats.applied, stats.skipped, stats.parked,
+					   stats.dead)));
+}
+
+/*
+ * Make sure our slot exists and is ours; create it when missing.
+ */
+static void
+worker_ensure_slot(void)
+{
+	ReplicationSlot *slot;
+	bool		ours = false;
+	bool		found;
+
+	LWLockAcquire(ReplicationSlotControlLock, LW_SHARED);
+	slot = SearchNamedReplicationSlot(cqrs_slot_name, false);
+	found = (slot != NULL);
+	if (found)
+		ours = (slot->data.database == MyDatabaseId &&
+				strcmp(NameStr(slot->data.plugin), "cqrs") == 0);
+	LWLockRelease(ReplicationSlotControlLock);
+
+	if (!found)
+		worker_create_slot();
+	else if (!ours)
+		ereport(ERROR,
+				(errcode(ERRCODE_DUPLICATE_OBJECT),
+				 errmsg("replication slot \"%s\" exists but is not a cqrs slot of this database",
+						cqrs_slot_name),
+				 errhint("Drop it, or set cqrs.slot_name to another name.")));
+}
+
+/*
+ * Milliseconds to wait before retry number attempt: exponential from
+ * cqrs.backoff_base, capped at cqrs.backoff_max, with up to 25% jitter.
+ */
+static long
+worker_backoff(int attempt)
+{
+	double		delay = cqrs_backoff_base;
+
+	for (int i = 0; i < attempt && delay < cqrs_backoff_max; i++)
+		delay *= 2;
+	delay = Min(delay, cqrs_backoff_max);
+	delay -= delay * 0.25 * pg_prng_double(&pg_global_prng_state);
+	return (long) Max(delay, 1);
+}
+
+/*
+ * Record the lag of each applied command in the histogram.
+ */
+static void
+worker_record_lag(CqrsRecord *records, int n, TimestampTz now)
+{
+	uint64		counts[CQRS_LAG_BUCKETS + 1] = {0};
+	double		last = 0;
+
+	for (int i = 0; i < n; i++)
+	{
+		double		ms = (double) (now - records[i].commit_time) / 1000.0;
+		int			b = 0;
+
+		while (b < CQRS_LAG_BUCKETS && ms > cqrs_lag_bucket_ms[b])
+			b++;
+		counts[b]++;
+		last = ms;
+	}
+	SpinLockAcquire(&cqrs_shared->mutex);
+	for (int b = 0; b <= CQRS_LAG_BUCKETS; b++)
+		cqrs_shared->lag_histogram[b] += counts[b];
+	cqrs_shared->last_lag_ms = last;
+	SpinLockRelease(&cqrs_shared->mutex);
+}
+
+/*
+ * Apply the queued commands in one transaction, retrying with backoff
+ * until it commits.  Returns false when projection was switched off or the
+ * extension dropped meanwhile; the batch is then not applied.
+ */
+static bool
+worker_apply(CqrsQueue *queue, XLogRecPtr skip_upto, CqrsApplyStats *stats)
+{
+	volatile int attempt = 0;
+	volatile long delay = 0;
+	CqrsRecord *records = queue->records;
+	int			n = 0;
+
+	/* drop what an earlier run applied already */
+	for (int i = 0; i < queue->nrecords; i++)
+	{
+		if (queue->records[i].commit_lsn > skip_upto)
+			records[n++] = queue->records[i];
+	}
+
+	for (;;)
+	{
+		volatile bool done = false;
+
+		memset(stats, 0, sizeof(CqrsApplyStats));
+		PG_TRY();
+		{
+			SetCurrentStatementStartTimestamp();
+			StartTransactionCommand();
+			if (SPI_connect() != SPI_OK_CONNECT)
+				elog(ERROR, "SPI_connect failed");
+			PushActiveSnapshot(GetTransactionSnapshot());
+			pgstat_report_activity(STATE_RUNNING, "applying a batch");
+
+			cqrs_project(records, n, stats);
+			if (stats->dead > CQRS_MAX_POISON_PER_BATCH &&
+				stats->dead == stats->applied)
+				ereport(ERROR,
+						(errcode(ERRCODE_OBJECT_NOT_IN_PREREQUISITE_STATE),
+						 errmsg("every command of the batch failed on its own"),
+						 errdetail("This points at the read model or its triggers, not at the commands; nothing was dead-lettered.")));
+			cqrs_save_offset(cqrs_slot_name, queue->last_commit_lsn);
+
+			replorigin_session_origin_lsn = queue->last_commit_lsn;
+			replorigin_session_origin_timestamp = queue->last_commit_time;
+			SPI_finish();
+			PopActiveSnapshot();
+			CommitTransactionCommand();
+			pgstat_report_activity(STATE_IDLE, NULL);
+			done = true;
+		}
+		PG_CATCH();
+		{
+			ErrorData  *edata;
+
+			MemoryContextSwitchTo(worker_context);
+			edata = CopyErrorData();
+			FlushErrorState();
+			AbortCurrentTransaction();
+			replorigin_session_origin_lsn = InvalidXLogRecPtr;
+
+			delay = worker_backoff(attempt);
+			ereport(WARNING,
+					(errcode(edata->sqlerrcode),
+					 errmsg("cqrs projector could not apply a batch of %d commands: %s",
+							n, edata->message),
+					 edata->context ? errcontext("%s", edata->context) : 0,
+					 errhint("It is retried in %ld ms.", (long) delay)));
+			cqrs_set_error(edata->message);
+			worker_set_state(CQRS_STATE_ERROR);
+			FreeErrorData(edata);
+		}
+		PG_END_TRY();
+
+		if (done)
+			break;
+
+		worker_wait(delay);
+		attempt++;
+		if (!cqrs_enabled || !worker_extension_exists())
+			return false;
+	}
+
+	if (attempt > 0)
+		worker_set_state(CQRS_STATE_RUNNING);
+	replorigin_session_origin_lsn = InvalidXLogRecPtr;
+	worker_record_lag(records, n, GetCurrentTimestamp());
+	return true;
+}
+
+/*
+ * Lead: stream from the slot and apply until projection is switched off
+ * or the extension dropped.
+ */
+static void
+worker_stream(void)
+{
+	LogicalDecodingContext *ctx;
+	CqrsQueue  *queue;
+	XLogRecPtr	skip_upto;
+	MemoryContext old;
+	int			target = cqrs_batch_size_min;
+
+	worker_ensure_slot();
+
+	/* where the read model stands */
+	SetCurrentStatementStartTimestamp();
+	StartTransactionCommand();
+	if (SPI_connect() != SPI_OK_CONNECT)
+		elog(ERROR, "SPI_connect failed");
+	PushActiveSnapshot(GetTransactionSnapshot());
+	skip_upto = cqrs_load_offset(cqrs_slot_name);
+	SPI_finish();
+	PopActiveSnapshot();
+	CommitTransactionCommand();
+
+	old = MemoryContextSwitchTo(worker_context);
+	if (lead_queue == NULL)
+	{
+		lead_queue = palloc0(sizeof(CqrsQueue));
+		lead_queue->context = AllocSetContextCreate(worker_context,
+													"cqrs queue",
+													ALLOCSET_DEFAULT_SIZES);
+	}
+	queue = lead_queue;
+	cqrs_queue_reset(queue);
+	cqrs_decoding_queue = queue;
+
+	CQRS_SLOT_ACQUIRE(cqrs_slot_name);
+	ctx = CreateDecodingContext(InvalidXLogRecPtr, NIL, false,
+								XL_ROUTINE(.page_read = read_local_xlog_page,
+										   .segment_open = wal_segment_open,
+										   .segment_close = wal_segment_close),
+								NULL, NULL, NULL);
+	lead_ctx = ctx;
+	MemoryContextSwitchTo(old);
+	XLogBeginRead(ctx->reader, MyReplicationSlot->data.restart_lsn);
+
+	SpinLockAcquire(&cqrs_shared->mutex);
+	cqrs_shared->applied_lsn = Max(skip_upto,
+								   MyReplicationSlot->data.confirmed_flush);
+	SpinLockRelease(&cqrs_shared->mutex);
+
+	ereport(LOG,
+			(errmsg("cqrs projector streaming from slot \"%s\" at %X/%X",
+					cqrs_slot_name,
+					LSN_FORMAT_ARGS(MyReplicationSlot->data.confirmed_flush))));
+
+	for (;;)
+	{
+		XLogRecPtr	end_of_wal;
+		XLogRecPtr	insert;
+		bool		caught_up;
+		TimestampTz started;
+
+		CHECK_FOR_INTERRUPTS();
+		if (!cqrs_enabled)
+			break;
+
+		/* commits made with synchronous_commit = off: flush them for us */
+		insert = GetXLogInsertRecPtr();
+		if (GetFlushRecPtr(NULL) < insert)
+			XLogFlush(insert);
+		end_of_wal = GetFlushRecPtr(NULL);
+
+		started = GetCurrentTimestamp();
+		if (ctx->reader->EndRecPtr < end_of_wal)
+		{
+			pgstat_report_activity(STATE_RUNNING, "decoding");
+			StartTransactionCommand();
+
+			/*
+			 * The WAL reader allocates its decode buffer on first use, in
+			 * the current context: that must outlive this transaction.
+			 */
+			old = MemoryContextSwitchTo(worker_context);
+			while (ctx->reader->EndRecPtr < end_of_wal &&
+				   queue->nrecords < target)
+			{
+				XLogRecord *record;
+				char	   *errm = NULL;
+
+				record = XLogReadRecord(ctx->reader, &errm);
+				if (errm)
+					elog(ERROR, "could not read WAL for cqrs projection: %s",
+						 errm);
+				if (record != NULL)
+					LogicalDecodingProcessRecord(ctx, ctx->reader);
+				CHECK_FOR_INTERRUPTS();
+			}
+			MemoryContextSwitchTo(old);
+			CommitTransactionCommand();
+		}
+		caught_up = (ctx->reader->EndRecPtr >= end_of_wal);
+
+		/* decoding saw catalog changes: drop what we cached before */
+		if (queue->catalog_changed)
+		{
+			InvalidateSystemCaches();
+			queue->catalog_changed = false;
+		}
+
+		if (queue->nrecords > 0)
+		{
+			CqrsApplyStats stats;
+			XLogRecPtr	position = queue->last_commit_lsn;
+			int			nrecords = queue->nrecords;
+			double		ms;
+
+			if (!worker_apply(queue, skip_upto, &stats))
+				break;
+			LogicalConfirmReceivedLocation(position);
+			skip_upto = Max(skip_upto, position);
+			ms = (double) (GetCurrentTimestamp() - started) / 1000.0;
+
+			/* adapt: grow while behind and fast, shrink when slow */
+			if (!caught_up && ms < 200)
+				target = Min(target * 2, cqrs_batch_size_max);
+			else if (ms > 1000)
+				target = Max(target / 2, cqrs_batch_size_min);
+			target = Max(Min(target, cqrs_batch_size_max), cqrs_batch_size_min);
+
+			SpinLockAcquire(&cqrs_shared->mutex);
+			cqrs_shared->applied_lsn = position;
+			cqrs_shared->applied_total += stats.applied;
+			cqrs_shared->batches_total++;
+			cqrs_shared->last_batch_size = nrecords;
+			cqrs_shared->last_batch_ms = ms;
+			cqrs_shared->batch_size = target;
+			cqrs_shared->last_applied_at = GetCurrentTimestamp();
+			cqrs_shared->state = caught_up ? CQRS_STATE_RUNNING :
+				CQRS_STATE_CATCHING_UP;
+			SpinLockRelease(&cqrs_shared->mutex);
+
+			cqrs_queue_reset(queue);
+			continue;
+		}
+
+		if (!caught_up)
+			continue;
+
+		/* nothing pending: everything before EndRecPtr is projected */
+		if (ctx->reader->EndRecPtr > MyReplicationSlot->data.confirmed_flush)
+			LogicalConfirmReceivedLocation(ctx->reader->EndRecPtr);
+		SpinLockAcquire(&cqrs_shared->mutex);
+		cqrs_shared->applied_lsn = Max(cqrs_shared->applied_lsn,
+									   ctx->reader->EndRecPtr);
+		cqrs_shared->state = CQRS_STATE_RUNNING;
+		SpinLockRelease(&cqrs_shared->mutex);
+
+		pgstat_report_activity(STATE_IDLE, NULL);
+		worker_wait(cqrs_poll_interval);
+	}
+
+	lead_ctx = NULL;
+	FreeDecodingContext(ctx);
+	ReplicationSlotRelease();
+	cqrs_decoding_queue = NULL;
+	cqrs_queue_reset(queue);
+}
+
+/*
+ * Servers that restrict which libraries may serve as output plugins
+ * (output_plugin_libraries) restrict what replication users may name; the
+ * projector uses its own library, so it trusts it in this process only.
+ */
+static void
+worker_trust_own_plugin(void)
+{
+	const char *libs = GetConfigOption("output_plugin_libraries", true, false);
+
+	if (libs == NULL || strstr(libs, "cqrs") != NULL)
+		return;
+	SetConfigOption("output_plugin_libraries",
+					libs[0] ? psprintf("%s, cqrs", libs) : "cqrs",
+					PGC_SUSET, PGC_S_OVERRIDE);
+}
+
+/*
+ * Lead until projection is switched off or the extension dropped; on an
+ * error, report it, let go of the slot and leadership, and back off, so
+ * that a broken setup never turns into a restart loop.
+ */
+static void
+worker_lead(int *failures)
+{
+	volatile bool failed = false;
+
+	PG_TRY();
+	{
+		worker_setup_origin();
+		worker_stream();
+	}
+	PG_CATCH();
+	{
+		ErrorData  *edata;
+
+		HOLD_INTERRUPTS();
+		MemoryContextSwitchTo(worker_context);
+		edata = CopyErrorData();
+		EmitErrorReport();
+		FlushErrorState();
+		AbortOutOfAnyTransaction();
+		if (lead_ctx != NULL)
+		{
+			FreeDecodingContext(lead_ctx);
+			lead_ctx = NULL;
+		}
+		if (MyReplicationSlot != NULL)
+			ReplicationSlotRelease();
+		cqrs_decoding_queue = NULL;
+		if (lead_queue != NULL)
+			cqrs_queue_reset(lead_queue);
+		cqrs_set_error(edata->message);
+		FreeErrorData(edata);
+		RESUME_INTERRUPTS();
+		failed = true;
+	}
+	PG_END_TRY();
+
+	if (!failed)
+	{
+		*failures = 0;
+		worker_step_down(cqrs_enabled ? CQRS_STATE_IDLE : CQRS_STATE_DISABLED);
+		return;
+	}
+	worker_step_down(CQRS_STATE_ERROR);
+	worker_wait(worker_backoff((*failures)++));
+}
+
+/*
+ * Entry point of a cqrs projector process.
+ */
+void
+cqrs_worker_main(Datum main_arg)
+{
+	int			failures = 0;
+
+	pqsignal(SIGHUP, SignalHandlerForConfigReload);
+	pqsignal(SIGTERM, die);
+	BackgroundWorkerUnblockSignals();
+
+	BackgroundWorkerInitializeConnection(cqrs_database, NULL, 0);
+	pgstat_report_appname("cqrs projector");
+
+	worker_context = AllocSetContextCreate(TopMemoryContext,
+										   "cqrs projector",
+										   ALLOCSET_DEFAULT_SIZES);
+
+	/* a batch counts as applied only once it is on disk */
+	SetConfigOption("synchronous_commit", "local", PGC_SUSET, PGC_S_OVERRIDE);
+	worker_trust_own_plugin();
+
+	SpinLockAcquire(&cqrs_shared->mutex);
+	cqrs_shared->workers_alive++;
+	SpinLockRelease(&cqrs_shared->mutex);
+	on_shmem_exit(worker_exit, (Datum) 0);
+
+	for (;;)
+	{
+		CHECK_FOR_INTERRUPTS();
+
+		if (!cqrs_enabled)
+		{
+			if (!worker_is_leader)
+			{
+				SpinLockAcquire(&cqrs_shared->mutex);
+				if (cqrs_shared->leader_pid == 0)
+					cqrs_shared->state = CQRS_STATE_DISABLED;
+				SpinLockRelease(&cqrs_shared->mutex);
+			}
+			worker_wait(cqrs_poll_interval);
+			continue;
+		}
+
+		if (!worker_extension_exists())
+		{
+			worker_wait(cqrs_poll_interval);
+			continue;
+		}
+
+		if (!worker_try_lead())
+		{
+			worker_wait(CQRS_FOLLOWER_NAPTIME);
+			continue;
+		}
+
+		worker_lead(&failures);
+	}
+}
