@@ -23,7 +23,7 @@ PG_CFLAGS = -Wall -Wextra -Wno-unused-parameter $(CQRS_CFLAGS)
 REGRESS = setup uuidv7 submit ship_cancel validation append_only privileges \
 	search_path decoder
 REGRESS_OPTS = --temp-config=$(srcdir)/test/cqrs.conf \
-	--temp-instance=./tmp_check --port=54391
+	--temp-instance=./tmp_check_regress --port=54391
 
 # Isolation specs: every concurrency claim of the command path.
 ISOLATION = duplicate_command_id sequence_assignment create_race
@@ -31,8 +31,12 @@ ISOLATION_OPTS = --inputdir=$(srcdir)/test/isolation \
 	--temp-config=$(srcdir)/test/cqrs.conf \
 	--temp-instance=./tmp_check_iso --port=54392
 
-EXTRA_CLEAN = tmp_check tmp_check_iso results regression.diffs regression.out \
-	output_iso
+# TAP: the projector, its crashes, restarts and leader changes.
+TAP_TESTS = 1
+PROVE_TESTS = test/t/*.pl
+
+EXTRA_CLEAN = tmp_check tmp_check_regress tmp_check_iso results \
+	regression.diffs regression.out output_iso
 
 PG_CONFIG ?= pg_config
 PGXS := $(shell $(PG_CONFIG) --pgxs)

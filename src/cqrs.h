@@ -121,6 +121,7 @@ typedef struct CqrsApplyStats
 	int64		parked;			/* newly parked */
 	int64		unparked;
 	int64		dead;			/* newly dead-lettered */
+	int64		poisoned;		/* failed on their own (a subset of dead) */
 } CqrsApplyStats;
 
 extern void cqrs_project(CqrsRecord *records, int nrecords,

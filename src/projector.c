@@ -788,6 +788,7 @@ projector_poison(CqrsRecord *rec, const char *message, CqrsApplyStats *stats)
 	projector_write(&fr, 0);
 	stats->dead += fr.stats.dead;
 	stats->applied++;
+	stats->poisoned++;
 
 	if (rec->aggregate_id != NULL)
 	{
@@ -859,6 +860,7 @@ projector_range(CqrsRecord *records, int lo, int hi, CqrsApplyStats *stats)
 	stats->parked += local.parked;
 	stats->unparked += local.unparked;
 	stats->dead += local.dead;
+	stats->poisoned += local.poisoned;
 }
 
 /*

@@ -39,6 +39,7 @@
 
 #include "access/xact.h"
 #include "access/xlog.h"
+#include "access/xlog_internal.h"
 #include "access/xlogutils.h"
 #include "commands/extension.h"
 #include "common/pg_prng.h"
@@ -377,12 +378,12 @@ worker_apply(CqrsQueue *queue, XLogRecPtr skip_upto, CqrsApplyStats *stats)
 			pgstat_report_activity(STATE_RUNNING, "applying a batch");
 
 			cqrs_project(records, n, stats);
-			if (stats->dead > CQRS_MAX_POISON_PER_BATCH &&
-				stats->dead == stats->applied)
+			if (stats->poisoned > CQRS_MAX_POISON_PER_BATCH)
 				ereport(ERROR,
 						(errcode(ERRCODE_OBJECT_NOT_IN_PREREQUISITE_STATE),
-						 errmsg("every command of the batch failed on its own"),
-						 errdetail("This points at the read model or its triggers, not at the commands; nothing was dead-lettered.")));
+						 errmsg("%lld commands of one batch failed on their own",
+								(long long) stats->poisoned),
+						 errdetail("So many points at the read model or its triggers, not at the commands; nothing was dead-lettered.")));
 			cqrs_save_offset(cqrs_slot_name, queue->last_commit_lsn);
 
 			replorigin_session_origin_lsn = queue->last_commit_lsn;
@@ -430,6 +431,23 @@ worker_apply(CqrsQueue *queue, XLogRecPtr skip_upto, CqrsApplyStats *stats)
 	replorigin_session_origin_lsn = InvalidXLogRecPtr;
 	worker_record_lag(records, n, GetCurrentTimestamp());
 	return true;
+}
+
+/*
+ * The end of the WAL inserted so far, as a position XLogFlush() accepts.
+ * GetXLogInsertRecPtr() names where the next record will start, which at
+ * a page boundary is past the page header not written yet.
+ */
+static XLogRecPtr
+worker_insert_end(void)
+{
+	XLogRecPtr	insert = GetXLogInsertRecPtr();
+
+	if (XLogSegmentOffset(insert, wal_segment_size) == SizeOfXLogLongPHD)
+		insert -= SizeOfXLogLongPHD;
+	else if (insert % XLOG_BLCKSZ == SizeOfXLogShortPHD)
+		insert -= SizeOfXLogShortPHD;
+	return insert;
 }
 
 /*
@@ -493,7 +511,7 @@ worker_stream(void)
 	for (;;)
 	{
 		XLogRecPtr	end_of_wal;
-		XLogRecPtr	insert;
+		XLogRecPtr	insert_end;
 		bool		caught_up;
 		TimestampTz started;
 
@@ -501,10 +519,14 @@ worker_stream(void)
 		if (!cqrs_enabled)
 			break;
 
-		/* commits made with synchronous_commit = off: flush them for us */
-		insert = GetXLogInsertRecPtr();
-		if (GetFlushRecPtr(NULL) < insert)
-			XLogFlush(insert);
+		/*
+		 * Flush what is inserted, so that commands committed with
+		 * synchronous_commit = off are projected at once and no record we
+		 * read ends past the flushed WAL (the reader would wait for it).
+		 */
+		insert_end = worker_insert_end();
+		if (GetFlushRecPtr(NULL) < insert_end)
+			XLogFlush(insert_end);
 		end_of_wal = GetFlushRecPtr(NULL);
 
 		started = GetCurrentTimestamp();

@@ -1,0 +1,87 @@
+# The projector keeps cqrs.read_model equal to the fold of the command log
+# under a random mix of creates, ships and cancels from several clients,
+# invalid transitions included, while a column is added to the read model;
+# cqrs.enabled = off stops projection without losing the position.
+use strict;
+use warnings;
+use FindBin;
+use lib $FindBin::RealBin;
+use CqrsTest;
+use PostgreSQL::Test::Utils;
+use Test::More;
+
+my $node = cqrs_node('projection');
+
+$node->safe_psql('postgres', q{
+CREATE FUNCTION random_command(o int, k int) RETURNS void
+LANGUAGE plpgsql AS $$
+BEGIN
+	IF k <= 4 THEN
+		PERFORM cqrs.submit_order('o' || o, 'u' || (o % 17), (o % 997 + 1) * 1.25);
+	ELSIF k <= 7 THEN
+		PERFORM cqrs.ship_order('o' || o);
+	ELSE
+		PERFORM cqrs.cancel_order('o' || o, 'reason ' || k);
+	END IF;
+EXCEPTION WHEN unique_violation OR foreign_key_violation THEN
+	NULL;	-- order exists already / does not exist yet
+END
+$$;
+});
+
+my $script = q{
+\set o random(1, 3000)
+\set k random(1, 10)
+SELECT random_command(:o, :k);
+};
+
+# Load from 4 clients; halfway, a column is added to the read model.
+my $load = start_load($node, $script, 4, 6);
+sleep 3;
+$node->safe_psql('postgres',
+	'ALTER TABLE cqrs.read_model ADD COLUMN note text DEFAULT NULL');
+my $out = finish_load($load);
+like($out, qr/number of failed transactions: 0/, 'the load ran without errors')
+  or diag($out);
+
+wait_projected($node);
+my $exp = compare_model($node, 'random mix');
+cmp_ok(scalar(keys %{ $exp->{orders} }), '>', 1000, 'the mix created many orders');
+cmp_ok($exp->{dead}, '>', 50, 'the mix included invalid transitions');
+is($node->safe_psql('postgres', q{SELECT count(*) FROM cqrs.dead_letter
+	WHERE reason LIKE 'invalid transition:%'}),
+	$exp->{dead}, 'dead letters name the invalid transition');
+is($node->safe_psql('postgres', 'SELECT last_error IS NULL FROM cqrs.status'),
+	't', 'no error while the column was added');
+cmp_ok($node->safe_psql('postgres', 'SELECT applied_total FROM cqrs.status'),
+	'>', 0, 'status counts applied commands');
+
+# The position is in cqrs.offset_tracking, and the slot is confirmed.
+is($node->safe_psql('postgres', q{
+	SELECT o.last_lsn <= s.confirmed_flush_lsn
+	  FROM cqrs.offset_tracking o JOIN pg_replication_slots s USING (slot_name)}),
+	't', 'offset recorded and slot confirmed up to it');
+
+# cqrs.enabled = off: nothing is applied, the position is kept.
+$node->append_conf('postgresql.conf', 'cqrs.enabled = off');
+$node->reload;
+$node->poll_query_until('postgres', "SELECT state = 'disabled' FROM cqrs.status")
+  or die 'projection did not stop';
+$node->safe_psql('postgres', q{SELECT cqrs.submit_order('off-1', 'u', 1)});
+sleep 1;
+is($node->safe_psql('postgres',
+	q{SELECT count(*) FROM cqrs.read_model WHERE order_id = 'off-1'}),
+	'0', 'with cqrs.enabled off the command is not projected');
+is($node->safe_psql('postgres',
+	q{SELECT count(*) FROM pg_replication_slots WHERE slot_name = 'cqrs' AND NOT active}),
+	'1', 'the slot is kept, inactive');
+
+$node->append_conf('postgresql.conf', 'cqrs.enabled = on');
+$node->reload;
+$node->poll_query_until('postgres',
+	q{SELECT count(*) = 1 FROM cqrs.read_model WHERE order_id = 'off-1'})
+  or die 'projection did not resume';
+compare_model($node, 'after re-enabling');
+
+$node->stop;
+done_testing();
