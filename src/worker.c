@@ -741,7 +741,8 @@ cqrs_worker_main(Datum main_arg)
 
 		if (!worker_extension_exists())
 		{
-			worker_wait(cqrs_poll_interval);
+			/* CREATE EXTENSION wakes nobody: look again soon */
+			worker_wait(Min(cqrs_poll_interval, 1000));
 			continue;
 		}
 

@@ -1,0 +1,80 @@
+# Per-order sequence order whatever the arrival order (parking), and poison
+# commands: malformed ones written behind the functions' back and ones the
+# read model rejects are dead-lettered with their reason while everything
+# else is still applied.
+use strict;
+use warnings;
+use FindBin;
+use lib $FindBin::RealBin;
+use CqrsTest;
+use PostgreSQL::Test::Utils;
+use Test::More;
+
+my $node = cqrs_node('order');
+sub sql { $node->safe_psql('postgres', $_[0]) }
+
+# Sequence 3, then 2, before the create.
+sql(q{SELECT cqrs.cancel_order('x1', 'late', NULL, 3)});
+sql(q{SELECT cqrs.ship_order('x1', NULL, 2)});
+$node->poll_query_until('postgres',
+	q{SELECT count(*) = 2 FROM cqrs.parked WHERE aggregate_id = 'x1'})
+  or die 'commands were not parked';
+is(sql(q{SELECT string_agg(sequence_id || ':' || waiting_for, ',' ORDER BY sequence_id)
+	FROM cqrs.parked WHERE aggregate_id = 'x1'}),
+	'2:1,3:1', 'sequences 2 and 3 wait for sequence 1');
+is(sql(q{SELECT count(*) FROM cqrs.read_model WHERE order_id = 'x1'}), '0',
+	'nothing is applied out of order');
+is(sql(q{SELECT parked FROM cqrs.status}), '2', 'status shows the parked commands');
+
+sql(q{SELECT cqrs.submit_order('x1', 'u1', 5, NULL, 1)});
+wait_projected($node);
+is(sql(q{SELECT status || ':' || version FROM cqrs.read_model WHERE order_id = 'x1'}),
+	'shipped:3', 'the gap filled: create, ship, then the cancel in order');
+is(sql(q{SELECT sequence_id || ':' || reason FROM cqrs.dead_letter WHERE aggregate_id = 'x1'}),
+	'3:invalid transition: CANCEL_ORDER on a shipped order',
+	'the cancel after the ship is an invalid transition');
+is(sql(q{SELECT count(*) FROM cqrs.parked}), '0', 'nothing left parked');
+
+# Commands written behind the functions by a superuser.
+sql(q{INSERT INTO cqrs.command_log (command_id, command_type, aggregate_id, sequence_id, payload)
+	VALUES (gen_random_uuid(), 'CREATE_ORDER', 'm1', 1, '{"user_id": 5}'),
+	       (gen_random_uuid(), 'REFUND_ORDER', 'x1', 4, '{}')});
+sql(q{SELECT cqrs.submit_order('after-1', 'u', 1)});
+sql(q{SELECT cqrs.ship_order('after-1')});
+wait_projected($node);
+is(sql(q{SELECT reason FROM cqrs.dead_letter WHERE aggregate_id = 'm1'}),
+	'malformed CREATE_ORDER payload: it needs a string "user_id" and a numeric "amount"',
+	'a malformed create is dead-lettered with its reason');
+is(sql(q{SELECT reason FROM cqrs.dead_letter WHERE aggregate_id = 'x1' AND sequence_id = 4}),
+	'unknown command type "REFUND_ORDER"', 'an unknown command type is dead-lettered');
+is(sql(q{SELECT status || ':' || version FROM cqrs.read_model WHERE order_id = 'after-1'}),
+	'shipped:2', 'later commands are still applied');
+is(sql(q{SELECT version FROM cqrs.read_model WHERE order_id = 'x1'}), '4',
+	'the dead-lettered command still advanced its order');
+compare_model($node, 'after malformed commands');
+
+# A command the read model rejects, in one transaction (so one batch) with
+# good ones: the batch is split until the poison command is alone.
+sql(q{ALTER TABLE cqrs.read_model ADD CONSTRAINT regress_small CHECK (total_amount < 1000000)});
+sql(q{BEGIN;
+	SELECT cqrs.submit_order('good-1', 'u', 10);
+	SELECT cqrs.submit_order('big-1', 'u', 2000000);
+	SELECT cqrs.submit_order('good-2', 'u', 20);
+	SELECT cqrs.ship_order('good-1');
+	COMMIT});
+wait_projected($node);
+like(sql(q{SELECT reason FROM cqrs.dead_letter WHERE aggregate_id = 'big-1'}),
+	qr/violates check constraint "regress_small"/,
+	'the rejected command is dead-lettered with the error text');
+is(sql(q{SELECT string_agg(order_id || ':' || status, ',' ORDER BY order_id)
+	FROM cqrs.read_model WHERE order_id IN ('good-1', 'good-2', 'big-1')}),
+	'good-1:shipped,good-2:created', 'the rest of its batch is applied');
+is(sql(q{SELECT string_agg(order_id || ' ' || problem, ',') FROM cqrs.verify()}),
+	'big-1 missing from the read model',
+	'verify() reports the order the read model refused');
+like($node->log_content, qr/CONTEXT:  cqrs projector applying CREATE_ORDER command .* order "big-1"/,
+	'the error context names the command');
+is(sql(q{SELECT state FROM cqrs.status}), 'running', 'the projector keeps running');
+
+$node->stop;
+done_testing();

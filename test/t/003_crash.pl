@@ -1,0 +1,85 @@
+# Exactly once across crashes: immediate shutdowns in the middle of a load,
+# several rounds, then kill -9 of the leading projector.  Afterwards the
+# read model equals the fold of the log, and no order version was ever
+# written twice (an audit trigger on the read model records every write).
+use strict;
+use warnings;
+use FindBin;
+use lib $FindBin::RealBin;
+use CqrsTest;
+use PostgreSQL::Test::Utils;
+use Test::More;
+
+my $node = cqrs_node('crash', conf => 'restart_after_crash = on');
+
+$node->safe_psql('postgres', q{
+CREATE TABLE audit (order_id text, version bigint);
+CREATE FUNCTION audit_write() RETURNS trigger LANGUAGE plpgsql AS $$
+BEGIN
+	INSERT INTO audit VALUES (NEW.order_id, NEW.version);
+	RETURN NULL;
+END $$;
+CREATE TRIGGER audit AFTER INSERT OR UPDATE ON cqrs.read_model
+	FOR EACH ROW EXECUTE FUNCTION audit_write();
+CREATE FUNCTION random_command(o int, k int) RETURNS void
+LANGUAGE plpgsql AS $$
+BEGIN
+	IF k = 1 THEN
+		PERFORM cqrs.submit_order('o' || o, 'u' || (o % 31), o % 500 + 1);
+	ELSIF k = 2 THEN
+		PERFORM cqrs.ship_order('o' || o);
+	ELSE
+		PERFORM cqrs.cancel_order('o' || o);
+	END IF;
+EXCEPTION WHEN unique_violation OR foreign_key_violation THEN
+	NULL;
+END $$;
+});
+
+my $script = q{
+\set o random(1, 20000)
+\set k random(1, 3)
+SELECT random_command(:o, :k);
+};
+
+for my $round (1 .. 3)
+{
+	my $load = start_load($node, $script, 4, 30);
+	sleep(2 + $round);
+	$node->stop('immediate');
+	finish_load($load);
+	$node->start;
+	$node->poll_query_until('postgres',
+		"SELECT state IN ('running', 'catching_up') FROM cqrs.status")
+	  or die "the projector did not come back after round $round";
+	note "round $round: "
+	  . $node->safe_psql('postgres', 'SELECT count(*) FROM cqrs.command_log')
+	  . " commands in the log";
+}
+
+# kill -9 of the leader under load: the postmaster restarts everything.
+my $load = start_load($node, $script, 4, 30);
+sleep 2;
+my $leader = $node->safe_psql('postgres', 'SELECT leader_pid FROM cqrs.status');
+ok($leader =~ /^\d+$/, "there is a leader ($leader)");
+kill 'KILL', $leader;
+finish_load($load);
+$node->poll_query_until('postgres',
+	"SELECT state IN ('running', 'catching_up') AND leader_pid <> $leader FROM cqrs.status")
+  or die 'the projector did not come back after kill -9';
+# a last short load on the recovered server
+finish_load(start_load($node, $script, 2, 2));
+
+wait_projected($node);
+my $exp = compare_model($node, 'after 3 immediate stops and a kill -9');
+cmp_ok(scalar(keys %{ $exp->{orders} }), '>', 1000, 'the loads created many orders');
+is($node->safe_psql('postgres',
+	'SELECT count(*) FROM (SELECT FROM audit GROUP BY order_id, version HAVING count(*) > 1) d'),
+	'0', 'no order version was written twice');
+is($node->safe_psql('postgres', q{
+	SELECT count(*) FROM cqrs.read_model r
+	 WHERE NOT EXISTS (SELECT FROM audit a WHERE a.order_id = r.order_id AND a.version = r.version)}),
+	'0', 'every row of the read model went through the audit');
+
+$node->stop;
+done_testing();

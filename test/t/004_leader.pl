@@ -1,0 +1,71 @@
+# cqrs.workers = 2: one leads, the other stands by and takes over within a
+# second when the leader is terminated; projection goes on.  A streaming
+# standby runs no projector.
+use strict;
+use warnings;
+use FindBin;
+use lib $FindBin::RealBin;
+use CqrsTest;
+use PostgreSQL::Test::Utils;
+use Test::More;
+use Time::Local;
+
+my $node = cqrs_node('leader', conf => 'cqrs.workers = 2');
+sub sql { $node->safe_psql('postgres', $_[0]) }
+
+is(sql(q{SELECT count(*) FROM pg_stat_activity WHERE backend_type = 'cqrs projector'}),
+	'2', 'two projector processes run');
+sql(q{SELECT cqrs.submit_order('l-' || i, 'u', i) FROM generate_series(1, 100) i});
+wait_projected($node);
+
+my $leader = sql('SELECT leader_pid FROM cqrs.status');
+my $offset = -s $node->logfile;
+sql("SELECT pg_terminate_backend($leader)");
+$node->poll_query_until('postgres',
+	"SELECT leader_pid IS NOT NULL AND leader_pid <> $leader FROM cqrs.status")
+  or die 'no follower took over';
+my $new = sql('SELECT leader_pid FROM cqrs.status');
+
+# Measure in the server log: from the leader's exit to the new leader.
+my $log = slurp_file($node->logfile, $offset);
+sub stamp
+{
+	my ($re) = @_;
+	$log =~ /^(\d+)-(\d+)-(\d+) (\d+):(\d+):(\d+\.\d+) UTC \[\d+\] .*$re/m
+	  or return undef;
+	return timegm(0, $5, $4, $3, $2 - 1, $1) + $6;
+}
+my $gone = stamp(qr/terminating background worker "cqrs projector" due to administrator command/);
+my $took = stamp(qr/cqrs projector $new is now the leader/);
+ok(defined $gone && defined $took, 'both events are in the log');
+my $gap = $took - $gone;
+note sprintf('takeover took %.3f s', $gap);
+cmp_ok($gap, '<', 1.0, 'the follower took over within a second');
+
+sql(q{SELECT cqrs.ship_order('l-' || i) FROM generate_series(1, 100) i});
+wait_projected($node);
+compare_model($node, 'after the takeover');
+
+# The terminated worker comes back as the follower.
+$node->poll_query_until('postgres',
+	q{SELECT count(*) = 2 FROM pg_stat_activity WHERE backend_type = 'cqrs projector'})
+  or die 'the terminated worker did not come back';
+
+# A streaming standby: read model replicated, no projector running.
+$node->backup('b');
+my $standby = PostgreSQL::Test::Cluster->new('standby');
+$standby->init_from_backup($node, 'b', has_streaming => 1);
+$standby->start;
+sql(q{SELECT cqrs.cancel_order('l-1')});
+wait_projected($node);
+$node->wait_for_catchup($standby);
+is($standby->safe_psql('postgres',
+	q{SELECT count(*) FROM pg_stat_activity WHERE backend_type = 'cqrs projector'}),
+	'0', 'no projector runs on a standby');
+is($standby->safe_psql('postgres',
+	q{SELECT count(*) FROM cqrs.read_model WHERE status = 'shipped'}),
+	'100', 'the standby serves the replicated read model');
+
+$standby->stop;
+$node->stop;
+done_testing();

@@ -1,0 +1,53 @@
+# Committing a command wakes the projector: with cqrs.poll_interval at an
+# hour, commands still reach the read model at once, with
+# synchronous_commit on and off.  The latencies are printed, not asserted
+# beyond "long before the poll interval": test/bench measures them.
+use strict;
+use warnings;
+use FindBin;
+use lib $FindBin::RealBin;
+use CqrsTest;
+use PostgreSQL::Test::Utils;
+use Test::More;
+
+my $node = cqrs_node('wake', conf => "cqrs.poll_interval = '1h'");
+
+$node->safe_psql('postgres', q{
+CREATE TABLE lag (sc text, ms double precision);
+CREATE PROCEDURE measure(n int, sc text) LANGUAGE plpgsql AS $$
+DECLARE
+	t0 timestamptz;
+	id text;
+BEGIN
+	PERFORM set_config('synchronous_commit', sc, false);
+	FOR i IN 1 .. n LOOP
+		id := 'w-' || sc || '-' || i;
+		PERFORM cqrs.submit_order(id, 'u', 1);
+		COMMIT;
+		t0 := clock_timestamp();
+		WHILE NOT EXISTS (SELECT FROM cqrs.read_model WHERE order_id = id) LOOP
+			IF clock_timestamp() - t0 > interval '10 seconds' THEN
+				RAISE EXCEPTION 'order % not projected after 10 s', id;
+			END IF;
+			PERFORM pg_sleep(0.0002);
+		END LOOP;
+		INSERT INTO lag VALUES (sc, extract(epoch FROM clock_timestamp() - t0) * 1000);
+		COMMIT;
+	END LOOP;
+END $$;
+});
+
+for my $sc ('on', 'off')
+{
+	my ($ret, $out, $err) = $node->psql('postgres', "CALL measure(50, '$sc')");
+	is($ret, 0, "synchronous_commit = $sc: 50 commands projected without waiting for the poll interval")
+	  or diag($err);
+	note "synchronous_commit = $sc: commit-to-read-model ms p50/p99/max = "
+	  . $node->safe_psql('postgres', qq{
+		SELECT round(percentile_cont(0.5) WITHIN GROUP (ORDER BY ms)::numeric, 2) || ' / ' ||
+		       round(percentile_cont(0.99) WITHIN GROUP (ORDER BY ms)::numeric, 2) || ' / ' ||
+		       round(max(ms)::numeric, 2) FROM lag WHERE sc = '$sc'});
+}
+
+$node->stop;
+done_testing();
