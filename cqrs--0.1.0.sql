@@ -222,49 +222,6 @@ RETURNS TABLE (order_id text, problem text)
 LANGUAGE sql STABLE
 SET search_path = pg_catalog, pg_temp
 BEGIN ATOMIC
-	WITH numbered AS (
-		SELECT l.aggregate_id, l.sequence_id, l.command_type, l.payload,
-			   l.sequence_id OPERATOR(pg_catalog.=) pg_catalog.row_number()
-				   OVER (PARTITION BY l.aggregate_id ORDER BY l.sequence_id)
-				   AS in_prefix
-		  FROM cqrs.command_log AS l
-	), prefix AS (
-		SELECT * FROM numbered WHERE in_prefix
-	), created AS (
-		SELECT p.aggregate_id,
-			   p.payload OPERATOR(pg_catalog.->>) 'user_id' AS user_id,
-			   CAST(p.payload OPERATOR(pg_catalog.->>) 'amount' AS pg_catalog.numeric)
-				   AS total_amount
-		  FROM prefix AS p
-		 WHERE p.sequence_id OPERATOR(pg_catalog.=) 1
-		   AND p.command_type OPERATOR(pg_catalog.=) 'CREATE_ORDER'
-		   AND pg_catalog.jsonb_typeof(p.payload OPERATOR(pg_catalog.->) 'user_id')
-			   OPERATOR(pg_catalog.=) 'string'
-		   AND pg_catalog.jsonb_typeof(p.payload OPERATOR(pg_catalog.->) 'amount')
-			   OPERATOR(pg_catalog.=) 'number'
-	), first_transition AS (
-		SELECT DISTINCT ON (p.aggregate_id) p.aggregate_id, p.command_type
-		  FROM prefix AS p
-		 WHERE p.sequence_id OPERATOR(pg_catalog.>) 1
-		   AND p.command_type OPERATOR(pg_catalog.=) ANY
-			   (ARRAY['SHIP_ORDER', 'CANCEL_ORDER']::pg_catalog.text[])
-		 ORDER BY p.aggregate_id, p.sequence_id
-	), versions AS (
-		SELECT p.aggregate_id, pg_catalog.max(p.sequence_id) AS version
-		  FROM prefix AS p GROUP BY p.aggregate_id
-	), expected AS (
-		SELECT c.aggregate_id AS order_id, c.user_id, c.total_amount,
-			   CASE t.command_type
-				   WHEN 'SHIP_ORDER' THEN 'shipped'
-				   WHEN 'CANCEL_ORDER' THEN 'cancelled'
-				   ELSE 'created'
-			   END AS status,
-			   v.version
-		  FROM created AS c
-		  JOIN versions AS v ON v.aggregate_id OPERATOR(pg_catalog.=) c.aggregate_id
-		  LEFT JOIN first_transition AS t
-			ON t.aggregate_id OPERATOR(pg_catalog.=) c.aggregate_id
-	)
 	SELECT COALESCE(e.order_id, r.order_id),
 		   CASE
 			   WHEN r.order_id IS NULL THEN 'missing from the read model'
@@ -279,7 +236,49 @@ BEGIN ATOMIC
 				   CASE WHEN r.total_amount IS DISTINCT FROM e.total_amount THEN
 					   pg_catalog.format('total_amount is %s, the log says %s', r.total_amount, e.total_amount) END)
 		   END
-	  FROM expected AS e
+	  FROM (
+		-- per order: the commands up to the first gap (its applied
+		-- prefix), folded: created by a valid sequence 1, status set by the
+		-- first ship or cancel after it, version the prefix's last sequence
+		SELECT f.aggregate_id AS order_id,
+			   f.user_id,
+			   CAST(f.amount AS pg_catalog.numeric) AS total_amount,
+			   CASE f.first_transition
+				   WHEN 'SHIP_ORDER' THEN 'shipped'
+				   WHEN 'CANCEL_ORDER' THEN 'cancelled'
+				   ELSE 'created'
+			   END AS status,
+			   f.version
+		  FROM (
+			SELECT n.aggregate_id,
+				   pg_catalog.bool_or(n.sequence_id OPERATOR(pg_catalog.=) 1
+					   AND n.command_type OPERATOR(pg_catalog.=) 'CREATE_ORDER'
+					   AND pg_catalog.jsonb_typeof(n.payload OPERATOR(pg_catalog.->) 'user_id')
+						   OPERATOR(pg_catalog.=) 'string'
+					   AND pg_catalog.jsonb_typeof(n.payload OPERATOR(pg_catalog.->) 'amount')
+						   OPERATOR(pg_catalog.=) 'number') AS created,
+				   pg_catalog.max(n.payload OPERATOR(pg_catalog.->>) 'user_id')
+					   FILTER (WHERE n.sequence_id OPERATOR(pg_catalog.=) 1) AS user_id,
+				   pg_catalog.max(n.payload OPERATOR(pg_catalog.->>) 'amount')
+					   FILTER (WHERE n.sequence_id OPERATOR(pg_catalog.=) 1) AS amount,
+				   (pg_catalog.array_agg(n.command_type ORDER BY n.sequence_id)
+					   FILTER (WHERE n.sequence_id OPERATOR(pg_catalog.>) 1
+						   AND n.command_type OPERATOR(pg_catalog.=) ANY
+							   (ARRAY['SHIP_ORDER', 'CANCEL_ORDER']::pg_catalog.text[])))[1]
+					   AS first_transition,
+				   pg_catalog.max(n.sequence_id) AS version
+			  FROM (
+				SELECT l.aggregate_id, l.sequence_id, l.command_type, l.payload,
+					   l.sequence_id OPERATOR(pg_catalog.=) pg_catalog.row_number()
+						   OVER (PARTITION BY l.aggregate_id ORDER BY l.sequence_id)
+						   AS in_prefix
+				  FROM cqrs.command_log AS l
+			  ) AS n
+			 WHERE n.in_prefix
+			 GROUP BY n.aggregate_id
+		  ) AS f
+		 WHERE f.created
+	  ) AS e
 	  FULL JOIN cqrs.read_model AS r ON r.order_id OPERATOR(pg_catalog.=) e.order_id
 	 WHERE r.order_id IS NULL OR e.order_id IS NULL
 		OR r.status IS DISTINCT FROM e.status

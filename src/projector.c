@@ -761,7 +761,7 @@ projector_poison(CqrsRecord *rec, const char *message, CqrsApplyStats *stats)
 	static const char *bump_sql =
 		"UPDATE cqrs.read_model SET version = $2, updated_at = pg_catalog.now()"
 		" WHERE order_id OPERATOR(pg_catalog.=) $1"
-		" AND version OPERATOR(pg_catalog.=) $2 OPERATOR(pg_catalog.-) 1";
+		" AND version OPERATOR(pg_catalog.=) ($2 OPERATOR(pg_catalog.-) 1)";
 	FoldResult	fr;
 	Oid			bump_types[2] = {TEXTOID, INT8OID};
 
