@@ -191,6 +191,13 @@ LANGUAGE C VOLATILE;
 COMMENT ON FUNCTION cqrs.worker_status() IS
 	'Raw state of the cqrs projector; use the cqrs.status view';
 
+CREATE FUNCTION cqrs.lag_histogram(OUT le_ms double precision, OUT commands bigint)
+RETURNS SETOF record
+AS 'MODULE_PATHNAME', 'lag_histogram'
+LANGUAGE C VOLATILE;
+COMMENT ON FUNCTION cqrs.lag_histogram() IS
+	'Commit-to-read-model latency of the commands projected since the server started, per bucket';
+
 CREATE VIEW cqrs.status AS
 SELECT w.state,
 	   w.leader_pid,
@@ -314,5 +321,5 @@ GRANT SELECT ON cqrs.read_model TO cqrs_reader;
 -- Operators see everything and repair through functions; they do not
 -- write the log directly either.
 GRANT SELECT ON ALL TABLES IN SCHEMA cqrs TO cqrs_admin;
-GRANT EXECUTE ON FUNCTION cqrs.uuidv7(), cqrs.worker_status(), cqrs.verify()
-	TO cqrs_admin;
+GRANT EXECUTE ON FUNCTION cqrs.uuidv7(), cqrs.worker_status(), cqrs.verify(),
+	cqrs.lag_histogram() TO cqrs_admin;

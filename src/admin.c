@@ -16,12 +16,15 @@
 #include "miscadmin.h"
 #include "replication/slot.h"
 #include "utils/builtins.h"
+#include "utils/float.h"
 #include "utils/pg_lsn.h"
+#include "utils/tuplestore.h"
 #include "utils/timestamp.h"
 
 #include "cqrs.h"
 
 PG_FUNCTION_INFO_V1(worker_status);
+PG_FUNCTION_INFO_V1(lag_histogram);
 
 static const char *const state_names[] = {
 	[CQRS_STATE_IDLE] = "idle",
@@ -136,4 +139,36 @@ worker_status(PG_FUNCTION_ARGS)
 	}
 
 	PG_RETURN_DATUM(HeapTupleGetDatum(heap_form_tuple(tupdesc, values, nulls)));
+}
+
+/*
+ * cqrs.lag_histogram() RETURNS TABLE(le_ms float8, commands bigint): how
+ * many commands reached the read model within le_ms of their commit, per
+ * bucket (not cumulative; the last bucket, le_ms infinity, is the rest).
+ */
+Datum
+lag_histogram(PG_FUNCTION_ARGS)
+{
+	ReturnSetInfo *rsinfo = (ReturnSetInfo *) fcinfo->resultinfo;
+	uint64		counts[CQRS_LAG_BUCKETS + 1];
+
+	InitMaterializedSRF(fcinfo, 0);
+	if (cqrs_shared == NULL)
+		return (Datum) 0;
+
+	SpinLockAcquire(&cqrs_shared->mutex);
+	memcpy(counts, cqrs_shared->lag_histogram, sizeof(counts));
+	SpinLockRelease(&cqrs_shared->mutex);
+
+	for (int b = 0; b <= CQRS_LAG_BUCKETS; b++)
+	{
+		Datum		values[2];
+		bool		nulls[2] = {false, false};
+
+		values[0] = Float8GetDatum(b < CQRS_LAG_BUCKETS ?
+								   cqrs_lag_bucket_ms[b] : get_float8_infinity());
+		values[1] = Int64GetDatum((int64) counts[b]);
+		tuplestore_putvalues(rsinfo->setResult, rsinfo->setDesc, values, nulls);
+	}
+	return (Datum) 0;
 }

@@ -49,7 +49,7 @@ typedef enum CqrsState
 } CqrsState;
 
 /* Buckets of the commit-to-read-model lag histogram, in milliseconds. */
-#define CQRS_LAG_BUCKETS		16
+#define CQRS_LAG_BUCKETS		24
 extern const double cqrs_lag_bucket_ms[CQRS_LAG_BUCKETS];
 
 /* Shared state of the projector workers (shmem.c). */

@@ -27,8 +27,8 @@ CqrsShared *cqrs_shared = NULL;
 
 /* Upper bounds of the lag histogram buckets, in milliseconds. */
 const double cqrs_lag_bucket_ms[CQRS_LAG_BUCKETS] = {
-	1, 2, 5, 10, 20, 50, 100, 200, 500, 1000, 2000, 5000, 10000, 30000,
-	60000, 300000
+	0.5, 1, 2, 3, 5, 7.5, 10, 15, 20, 30, 50, 75, 100, 150, 200, 300, 500,
+	1000, 2000, 5000, 10000, 30000, 60000, 300000
 };
 
 /*

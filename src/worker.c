@@ -125,18 +125,52 @@ worker_wait(long timeout)
 }
 
 /*
+ * The OID of the extension in our database, InvalidOid when it is not
+ * installed.  A new OID means a new extension: the slot of the old one
+ * must not feed the new read model.
+ */
+static Oid
+worker_extension_oid(void)
+{
+	Oid			oid;
+
+	SetCurrentStatementStartTimestamp();
+	StartTransactionCommand();
+	oid = get_extension_oid("cqrs", true);
+	CommitTransactionCommand();
+	return oid;
+}
+
+/*
  * Is the extension installed in our database?
  */
 static bool
 worker_extension_exists(void)
 {
-	bool		exists;
+	return OidIsValid(worker_extension_oid());
+}
 
-	SetCurrentStatementStartTimestamp();
-	StartTransactionCommand();
-	exists = OidIsValid(get_extension_oid("cqrs", true));
-	CommitTransactionCommand();
-	return exists;
+/*
+ * Drop our slot if it exists and nobody uses it: the extension it served
+ * is gone, and a slot must not hold WAL for nothing.
+ */
+static void
+worker_drop_slot(void)
+{
+	ReplicationSlot *slot;
+	bool		idle;
+
+	LWLockAcquire(ReplicationSlotControlLock, LW_SHARED);
+	slot = SearchNamedReplicationSlot(cqrs_slot_name, false);
+	idle = (slot != NULL && slot->data.database == MyDatabaseId &&
+			slot->active_pid == 0);
+	LWLockRelease(ReplicationSlotControlLock);
+	if (!idle)
+		return;
+	ReplicationSlotDrop(cqrs_slot_name, true);
+	ereport(LOG,
+			(errmsg("cqrs projector dropped replication slot \"%s\" of a dropped extension",
+					cqrs_slot_name)));
 }
 
 /*
@@ -274,6 +308,26 @@ worker_create_slot(void)
 }
 
 /*
+ * The position recorded in cqrs.offset_tracking for our slot.
+ */
+static XLogRecPtr
+worker_offset(void)
+{
+	XLogRecPtr	lsn;
+
+	SetCurrentStatementStartTimestamp();
+	StartTransactionCommand();
+	if (SPI_connect() != SPI_OK_CONNECT)
+		elog(ERROR, "SPI_connect failed");
+	PushActiveSnapshot(GetTransactionSnapshot());
+	lsn = cqrs_load_offset(cqrs_slot_name);
+	SPI_finish();
+	PopActiveSnapshot();
+	CommitTransactionCommand();
+	return lsn;
+}
+
+/*
  * Make sure our slot exists and is ours; create it when missing.
  */
 static void
@@ -291,14 +345,24 @@ worker_ensure_slot(void)
 				strcmp(NameStr(slot->data.plugin), "cqrs") == 0);
 	LWLockRelease(ReplicationSlotControlLock);
 
-	if (!found)
-		worker_create_slot();
-	else if (!ours)
+	if (found && !ours)
 		ereport(ERROR,
 				(errcode(ERRCODE_DUPLICATE_OBJECT),
 				 errmsg("replication slot \"%s\" exists but is not a cqrs slot of this database",
 						cqrs_slot_name),
 				 errhint("Drop it, or set cqrs.slot_name to another name.")));
+
+	/*
+	 * A slot this extension has no position for served an earlier
+	 * installation (dropped while no projector ran): its WAL is not ours.
+	 */
+	if (found && XLogRecPtrIsInvalid(worker_offset()))
+	{
+		worker_drop_slot();
+		found = false;
+	}
+	if (!found)
+		worker_create_slot();
 }
 
 /*
@@ -423,7 +487,7 @@ worker_apply(CqrsQueue *queue, XLogRecPtr skip_upto, CqrsApplyStats *stats)
 		worker_wait(delay);
 		attempt++;
 		if (!cqrs_enabled || !worker_extension_exists())
-			return false;
+			return false;	/* the caller sees why */
 	}
 
 	if (attempt > 0)
@@ -462,19 +526,14 @@ worker_stream(void)
 	XLogRecPtr	skip_upto;
 	MemoryContext old;
 	int			target = cqrs_batch_size_min;
+	Oid			extension;
+	bool		extension_gone = false;
 
+	extension = worker_extension_oid();
 	worker_ensure_slot();
 
 	/* where the read model stands */
-	SetCurrentStatementStartTimestamp();
-	StartTransactionCommand();
-	if (SPI_connect() != SPI_OK_CONNECT)
-		elog(ERROR, "SPI_connect failed");
-	PushActiveSnapshot(GetTransactionSnapshot());
-	skip_upto = cqrs_load_offset(cqrs_slot_name);
-	SPI_finish();
-	PopActiveSnapshot();
-	CommitTransactionCommand();
+	skip_upto = worker_offset();
 
 	old = MemoryContextSwitchTo(worker_context);
 	if (lead_queue == NULL)
@@ -534,6 +593,12 @@ worker_stream(void)
 		{
 			pgstat_report_activity(STATE_RUNNING, "decoding");
 			StartTransactionCommand();
+			if (get_extension_oid("cqrs", true) != extension)
+			{
+				CommitTransactionCommand();
+				extension_gone = true;
+				break;
+			}
 
 			/*
 			 * The WAL reader allocates its decode buffer on first use, in
@@ -574,7 +639,10 @@ worker_stream(void)
 			double		ms;
 
 			if (!worker_apply(queue, skip_upto, &stats))
+			{
+				extension_gone = (worker_extension_oid() != extension);
 				break;
+			}
 			LogicalConfirmReceivedLocation(position);
 			skip_upto = Max(skip_upto, position);
 			ms = (double) (GetCurrentTimestamp() - started) / 1000.0;
@@ -616,6 +684,11 @@ worker_stream(void)
 
 		pgstat_report_activity(STATE_IDLE, NULL);
 		worker_wait(cqrs_poll_interval);
+		if (worker_extension_oid() != extension)
+		{
+			extension_gone = true;
+			break;
+		}
 	}
 
 	lead_ctx = NULL;
@@ -623,6 +696,15 @@ worker_stream(void)
 	ReplicationSlotRelease();
 	cqrs_decoding_queue = NULL;
 	cqrs_queue_reset(queue);
+
+	/* DROP EXTENSION: the slot must not keep holding WAL */
+	if (extension_gone)
+	{
+		SpinLockAcquire(&cqrs_shared->mutex);
+		cqrs_shared->applied_lsn = InvalidXLogRecPtr;
+		SpinLockRelease(&cqrs_shared->mutex);
+		worker_drop_slot();
+	}
 }
 
 /*

@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
-# test/check.sh: build, install and run every cqrs test (pg_regress and
-# isolation), on throwaway server instances the tests start and stop.
+# test/check.sh: build, install and run every cqrs test (pg_regress,
+# isolation and TAP), on throwaway server instances the tests start and
+# stop.
 # Works as root on a fresh Debian 12 (installs what it needs with apt) or as
 # an ordinary user who has the packages and can write the install
 # directories.  Exit status 0 means every test passed.
@@ -23,7 +24,7 @@ if [ "$status" -ne 0 ]; then
 	for f in "$work/regression.diffs" "$work/output_iso/regression.diffs"; do
 		[ -s "$f" ] && { echo "----- $f"; cat "$f"; }
 	done
-	for f in "$work"/tmp_check*/log/*.log "$work"/log/*.log; do
+	for f in "$work"/tmp_check*/log/* "$work"/output_iso/log/*.log; do
 		[ -s "$f" ] && { echo "----- $f (last 100 lines)"; tail -n 100 "$f"; }
 	done
 fi
@@ -41,6 +42,15 @@ while read -r line; do
 	esac
 done < <(sed -E 's/^[# ]+//' "$work/check.log" |
 	grep -E '^(All [0-9]+ tests passed|[0-9]+ of [0-9]+ tests failed)')
+
+# prove: "Files=5, Tests=45, ..." and "Failed: N" per failing script
+tap=$(sed -n -E 's/^Files=[0-9]+, Tests=([0-9]+),.*/\1/p' "$work/check.log" | tail -1)
+tap_failed=$(sed -n -E 's/.*\(Wstat: .* Failed: ([0-9]+)\)$/\1/p' "$work/check.log" |
+	awk '{ s += $1 } END { print s + 0 }')
+if [ -n "$tap" ]; then
+	passed=$((passed + tap - tap_failed))
+	failed=$((failed + tap_failed))
+fi
 [ "$status" -ne 0 ] && [ "$failed" -eq 0 ] && failed=1
 echo "$passed passed, $failed failed"
 exit "$status"

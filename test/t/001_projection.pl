@@ -83,5 +83,28 @@ $node->poll_query_until('postgres',
   or die 'projection did not resume';
 compare_model($node, 'after re-enabling');
 
+# DROP EXTENSION: the slot goes with it.
+$node->safe_psql('postgres', 'DROP EXTENSION cqrs');
+ok($node->poll_query_until('postgres',
+	q{SELECT count(*) = 0 FROM pg_replication_slots WHERE slot_name = 'cqrs'}),
+	'DROP EXTENSION leaves no replication slot holding WAL');
+
+# CREATE EXTENSION again: the worker resumes without a restart.
+$node->safe_psql('postgres', 'CREATE EXTENSION cqrs');
+$node->safe_psql('postgres', q{SELECT cqrs.submit_order('again-1', 'u', 1)});
+ok($node->poll_query_until('postgres',
+	q{SELECT count(*) = 1 FROM cqrs.read_model WHERE order_id = 'again-1'}),
+	'after CREATE EXTENSION the projector resumes');
+
+# Dropped and created again at once: the old log never reaches the new model.
+$node->safe_psql('postgres', q{SELECT cqrs.submit_order('old-' || i, 'u', 1) FROM generate_series(1, 50) i});
+$node->safe_psql('postgres', 'DROP EXTENSION cqrs; CREATE EXTENSION cqrs');
+$node->safe_psql('postgres', q{SELECT cqrs.submit_order('new-1', 'u', 1)});
+$node->poll_query_until('postgres',
+	q{SELECT count(*) = 1 FROM cqrs.read_model WHERE order_id = 'new-1'})
+  or die 'projection did not resume after DROP and CREATE';
+wait_projected($node);
+compare_model($node, 'after DROP and CREATE EXTENSION');
+
 $node->stop;
 done_testing();

@@ -1,0 +1,75 @@
+# test/bench/common.sh: what the benchmarks share.  Source it after
+# test/lib.sh.  Starts nothing by itself.
+
+BENCH_DIR=${CQRS_BENCH_DIR:-/tmp/cqrs-bench}
+BENCH_PORT=${CQRS_BENCH_PORT:-54330}
+BINDIR=$("$PG_CONFIG" --bindir)
+BENCH_WORK=$(mktemp -d /tmp/cqrs-bench-scripts.XXXXXX)
+chmod 755 "$BENCH_WORK"
+
+# Install, build and start the benchmark cluster, sized so that no
+# checkpoint or autovacuum falls into a measurement; stopped on exit.
+bench_start() {
+	cqrs_install_deps
+	cqrs_build_install
+	cqrs_cluster_start "$BENCH_DIR" "$BENCH_PORT" \
+		"shared_buffers = '1GB'" "max_wal_size = '16GB'" \
+		"checkpoint_timeout = '1h'" "autovacuum = off" "$@"
+	trap 'cqrs_cluster_stop "$BENCH_DIR"; rm -rf "$BENCH_WORK"' EXIT
+}
+
+psql_bench() {
+	cqrs_as_pg "$BINDIR/psql" -X -q -At -h "$BENCH_DIR" -p "$BENCH_PORT" \
+		-U postgres -d postgres -v ON_ERROR_STOP=1 "$@"
+}
+
+# Write a pgbench script named $1 from stdin.
+bench_script() {
+	cat > "$BENCH_WORK/$1.sql"
+	chmod a+r "$BENCH_WORK/$1.sql"
+}
+
+# The baseline: a plain INSERT of the command log's row shape.
+bench_scripts() {
+	bench_script plain <<'SQL'
+\set r random(1, 4000000000000000000)
+INSERT INTO bench.plain (command_id, command_type, aggregate_id, sequence_id, payload)
+VALUES (cqrs.uuidv7(), 'CREATE_ORDER', 'o' || :r, 1,
+        jsonb_build_object('order_id', 'o' || :r, 'user_id', 'u' || :client_id, 'amount', 10.50));
+SQL
+	bench_script submit <<'SQL'
+\set r random(1, 4000000000000000000)
+SELECT cqrs.submit_order('o' || :r, 'u' || :client_id, 10.50);
+SQL
+}
+
+# A fresh log and baseline table, flushed.
+bench_reset() {
+	psql_bench <<'SQL'
+SET client_min_messages = warning;
+DROP EXTENSION IF EXISTS cqrs;
+SELECT pg_drop_replication_slot(slot_name) FROM pg_replication_slots
+ WHERE slot_name = 'cqrs' AND NOT active;
+CREATE EXTENSION cqrs;
+DROP SCHEMA IF EXISTS bench CASCADE;
+CREATE SCHEMA bench;
+CREATE TABLE bench.plain (LIKE cqrs.command_log INCLUDING ALL);
+CHECKPOINT;
+SQL
+}
+
+# Rate of one pgbench run: script $1, synchronous_commit $2, $DURATION s,
+# $CLIENTS clients; further arguments go to pgbench.
+bench_run() {
+	local script=$1 sc=$2
+	shift 2
+	PGOPTIONS="-c synchronous_commit=$sc" cqrs_as_pg "$BINDIR/pgbench" \
+		-h "$BENCH_DIR" -p "$BENCH_PORT" -U postgres -n -M prepared \
+		-c "$CLIENTS" -j "$CLIENTS" -T "$DURATION" "$@" \
+		-f "$BENCH_WORK/$script.sql" postgres 2>&1 |
+		awk '/^tps = / { printf "%.0f\n", $3 }'
+}
+
+median() { sort -n | awk '{ v[NR] = $1 } END { print v[int((NR + 1) / 2)] }'; }
+ratio() { awk -v a="$1" -v b="$2" 'BEGIN { printf "%.2f", a / b }'; }
+verdict() { awk -v r="$1" -v t="$2" -v op="$3" 'BEGIN { ok = (op == "<=") ? r <= t : r >= t; print ok ? "met" : "MISSED" }'; }
