@@ -6,7 +6,7 @@
  *
  * A batch is folded in memory and written back with one statement per
  * table: load the current rows (and any parked commands) of the orders the
- * batch touches, apply the projection rules in sequence order, then upsert
+ * batch touches, apply the projection rules in sequence order, then insert
  * the changed rows, park, unpark and dead-letter with unnest() arrays.
  *
  * Projection rules, per order, in sequence order:
@@ -67,6 +67,7 @@ typedef struct OrderState
 {
 	const char *order_id;		/* hash key (a pointer to the string) */
 	bool		exists;			/* has a read-model row */
+	bool		stored;			/* the row was in the table before the batch */
 	bool		dirty;			/* row to write back */
 	char	   *user_id;
 	Datum		total_amount;	/* numeric */
@@ -100,7 +101,8 @@ typedef struct FoldResult
 /* Kept plans, prepared on first use. */
 static SPIPlanPtr load_rows_plan = NULL;
 static SPIPlanPtr load_parked_plan = NULL;
-static SPIPlanPtr upsert_plan = NULL;
+static SPIPlanPtr insert_plan = NULL;
+static SPIPlanPtr update_plan = NULL;
 static SPIPlanPtr park_plan = NULL;
 static SPIPlanPtr unpark_plan = NULL;
 static SPIPlanPtr dead_plan = NULL;
@@ -238,6 +240,7 @@ projector_load_rows(HTAB *orders, int norders)
 		if (o == NULL)
 			continue;
 		o->exists = true;
+		o->stored = true;
 		o->user_id = SPI_getvalue(tup, desc, 2);
 		o->total_amount = datumCopy(SPI_getbinval(tup, desc, 3, &isnull),
 									false, -1);
@@ -460,8 +463,14 @@ fold_record(FoldResult *fr, OrderState *o, CqrsRecord *rec)
 static void
 projector_write(FoldResult *fr, int norders)
 {
-	static const char *upsert_sql =
-		"INSERT INTO cqrs.read_model AS r"
+	/*
+	 * Only the projector writes the read model, and the batch loaded every
+	 * row it touches: new rows are plain inserts (no speculative insertion
+	 * needed), known rows plain updates.  A row someone else inserted
+	 * meanwhile makes the insert fail, and that command is dead-lettered.
+	 */
+	static const char *insert_sql =
+		"INSERT INTO cqrs.read_model"
 		" (order_id, user_id, total_amount, status, version, updated_at)"
 		" SELECT u.order_id, u.user_id, u.total_amount, u.status, u.version,"
 		" pg_catalog.now()"
@@ -470,10 +479,18 @@ projector_write(FoldResult *fr, int norders)
 		" pg_catalog.unnest($3::pg_catalog.numeric[]),"
 		" pg_catalog.unnest($4::pg_catalog.text[]),"
 		" pg_catalog.unnest($5::pg_catalog.int8[]))"
+		" AS u(order_id, user_id, total_amount, status, version)";
+	static const char *update_sql =
+		"UPDATE cqrs.read_model AS r SET status = u.status,"
+		" version = u.version, updated_at = pg_catalog.now()"
+		" FROM ROWS FROM (pg_catalog.unnest($1::pg_catalog.text[]),"
+		" pg_catalog.unnest($2::pg_catalog.text[]),"
+		" pg_catalog.unnest($3::pg_catalog.numeric[]),"
+		" pg_catalog.unnest($4::pg_catalog.text[]),"
+		" pg_catalog.unnest($5::pg_catalog.int8[]))"
 		" AS u(order_id, user_id, total_amount, status, version)"
-		" ON CONFLICT (order_id) DO UPDATE SET status = excluded.status,"
-		" version = excluded.version, updated_at = excluded.updated_at"
-		" WHERE r.version OPERATOR(pg_catalog.<) excluded.version";
+		" WHERE r.order_id OPERATOR(pg_catalog.=) u.order_id"
+		" AND r.version OPERATOR(pg_catalog.<) u.version";
 	static const char *park_sql =
 		"INSERT INTO cqrs.parked (aggregate_id, sequence_id, command_id,"
 		" waiting_for, log_id, command_type, payload)"
@@ -501,11 +518,12 @@ projector_write(FoldResult *fr, int norders)
 		" pg_catalog.unnest($4::pg_catalog.int8[]),"
 		" pg_catalog.unnest($5::pg_catalog.text[]))"
 		" ON CONFLICT (command_id) DO NOTHING";
-	Oid			upsert_types[5] = {TEXTARRAYOID, TEXTARRAYOID, NUMERICARRAYOID, TEXTARRAYOID, INT8ARRAYOID};
+	Oid			row_types[5] = {TEXTARRAYOID, TEXTARRAYOID, NUMERICARRAYOID, TEXTARRAYOID, INT8ARRAYOID};
 	Oid			park_types[7] = {TEXTARRAYOID, INT8ARRAYOID, UUIDARRAYOID, INT8ARRAYOID, INT8ARRAYOID, TEXTARRAYOID, JSONBARRAYOID};
 	Oid			unpark_types[2] = {TEXTARRAYOID, INT8ARRAYOID};
 	Oid			dead_types[5] = {UUIDARRAYOID, TEXTARRAYOID, TEXTARRAYOID, INT8ARRAYOID, TEXTARRAYOID};
 	int			cap = norders + list_length(fr->dead) + 1;
+	int			ninsert = 0;
 	Datum	   *a = palloc(sizeof(Datum) * cap);
 	Datum	   *b = palloc(sizeof(Datum) * cap);
 	Datum	   *c = palloc(sizeof(Datum) * cap);
@@ -532,27 +550,46 @@ projector_write(FoldResult *fr, int norders)
 			else if (!pc->drained && !pc->stored)
 				park = lappend(park, pc);
 		}
-		if (!o->dirty || !o->exists)
-			continue;
-		a[n] = CStringGetTextDatum(o->order_id);
-		b[n] = CStringGetTextDatum(o->user_id);
-		c[n] = o->total_amount;
-		d[n] = CStringGetTextDatum(status_names[o->status]);
-		e[n] = Int64GetDatum(o->version);
-		n++;
 	}
 
-	if (n > 0)
+	/* new rows first in the arrays, known rows after them */
+	for (int pass = 0; pass < 2; pass++)
 	{
+		hash_seq_init(&seq, fr->orders);
+		while ((o = hash_seq_search(&seq)) != NULL)
+		{
+			if (!o->dirty || !o->exists || o->stored != (pass == 1))
+				continue;
+			a[n] = CStringGetTextDatum(o->order_id);
+			b[n] = CStringGetTextDatum(o->user_id);
+			c[n] = o->total_amount;
+			d[n] = CStringGetTextDatum(status_names[o->status]);
+			e[n] = Int64GetDatum(o->version);
+			n++;
+		}
+		if (pass == 0)
+			ninsert = n;
+	}
+
+	for (int pass = 0; pass < 2; pass++)
+	{
+		int			first = pass == 0 ? 0 : ninsert;
+		int			count = pass == 0 ? ninsert : n - ninsert;
 		Datum		values[5];
 
-		values[0] = projector_array(a, NULL, n, TEXTOID);
-		values[1] = projector_array(b, NULL, n, TEXTOID);
-		values[2] = projector_array(c, NULL, n, NUMERICOID);
-		values[3] = projector_array(d, NULL, n, TEXTOID);
-		values[4] = projector_array(e, NULL, n, INT8OID);
-		projector_exec(projector_plan(&upsert_plan, upsert_sql, 5, upsert_types),
-					   values, SPI_OK_INSERT);
+		if (count == 0)
+			continue;
+		values[0] = projector_array(a + first, NULL, count, TEXTOID);
+		values[1] = projector_array(b + first, NULL, count, TEXTOID);
+		values[2] = projector_array(c + first, NULL, count, NUMERICOID);
+		values[3] = projector_array(d + first, NULL, count, TEXTOID);
+		values[4] = projector_array(e + first, NULL, count, INT8OID);
+		if (pass == 0)
+			projector_exec(projector_plan(&insert_plan, insert_sql, 5, row_types),
+						   values, SPI_OK_INSERT);
+		else
+			projector_exec(projector_plan(&update_plan, update_sql, 5, row_types),
+						   values, SPI_OK_UPDATE);
 	}
 
 	if (park != NIL)

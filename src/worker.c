@@ -69,6 +69,10 @@
 /* How often a follower retries the leader lock. */
 #define CQRS_FOLLOWER_NAPTIME	200
 
+/* A batch this large means load: gather for this many ms before the next. */
+#define CQRS_BUSY_BATCH			16
+#define CQRS_BUSY_NAPTIME		10
+
 /* Poison commands isolated in one batch before the failure counts as the
  * pipeline's, not the commands'. */
 #define CQRS_MAX_POISON_PER_BATCH	8
@@ -667,6 +671,15 @@ worker_stream(void)
 			SpinLockRelease(&cqrs_shared->mutex);
 
 			cqrs_queue_reset(queue);
+
+			/*
+			 * Busy: let commands accumulate for a moment, so that under
+			 * load batches grow and their fixed cost (transaction, flush)
+			 * is shared.  A single command at light load is not held up.
+			 */
+			if (caught_up && nrecords >= CQRS_BUSY_BATCH)
+				(void) WaitLatch(MyLatch, WL_TIMEOUT | WL_EXIT_ON_PM_DEATH,
+								 CQRS_BUSY_NAPTIME, PG_WAIT_EXTENSION);
 			continue;
 		}
 
@@ -797,6 +810,17 @@ cqrs_worker_main(Datum main_arg)
 
 	/* a batch counts as applied only once it is on disk */
 	SetConfigOption("synchronous_commit", "local", PGC_SUSET, PGC_S_OVERRIDE);
+
+	/*
+	 * Every statement of the projector looks rows up by key.  The read
+	 * model grows from empty, and a plan made while it was small (a
+	 * sequential scan for "order_id = ANY($1)") would make every later
+	 * batch scan the whole table; without sequential scans the one generic
+	 * plan per statement stays right at any size and is never re-planned.
+	 */
+	SetConfigOption("enable_seqscan", "off", PGC_SUSET, PGC_S_OVERRIDE);
+	SetConfigOption("plan_cache_mode", "force_generic_plan", PGC_SUSET,
+					PGC_S_OVERRIDE);
 	worker_trust_own_plugin();
 
 	SpinLockAcquire(&cqrs_shared->mutex);

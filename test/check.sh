@@ -15,9 +15,14 @@ work=$(cqrs_test_tree)
 [ -n "${CQRS_KEEP:-}" ] || trap 'rm -rf "$work"' EXIT
 cqrs_log "running the tests in $work as $(cqrs_pg_user)"
 
+# Each suite on its own, so that one failing does not hide the others.
 status=0
-cqrs_as_pg make -k -C "$work" -s installcheck 2>&1 | tee "$work/check.log" ||
-	status=1
+: > "$work/check.log"
+for suite in "ISOLATION= TAP_TESTS=" "REGRESS= TAP_TESTS=" "REGRESS= ISOLATION="; do
+	# shellcheck disable=SC2086
+	cqrs_as_pg make -C "$work" -s installcheck $suite 2>&1 |
+		tee -a "$work/check.log" || status=1
+done
 
 # Show what failed: the diffs and the server logs of the test instances.
 if [ "$status" -ne 0 ]; then

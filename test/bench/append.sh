@@ -9,7 +9,9 @@
 # run through pgbench with prepared statements, CLIENTS clients, for
 # DURATION seconds, ROUNDS times alternately, on a fresh log each round;
 # the median rate of each side is compared.  Done with synchronous_commit
-# on and off.  Starts and stops its own cluster (in /tmp/cqrs-bench).
+# on and off.  Starts and stops its own cluster (in /tmp/cqrs-bench), with
+# the projector switched off: this measures the command path alone
+# (test/bench/projection.sh measures it with the projector running).
 #
 #   bash test/bench/append.sh            # as root, or a user with the packages
 #   DURATION=20 ROUNDS=5 MODES=off bash test/bench/append.sh
@@ -22,7 +24,7 @@ ROUNDS=${ROUNDS:-5}
 CLIENTS=${CLIENTS:-4}
 MODES=${MODES:-on off}
 
-bench_start
+bench_start "cqrs.enabled = off"
 bench_scripts
 
 echo "cqrs append benchmark: $CLIENTS clients, $ROUNDS rounds of ${DURATION}s per side, $(nproc) cores"
