@@ -11,7 +11,8 @@ OBJS = \
 	src/decoder.o \
 	src/projector.o \
 	src/worker.o \
-	src/admin.o
+	src/admin.o \
+	src/spi.o
 DATA = cqrs--0.1.0.sql
 PGFILEDESC = "cqrs - command log, projection and read model inside PostgreSQL"
 

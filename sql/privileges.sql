@@ -53,6 +53,20 @@ DELETE FROM cqrs.read_model;
 \echo :SQLSTATE
 SELECT cqrs.submit_order('p-3', 'u-3', 1);
 \echo :SQLSTATE
+SELECT state IS NOT NULL AS sees_status FROM cqrs.status;
+SELECT count(*) AS differences FROM cqrs.verify() WHERE order_id LIKE 'p-%';
+RESET ROLE;
+
+-- Status and verify are the operator's, not the reader's or writer's.
+SET ROLE regress_cqrs_report;
+SELECT state FROM cqrs.status;
+\echo :SQLSTATE
+SELECT * FROM cqrs.verify();
+\echo :SQLSTATE
+RESET ROLE;
+SET ROLE regress_cqrs_app;
+SELECT state FROM cqrs.status;
+\echo :SQLSTATE
 RESET ROLE;
 
 -- A role with no cqrs role gets nothing at all, not even the schema.

@@ -305,26 +305,6 @@ cmd_become_log_owner(void)
 }
 
 /*
- * Prepare sql once per backend and keep the plan.
- */
-static SPIPlanPtr
-cmd_plan(SPIPlanPtr *cache, const char *sql, int nargs, Oid *argtypes)
-{
-	if (*cache == NULL)
-	{
-		SPIPlanPtr	plan = SPI_prepare(sql, nargs, argtypes);
-
-		if (plan == NULL)
-			elog(ERROR, "SPI_prepare failed for \"%s\": %s",
-				 sql, SPI_result_code_string(SPI_result));
-		if (SPI_keepplan(plan) != 0)
-			elog(ERROR, "SPI_keepplan failed");
-		*cache = plan;
-	}
-	return *cache;
-}
-
-/*
  * Run a kept plan that returns at most one row; true when it returned one.
  */
 static bool
@@ -383,7 +363,7 @@ cmd_last_sequence(text *order_id)
 	Oid			argtypes[1] = {TEXTOID};
 	Datum		values[1] = {PointerGetDatum(order_id)};
 
-	if (!cmd_exec(cmd_plan(&last_sequence_plan, sql, 1, argtypes),
+	if (!cmd_exec(cqrs_keep_plan(&last_sequence_plan, sql, 1, argtypes),
 				  values, NULL, SPI_OK_SELECT))
 		ereport(ERROR,
 				(errcode(ERRCODE_FOREIGN_KEY_VIOLATION),
@@ -413,7 +393,7 @@ cmd_insert(CqrsCommand *cmd, CqrsReceipt *receipt)
 	values[3] = Int64GetDatum(cmd->sequence_id);
 	values[4] = JsonbPGetDatum(cmd->payload);
 
-	if (!cmd_exec(cmd_plan(&insert_plan, sql, 5, argtypes),
+	if (!cmd_exec(cqrs_keep_plan(&insert_plan, sql, 5, argtypes),
 				  values, NULL, SPI_OK_INSERT_RETURNING))
 		return false;
 
@@ -458,7 +438,7 @@ cmd_resolve_conflict(CqrsCommand *cmd, CqrsReceipt *receipt)
 	if (!cmd->sequence_given)
 		nulls[4] = 'n';
 
-	if (cmd_exec(cmd_plan(&lookup_plan, lookup_sql, 5, lookup_types),
+	if (cmd_exec(cqrs_keep_plan(&lookup_plan, lookup_sql, 5, lookup_types),
 				 values, nulls, SPI_OK_SELECT))
 	{
 		int64		log_id = DatumGetInt64(cmd_result(1));
@@ -482,7 +462,7 @@ cmd_resolve_conflict(CqrsCommand *cmd, CqrsReceipt *receipt)
 
 	values[0] = PointerGetDatum(cmd->order_id);
 	values[1] = Int64GetDatum(cmd->sequence_id);
-	if (cmd_exec(cmd_plan(&holder_plan, holder_sql, 2, holder_types),
+	if (cmd_exec(cqrs_keep_plan(&holder_plan, holder_sql, 2, holder_types),
 				 values, NULL, SPI_OK_SELECT))
 		holder = DatumGetCString(DirectFunctionCall1(uuid_out, cmd_result(1)));
 

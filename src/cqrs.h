@@ -133,6 +133,11 @@ extern int64 cqrs_project_log(CqrsApplyStats *stats);
 /* worker.c */
 extern PGDLLEXPORT void cqrs_worker_main(Datum main_arg);
 
+/* spi.c */
+extern struct _SPI_plan *cqrs_keep_plan(struct _SPI_plan **cache,
+										const char *sql, int nargs,
+										Oid *argtypes);
+
 /* uuidv7.c */
 extern void cqrs_generate_uuidv7(pg_uuid_t *uuid);
 

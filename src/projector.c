@@ -138,26 +138,6 @@ projector_error_context(void *arg)
 }
 
 /*
- * Prepare sql once per process and keep the plan.
- */
-static SPIPlanPtr
-projector_plan(SPIPlanPtr *cache, const char *sql, int nargs, Oid *argtypes)
-{
-	if (*cache == NULL)
-	{
-		SPIPlanPtr	plan = SPI_prepare(sql, nargs, argtypes);
-
-		if (plan == NULL)
-			elog(ERROR, "SPI_prepare failed for \"%s\": %s",
-				 sql, SPI_result_code_string(SPI_result));
-		if (SPI_keepplan(plan) != 0)
-			elog(ERROR, "SPI_keepplan failed");
-		*cache = plan;
-	}
-	return *cache;
-}
-
-/*
  * Execute a kept plan; ERROR unless it returns the expected code.
  */
 static void
@@ -204,6 +184,23 @@ order_match(const void *key1, const void *key2, Size keysize)
 }
 
 /*
+ * The ids of the orders in the hash table, as a text[] parameter.
+ */
+static Datum
+projector_order_keys(HTAB *orders, int norders)
+{
+	Datum	   *keys = palloc(sizeof(Datum) * norders);
+	HASH_SEQ_STATUS seq;
+	OrderState *o;
+	int			n = 0;
+
+	hash_seq_init(&seq, orders);
+	while ((o = hash_seq_search(&seq)) != NULL)
+		keys[n++] = CStringGetTextDatum(o->order_id);
+	return projector_array(keys, NULL, n, TEXTOID);
+}
+
+/*
  * Load the read-model rows of every order in the hash table.
  */
 static void
@@ -214,18 +211,11 @@ projector_load_rows(HTAB *orders, int norders)
 		" FROM cqrs.read_model"
 		" WHERE order_id OPERATOR(pg_catalog.=) ANY ($1)";
 	Oid			argtypes[1] = {TEXTARRAYOID};
-	Datum	   *keys = palloc(sizeof(Datum) * norders);
 	Datum		values[1];
-	HASH_SEQ_STATUS seq;
 	OrderState *o;
-	int			n = 0;
 
-	hash_seq_init(&seq, orders);
-	while ((o = hash_seq_search(&seq)) != NULL)
-		keys[n++] = CStringGetTextDatum(o->order_id);
-	values[0] = projector_array(keys, NULL, n, TEXTOID);
-
-	projector_exec(projector_plan(&load_rows_plan, sql, 1, argtypes),
+	values[0] = projector_order_keys(orders, norders);
+	projector_exec(cqrs_keep_plan(&load_rows_plan, sql, 1, argtypes),
 				   values, SPI_OK_SELECT);
 
 	for (uint64 i = 0; i < SPI_processed; i++)
@@ -262,18 +252,11 @@ projector_load_parked(HTAB *orders, int norders)
 		" WHERE aggregate_id OPERATOR(pg_catalog.=) ANY ($1)"
 		" ORDER BY aggregate_id, sequence_id";
 	Oid			argtypes[1] = {TEXTARRAYOID};
-	Datum	   *keys = palloc(sizeof(Datum) * norders);
 	Datum		values[1];
-	HASH_SEQ_STATUS seq;
 	OrderState *o;
-	int			n = 0;
 
-	hash_seq_init(&seq, orders);
-	while ((o = hash_seq_search(&seq)) != NULL)
-		keys[n++] = CStringGetTextDatum(o->order_id);
-	values[0] = projector_array(keys, NULL, n, TEXTOID);
-
-	projector_exec(projector_plan(&load_parked_plan, sql, 1, argtypes),
+	values[0] = projector_order_keys(orders, norders);
+	projector_exec(cqrs_keep_plan(&load_parked_plan, sql, 1, argtypes),
 				   values, SPI_OK_SELECT);
 
 	for (uint64 i = 0; i < SPI_processed; i++)
@@ -585,10 +568,10 @@ projector_write(FoldResult *fr, int norders)
 		values[3] = projector_array(d + first, NULL, count, TEXTOID);
 		values[4] = projector_array(e + first, NULL, count, INT8OID);
 		if (pass == 0)
-			projector_exec(projector_plan(&insert_plan, insert_sql, 5, row_types),
+			projector_exec(cqrs_keep_plan(&insert_plan, insert_sql, 5, row_types),
 						   values, SPI_OK_INSERT);
 		else
-			projector_exec(projector_plan(&update_plan, update_sql, 5, row_types),
+			projector_exec(cqrs_keep_plan(&update_plan, update_sql, 5, row_types),
 						   values, SPI_OK_UPDATE);
 	}
 
@@ -634,7 +617,7 @@ projector_write(FoldResult *fr, int norders)
 		values[4] = projector_array(f, NULL, np, INT8OID);
 		values[5] = projector_array(g, gnull, np, TEXTOID);
 		values[6] = projector_array(h, hnull, np, JSONBOID);
-		projector_exec(projector_plan(&park_plan, park_sql, 7, park_types),
+		projector_exec(cqrs_keep_plan(&park_plan, park_sql, 7, park_types),
 					   values, SPI_OK_INSERT);
 	}
 
@@ -655,7 +638,7 @@ projector_write(FoldResult *fr, int norders)
 		}
 		values[0] = projector_array(ua, NULL, nu, TEXTOID);
 		values[1] = projector_array(ub, NULL, nu, INT8OID);
-		projector_exec(projector_plan(&unpark_plan, unpark_sql, 2, unpark_types),
+		projector_exec(cqrs_keep_plan(&unpark_plan, unpark_sql, 2, unpark_types),
 					   values, SPI_OK_DELETE);
 	}
 
@@ -689,7 +672,7 @@ projector_write(FoldResult *fr, int norders)
 		values[2] = projector_array(c, cnull, nd, TEXTOID);
 		values[3] = projector_array(d, NULL, nd, INT8OID);
 		values[4] = projector_array(e, NULL, nd, TEXTOID);
-		projector_exec(projector_plan(&dead_plan, dead_sql, 5, dead_types),
+		projector_exec(cqrs_keep_plan(&dead_plan, dead_sql, 5, dead_types),
 					   values, SPI_OK_INSERT);
 		fr->stats.dead += SPI_processed;
 	}
@@ -833,7 +816,7 @@ projector_poison(CqrsRecord *rec, const char *message, CqrsApplyStats *stats)
 
 		values[0] = CStringGetTextDatum(rec->aggregate_id);
 		values[1] = Int64GetDatum(rec->sequence_id);
-		projector_exec(projector_plan(&bump_plan, bump_sql, 2, bump_types),
+		projector_exec(cqrs_keep_plan(&bump_plan, bump_sql, 2, bump_types),
 					   values, SPI_OK_UPDATE);
 	}
 }
@@ -939,7 +922,7 @@ cqrs_save_offset(const char *slot_name, XLogRecPtr lsn)
 
 	values[0] = CStringGetTextDatum(slot_name);
 	values[1] = LSNGetDatum(lsn);
-	projector_exec(projector_plan(&offset_plan, sql, 2, argtypes),
+	projector_exec(cqrs_keep_plan(&offset_plan, sql, 2, argtypes),
 				   values, SPI_OK_INSERT);
 }
 
@@ -957,7 +940,7 @@ cqrs_load_offset(const char *slot_name)
 	bool		isnull;
 
 	values[0] = CStringGetTextDatum(slot_name);
-	projector_exec(projector_plan(&load_offset_plan, sql, 1, argtypes),
+	projector_exec(cqrs_keep_plan(&load_offset_plan, sql, 1, argtypes),
 				   values, SPI_OK_SELECT);
 	if (SPI_processed == 0)
 		return InvalidXLogRecPtr;

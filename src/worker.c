@@ -73,6 +73,11 @@
 #define CQRS_BUSY_BATCH			16
 #define CQRS_BUSY_NAPTIME		10
 
+/* Batch durations (ms) under which the batch size grows, over which it
+ * shrinks. */
+#define CQRS_BATCH_FAST_MS		25
+#define CQRS_BATCH_SLOW_MS		100
+
 /* Poison commands isolated in one batch before the failure counts as the
  * pipeline's, not the commands'. */
 #define CQRS_MAX_POISON_PER_BATCH	8
@@ -651,10 +656,14 @@ worker_stream(void)
 			skip_upto = Max(skip_upto, position);
 			ms = (double) (GetCurrentTimestamp() - started) / 1000.0;
 
-			/* adapt: grow while behind and fast, shrink when slow */
-			if (!caught_up && ms < 200)
+			/*
+			 * Adapt: grow while behind and batches are quick, shrink when
+			 * a batch takes long (lock waits, I/O, a starved CPU), since
+			 * every command of a batch waits for the whole of it.
+			 */
+			if (!caught_up && ms < CQRS_BATCH_FAST_MS)
 				target = Min(target * 2, cqrs_batch_size_max);
-			else if (ms > 1000)
+			else if (ms > CQRS_BATCH_SLOW_MS)
 				target = Max(target / 2, cqrs_batch_size_min);
 			target = Max(Min(target, cqrs_batch_size_max), cqrs_batch_size_min);
 

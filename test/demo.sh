@@ -4,9 +4,9 @@
 # Installs what is missing (as root, with apt), builds and installs cqrs,
 # starts a demo cluster with cqrs preloaded in /tmp/cqrs-demo (port 54320,
 # unix socket only), creates the extension and an application role, sends
-# commands through it (including a retry and a rejected one) and shows
-# what landed.  The cluster keeps running so you can look around;
-# "bash test/demo.sh stop" stops it.
+# commands through it (including a retry and rejected ones), shows the
+# command log, then the read model the projector made of it.  The cluster
+# keeps running so you can look around; "bash test/demo.sh stop" stops it.
 set -euo pipefail
 . "$(dirname "$0")/lib.sh"
 
@@ -68,6 +68,35 @@ psql_demo -e <<'SQL'
 SELECT log_id, command_type, aggregate_id, sequence_id, payload
   FROM cqrs.command_log WHERE aggregate_id NOT LIKE 'bulk-%' ORDER BY log_id;
 SELECT command_type, count(*) FROM cqrs.command_log GROUP BY 1 ORDER BY 1;
+SQL
+
+cqrs_log "waiting for the projector to apply everything committed so far"
+lsn=$(psql_demo -At -c 'SELECT pg_current_wal_flush_lsn()')
+for _ in $(seq 100); do
+	[ "$(psql_demo -At -c "SELECT coalesce(applied_lsn >= '$lsn', false) FROM cqrs.status")" = t ] && break
+	sleep 0.1
+done
+
+cqrs_log "the read model, as demo_report (cqrs_reader) sees it"
+psql_demo -U demo_report -e <<'SQL'
+SELECT order_id, user_id, total_amount, status, version
+  FROM cqrs.read_model WHERE order_id NOT LIKE 'bulk-%' ORDER BY order_id;
+SELECT status, count(*), sum(total_amount) FROM cqrs.read_model GROUP BY 1 ORDER BY 1;
+SQL
+
+cqrs_log "a cancel after the ship: refused by the projection, not lost"
+psql_demo -U demo_app -q -c "SELECT sequence_id FROM cqrs.cancel_order('order-1001', 'too late')" >/dev/null
+lsn=$(psql_demo -At -c 'SELECT pg_current_wal_flush_lsn()')
+for _ in $(seq 100); do
+	[ "$(psql_demo -At -c "SELECT coalesce(applied_lsn >= '$lsn', false) FROM cqrs.status")" = t ] && break
+	sleep 0.1
+done
+psql_demo -e <<'SQL'
+SELECT order_id, status, version FROM cqrs.read_model WHERE order_id = 'order-1001';
+SELECT command_type, aggregate_id, sequence_id, reason FROM cqrs.dead_letter;
+SELECT state, leader_pid, applied_lsn, lag_bytes, applied_total, parked, dead_letter
+  FROM cqrs.status;
+SELECT count(*) AS differences FROM cqrs.verify();
 SQL
 
 cat <<EOF2

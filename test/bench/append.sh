@@ -31,6 +31,7 @@ echo "cqrs append benchmark: $CLIENTS clients, $ROUNDS rounds of ${DURATION}s pe
 printf '%-18s %14s %14s %7s %8s\n' synchronous_commit "plain INSERT/s" "submit/s" ratio target
 for sc in $MODES; do
 	# untimed warm-up of both sides: caches, WAL segments, fsync pattern
+	bench_reset
 	DURATION=3 bench_run plain "$sc" >/dev/null
 	DURATION=3 bench_run submit "$sc" >/dev/null
 	plain=()
