@@ -42,3 +42,6 @@ EXTRA_CLEAN = tmp_check tmp_check_regress tmp_check_iso results \
 PG_CONFIG ?= pg_config
 PGXS := $(shell $(PG_CONFIG) --pgxs)
 include $(PGXS)
+
+# Every module includes these; PGXS tracks no header dependencies itself.
+$(OBJS): src/cqrs.h src/compat.h

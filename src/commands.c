@@ -34,6 +34,7 @@
 
 #include "access/htup_details.h"
 #include "access/xact.h"
+#include "access/xlog.h"
 #include "catalog/namespace.h"
 #include "catalog/pg_class.h"
 #include "catalog/pg_type.h"
@@ -499,7 +500,7 @@ cmd_xact_callback(XactEvent event, void *arg)
 		case XACT_EVENT_COMMIT:
 		case XACT_EVENT_PARALLEL_COMMIT:
 			if (wake_at_commit)
-				cqrs_wake_projector();
+				cqrs_wake_projector(XactLastCommitEnd);
 			wake_at_commit = false;
 			break;
 		case XACT_EVENT_ABORT:

@@ -58,6 +58,7 @@ typedef struct CqrsShared
 	slock_t		mutex;
 	int			workers_alive;	/* projector processes running */
 	Latch	   *leader_latch;	/* set on commit of a command */
+	XLogRecPtr	wake_lsn;		/* end of the latest command commit */
 	int			leader_pid;
 	CqrsState	state;
 	XLogRecPtr	applied_lsn;	/* all commands committed before are applied */
@@ -79,7 +80,7 @@ extern CqrsShared *cqrs_shared;
 extern void cqrs_shmem_request(void);
 extern void cqrs_shmem_startup(void);
 extern void cqrs_set_error(const char *message);
-extern void cqrs_wake_projector(void);
+extern void cqrs_wake_projector(XLogRecPtr commit_end);
 
 /* A decoded command (decoder.c fills, projector.c applies). */
 typedef struct CqrsRecord

@@ -6,10 +6,9 @@
  *
  * The struct exists only when cqrs is preloaded; cqrs_shared is NULL in a
  * backend of a server that loaded the library on demand, and every reader
- * copes with that.  Fields are read and written under the spinlock, except
- * leader_latch, which committing backends read without it: a stale or
- * NULL pointer costs at worst one poll interval of latency, never
- * correctness, because latches of exited processes stay valid memory.
+ * copes with that.  Fields are read and written under the spinlock.  A
+ * stale leader_latch costs at worst one poll interval of latency, never
+ * correctness: latches of exited processes stay valid memory.
  *
  *-------------------------------------------------------------------------
  */
@@ -75,16 +74,23 @@ cqrs_set_error(const char *message)
 }
 
 /*
- * Wake the leading projector, if there is one.
+ * Wake the leading projector, if there is one, for a command whose commit
+ * record ends at commit_end.  The projector flushes WAL up to the latest
+ * such position, so a command committed with synchronous_commit = off is
+ * projected at once, not when the WAL writer gets to it.
  */
 void
-cqrs_wake_projector(void)
+cqrs_wake_projector(XLogRecPtr commit_end)
 {
 	Latch	   *latch;
 
 	if (cqrs_shared == NULL)
 		return;
+	SpinLockAcquire(&cqrs_shared->mutex);
+	if (commit_end > cqrs_shared->wake_lsn)
+		cqrs_shared->wake_lsn = commit_end;
 	latch = cqrs_shared->leader_latch;
+	SpinLockRelease(&cqrs_shared->mutex);
 	if (latch != NULL)
 		SetLatch(latch);
 }

@@ -74,9 +74,10 @@
 #define CQRS_BUSY_NAPTIME		10
 
 /* Batch durations (ms) under which the batch size grows, over which it
- * shrinks. */
-#define CQRS_BATCH_FAST_MS		25
-#define CQRS_BATCH_SLOW_MS		100
+ * shrinks.  Shorter bounds give lower lag under full load but smaller
+ * batches, whose fixed cost then takes CPU from the writers. */
+#define CQRS_BATCH_FAST_MS		200
+#define CQRS_BATCH_SLOW_MS		1000
 
 /* Poison commands isolated in one batch before the failure counts as the
  * pipeline's, not the commands'. */
@@ -507,7 +508,7 @@ worker_apply(CqrsQueue *queue, XLogRecPtr skip_upto, CqrsApplyStats *stats)
 }
 
 /*
- * The end of the WAL inserted so far, as a position XLogFlush() accepts.
+ * The end of the WAL reserved so far, as a position XLogFlush() accepts.
  * GetXLogInsertRecPtr() names where the next record will start, which at
  * a page boundary is past the page header not written yet.
  */
@@ -521,6 +522,26 @@ worker_insert_end(void)
 	else if (insert % XLOG_BLCKSZ == SizeOfXLogShortPHD)
 		insert -= SizeOfXLogShortPHD;
 	return insert;
+}
+
+/*
+ * page_read callback of the decoding context: read_local_xlog_page(),
+ * except that WAL a record needs beyond the flushed end is flushed first
+ * rather than waited for.  The flushed end can fall inside a record (the
+ * WAL writer flushes whole pages), and nobody else might flush the rest
+ * soon: a running-transactions record at the end of an idle server's WAL
+ * would otherwise stall the projector.
+ */
+static int
+worker_page_read(XLogReaderState *state, XLogRecPtr targetPagePtr,
+				 int reqLen, XLogRecPtr targetRecPtr, char *cur_page)
+{
+	XLogRecPtr	need = targetPagePtr + reqLen;
+
+	if (GetFlushRecPtr(NULL) < need)
+		XLogFlush(Min(need, worker_insert_end()));
+	return read_local_xlog_page(state, targetPagePtr, reqLen, targetRecPtr,
+								cur_page);
 }
 
 /*
@@ -558,7 +579,7 @@ worker_stream(void)
 
 	CQRS_SLOT_ACQUIRE(cqrs_slot_name);
 	ctx = CreateDecodingContext(InvalidXLogRecPtr, NIL, false,
-								XL_ROUTINE(.page_read = read_local_xlog_page,
+								XL_ROUTINE(.page_read = worker_page_read,
 										   .segment_open = wal_segment_open,
 										   .segment_close = wal_segment_close),
 								NULL, NULL, NULL);
@@ -579,7 +600,7 @@ worker_stream(void)
 	for (;;)
 	{
 		XLogRecPtr	end_of_wal;
-		XLogRecPtr	insert_end;
+		XLogRecPtr	wake_lsn;
 		bool		caught_up;
 		TimestampTz started;
 
@@ -587,14 +608,12 @@ worker_stream(void)
 		if (!cqrs_enabled)
 			break;
 
-		/*
-		 * Flush what is inserted, so that commands committed with
-		 * synchronous_commit = off are projected at once and no record we
-		 * read ends past the flushed WAL (the reader would wait for it).
-		 */
-		insert_end = worker_insert_end();
-		if (GetFlushRecPtr(NULL) < insert_end)
-			XLogFlush(insert_end);
+		/* commands committed with synchronous_commit = off: flush them */
+		SpinLockAcquire(&cqrs_shared->mutex);
+		wake_lsn = cqrs_shared->wake_lsn;
+		SpinLockRelease(&cqrs_shared->mutex);
+		if (GetFlushRecPtr(NULL) < wake_lsn)
+			XLogFlush(wake_lsn);
 		end_of_wal = GetFlushRecPtr(NULL);
 
 		started = GetCurrentTimestamp();
