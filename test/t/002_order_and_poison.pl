@@ -76,6 +76,43 @@ is(sql(q{SELECT string_agg(order_id || ' ' || problem, ',') FROM cqrs.verify()})
 like(slurp_file($node->logfile), qr/CONTEXT:  cqrs projector applying CREATE_ORDER command .* order "big-1"/,
 	'the error context names the command');
 is(sql(q{SELECT state FROM cqrs.status}), 'running', 'the projector keeps running');
+sql(q{ALTER TABLE cqrs.read_model DROP CONSTRAINT regress_small});
+
+# A transient error (here a serialization failure raised by a trigger on
+# the read model while a switch is on) is retried with backoff: nothing is
+# dead-lettered, status shows the error, and the batch goes in once the
+# cause is gone.
+sql(q{CREATE TABLE regress_switch (fail boolean);
+	INSERT INTO regress_switch VALUES (true);
+	CREATE FUNCTION regress_flaky() RETURNS trigger LANGUAGE plpgsql AS $$
+	BEGIN
+		IF (SELECT fail FROM regress_switch) THEN
+			RAISE EXCEPTION 'simulated conflict' USING ERRCODE = 'serialization_failure';
+		END IF;
+		RETURN NEW;
+	END $$;
+	CREATE TRIGGER regress_flaky BEFORE INSERT OR UPDATE ON cqrs.read_model
+		FOR EACH ROW EXECUTE FUNCTION regress_flaky()});
+my $dead_before = sql(q{SELECT count(*) FROM cqrs.dead_letter});
+sql(q{SELECT cqrs.submit_order('retry-1', 'u', 1)});
+$node->poll_query_until('postgres',
+	q{SELECT state = 'error' AND last_error = 'simulated conflict' FROM cqrs.status})
+  or die 'the transient error did not show in cqrs.status';
+sleep 1;
+is(sql(q{SELECT count(*) FROM cqrs.read_model WHERE order_id = 'retry-1'}), '0',
+	'while the error lasts the command is not applied');
+is(sql(q{SELECT count(*) FROM cqrs.dead_letter}), $dead_before,
+	'a transient error dead-letters nothing');
+sql(q{UPDATE regress_switch SET fail = false});
+$node->poll_query_until('postgres',
+	q{SELECT count(*) = 1 FROM cqrs.read_model WHERE order_id = 'retry-1'})
+  or die 'the batch was not retried';
+$node->poll_query_until('postgres', q{SELECT state = 'running' FROM cqrs.status})
+  or die 'the projector did not return to running';
+like(slurp_file($node->logfile),
+	qr/WARNING:  cqrs projector could not apply a batch of 1 commands: simulated conflict/,
+	'the retry is logged');
+pass('the projector retried the batch after the transient error');
 
 $node->stop;
 done_testing();

@@ -25,7 +25,6 @@ sub cqrs_node
 shared_preload_libraries = 'cqrs'
 max_worker_processes = 16
 cqrs.poll_interval = '200ms'
-log_min_messages = 'log'
 });
 	$node->append_conf('postgresql.conf', $opts{conf}) if $opts{conf};
 	$node->start;
