@@ -127,6 +127,7 @@ typedef struct CqrsApplyStats
 
 extern void cqrs_project(CqrsRecord *records, int nrecords,
 						 CqrsApplyStats *stats);
+extern void cqrs_project_forget(void);
 extern void cqrs_save_offset(const char *slot_name, XLogRecPtr lsn);
 extern XLogRecPtr cqrs_load_offset(const char *slot_name);
 extern int64 cqrs_project_log(CqrsApplyStats *stats);

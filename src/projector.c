@@ -101,6 +101,7 @@ typedef struct FoldResult
 /* Kept plans, prepared on first use. */
 static SPIPlanPtr load_rows_plan = NULL;
 static SPIPlanPtr load_parked_plan = NULL;
+static SPIPlanPtr parked_exists_plan = NULL;
 static SPIPlanPtr insert_plan = NULL;
 static SPIPlanPtr update_plan = NULL;
 static SPIPlanPtr park_plan = NULL;
@@ -109,6 +110,14 @@ static SPIPlanPtr dead_plan = NULL;
 static SPIPlanPtr bump_plan = NULL;
 static SPIPlanPtr offset_plan = NULL;
 static SPIPlanPtr load_offset_plan = NULL;
+
+/*
+ * Whether cqrs.parked has rows: -1 unknown, 0 empty, 1 not empty.  Only
+ * the projector parks commands, so while the table is known empty the
+ * batch need not look for parked commands of its orders.  Any rollback
+ * makes it unknown again (cqrs_project_forget()).
+ */
+static int	parked_known = -1;
 
 /* The command being applied, for the error context. */
 static CqrsRecord *current_record = NULL;
@@ -679,6 +688,31 @@ projector_write(FoldResult *fr, int norders)
 }
 
 /*
+ * Does cqrs.parked have any row?
+ */
+static bool
+projector_parked_exists(void)
+{
+	static const char *sql = "SELECT EXISTS (SELECT FROM cqrs.parked)";
+	bool		isnull;
+
+	projector_exec(cqrs_keep_plan(&parked_exists_plan, sql, 0, NULL),
+				   NULL, SPI_OK_SELECT);
+	return DatumGetBool(SPI_getbinval(SPI_tuptable->vals[0],
+									  SPI_tuptable->tupdesc, 1, &isnull));
+}
+
+/*
+ * Forget what is known about cqrs.parked: the transaction that learnt it
+ * rolled back.
+ */
+void
+cqrs_project_forget(void)
+{
+	parked_known = -1;
+}
+
+/*
  * Fold and write records[lo, hi) in the current (sub)transaction.
  */
 static void
@@ -721,7 +755,8 @@ projector_fold(CqrsRecord *records, int lo, int hi, CqrsApplyStats *stats)
 	if (norders > 0)
 	{
 		projector_load_rows(fr.orders, norders);
-		projector_load_parked(fr.orders, norders);
+		if (parked_known != 0)
+			projector_load_parked(fr.orders, norders);
 	}
 
 	for (int i = lo; i < hi; i++)
@@ -744,6 +779,11 @@ projector_fold(CqrsRecord *records, int lo, int hi, CqrsApplyStats *stats)
 	stats->parked += fr.stats.parked;
 	stats->unparked += fr.stats.unparked;
 	stats->dead += fr.stats.dead;
+
+	if (fr.stats.parked > 0)
+		parked_known = 1;
+	else if (parked_known == -1 || fr.stats.unparked > 0)
+		parked_known = projector_parked_exists() ? 1 : 0;
 }
 
 /*
@@ -854,6 +894,7 @@ projector_range(CqrsRecord *records, int lo, int hi, CqrsApplyStats *stats)
 		RollbackAndReleaseCurrentSubTransaction();
 		MemoryContextSwitchTo(oldcontext);
 		CurrentResourceOwner = oldowner;
+		cqrs_project_forget();
 
 		if (!projector_blames_command(edata->sqlerrcode))
 			ReThrowError(edata);

@@ -71,7 +71,7 @@
 
 /* A batch this large means load: gather for this many ms before the next. */
 #define CQRS_BUSY_BATCH			16
-#define CQRS_BUSY_NAPTIME		10
+#define CQRS_BUSY_NAPTIME		5
 
 /* Batch durations (ms) under which the batch size grows, over which it
  * shrinks.  Shorter bounds give lower lag under full load but smaller
@@ -476,6 +476,7 @@ worker_apply(CqrsQueue *queue, XLogRecPtr skip_upto, CqrsApplyStats *stats)
 			edata = CopyErrorData();
 			FlushErrorState();
 			AbortCurrentTransaction();
+			cqrs_project_forget();
 			replorigin_session_origin_lsn = InvalidXLogRecPtr;
 
 			delay = worker_backoff(attempt);
@@ -790,6 +791,7 @@ worker_lead(int *failures)
 		EmitErrorReport();
 		FlushErrorState();
 		AbortOutOfAnyTransaction();
+		cqrs_project_forget();
 		if (lead_ctx != NULL)
 		{
 			FreeDecodingContext(lead_ctx);
