@@ -62,7 +62,6 @@ typedef struct CqrsShared
 	int			leader_pid;
 	CqrsState	state;
 	XLogRecPtr	applied_lsn;	/* all commands committed before are applied */
-	TimestampTz last_applied_at;
 	double		last_lag_ms;	/* commit-to-read-model of the last batch */
 	uint64		applied_total;	/* commands processed */
 	uint64		batches_total;
@@ -103,9 +102,7 @@ typedef struct CqrsQueue
 	int			nrecords;
 	int			capacity;
 	int			xact_start;		/* first record of the transaction decoding */
-	int			ntxns;
 	XLogRecPtr	last_commit_lsn;
-	TimestampTz first_commit_time;
 	TimestampTz last_commit_time;
 	bool		catalog_changed;	/* a decoded transaction changed catalogs */
 } CqrsQueue;

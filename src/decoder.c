@@ -79,9 +79,7 @@ cqrs_queue_reset(CqrsQueue *queue)
 	queue->nrecords = 0;
 	queue->capacity = 0;
 	queue->xact_start = 0;
-	queue->ntxns = 0;
 	queue->last_commit_lsn = InvalidXLogRecPtr;
-	queue->first_commit_time = 0;
 	queue->last_commit_time = 0;
 	queue->catalog_changed = false;
 }
@@ -339,9 +337,6 @@ decoder_commit(LogicalDecodingContext *ctx, ReorderBufferTXN *txn,
 			queue->records[i].commit_lsn = txn->end_lsn;
 			queue->records[i].commit_time = txn->xact_time.commit_time;
 		}
-		if (queue->ntxns == 0)
-			queue->first_commit_time = txn->xact_time.commit_time;
-		queue->ntxns++;
 		queue->last_commit_lsn = txn->end_lsn;
 		queue->last_commit_time = txn->xact_time.commit_time;
 		return;

@@ -694,7 +694,6 @@ worker_stream(void)
 			cqrs_shared->last_batch_size = nrecords;
 			cqrs_shared->last_batch_ms = ms;
 			cqrs_shared->batch_size = target;
-			cqrs_shared->last_applied_at = GetCurrentTimestamp();
 			cqrs_shared->state = caught_up ? CQRS_STATE_RUNNING :
 				CQRS_STATE_CATCHING_UP;
 			SpinLockRelease(&cqrs_shared->mutex);
