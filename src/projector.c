@@ -449,6 +449,71 @@ fold_record(FoldResult *fr, OrderState *o, CqrsRecord *rec)
 }
 
 /*
+ * Insert dead letters; returns how many were new.
+ */
+static int64
+projector_write_dead(List *dead)
+{
+	static const char *dead_sql =
+		"INSERT INTO cqrs.dead_letter (command_id, command_type, aggregate_id,"
+		" sequence_id, reason)"
+		" SELECT * FROM ROWS FROM (pg_catalog.unnest($1::pg_catalog.uuid[]),"
+		" pg_catalog.unnest($2::pg_catalog.text[]),"
+		" pg_catalog.unnest($3::pg_catalog.text[]),"
+		" pg_catalog.unnest($4::pg_catalog.int8[]),"
+		" pg_catalog.unnest($5::pg_catalog.text[]))"
+		" ON CONFLICT (command_id) DO NOTHING";
+	Oid			dead_types[5] = {UUIDARRAYOID, TEXTARRAYOID, TEXTARRAYOID, INT8ARRAYOID, TEXTARRAYOID};
+	int			nd = list_length(dead);
+	int			i = 0;
+	Datum		values[5];
+	Datum	   *a,
+			   *b,
+			   *c,
+			   *d,
+			   *e;
+	bool	   *bnull,
+			   *cnull;
+	ListCell   *lc;
+
+	if (nd == 0)
+		return 0;
+	a = palloc(sizeof(Datum) * nd);
+	b = palloc(sizeof(Datum) * nd);
+	c = palloc(sizeof(Datum) * nd);
+	d = palloc(sizeof(Datum) * nd);
+	e = palloc(sizeof(Datum) * nd);
+	bnull = palloc0(sizeof(bool) * nd);
+	cnull = palloc0(sizeof(bool) * nd);
+
+	foreach(lc, dead)
+	{
+		DeadLetter *dl = lfirst(lc);
+
+		a[i] = UUIDPGetDatum(&dl->rec->command_id);
+		if (dl->rec->command_type)
+			b[i] = CStringGetTextDatum(dl->rec->command_type);
+		else
+			bnull[i] = true;
+		if (dl->rec->aggregate_id)
+			c[i] = CStringGetTextDatum(dl->rec->aggregate_id);
+		else
+			cnull[i] = true;
+		d[i] = Int64GetDatum(dl->rec->sequence_id);
+		e[i] = CStringGetTextDatum(dl->reason);
+		i++;
+	}
+	values[0] = projector_array(a, NULL, nd, UUIDOID);
+	values[1] = projector_array(b, bnull, nd, TEXTOID);
+	values[2] = projector_array(c, cnull, nd, TEXTOID);
+	values[3] = projector_array(d, NULL, nd, INT8OID);
+	values[4] = projector_array(e, NULL, nd, TEXTOID);
+	projector_exec(cqrs_keep_plan(&dead_plan, dead_sql, 5, dead_types),
+				   values, SPI_OK_INSERT);
+	return (int64) SPI_processed;
+}
+
+/*
  * Write the fold back: read-model rows, parked and unparked commands,
  * dead letters.
  */
@@ -501,20 +566,10 @@ projector_write(FoldResult *fr, int norders)
 		" AS u(aggregate_id, sequence_id)"
 		" WHERE p.aggregate_id OPERATOR(pg_catalog.=) u.aggregate_id"
 		" AND p.sequence_id OPERATOR(pg_catalog.=) u.sequence_id";
-	static const char *dead_sql =
-		"INSERT INTO cqrs.dead_letter (command_id, command_type, aggregate_id,"
-		" sequence_id, reason)"
-		" SELECT * FROM ROWS FROM (pg_catalog.unnest($1::pg_catalog.uuid[]),"
-		" pg_catalog.unnest($2::pg_catalog.text[]),"
-		" pg_catalog.unnest($3::pg_catalog.text[]),"
-		" pg_catalog.unnest($4::pg_catalog.int8[]),"
-		" pg_catalog.unnest($5::pg_catalog.text[]))"
-		" ON CONFLICT (command_id) DO NOTHING";
 	Oid			row_types[5] = {TEXTARRAYOID, TEXTARRAYOID, NUMERICARRAYOID, TEXTARRAYOID, INT8ARRAYOID};
 	Oid			park_types[7] = {TEXTARRAYOID, INT8ARRAYOID, UUIDARRAYOID, INT8ARRAYOID, INT8ARRAYOID, TEXTARRAYOID, JSONBARRAYOID};
 	Oid			unpark_types[2] = {TEXTARRAYOID, INT8ARRAYOID};
-	Oid			dead_types[5] = {UUIDARRAYOID, TEXTARRAYOID, TEXTARRAYOID, INT8ARRAYOID, TEXTARRAYOID};
-	int			cap = norders + list_length(fr->dead) + 1;
+	int			cap = norders + 1;
 	int			ninsert = 0;
 	Datum	   *a = palloc(sizeof(Datum) * cap);
 	Datum	   *b = palloc(sizeof(Datum) * cap);
@@ -651,40 +706,7 @@ projector_write(FoldResult *fr, int norders)
 					   values, SPI_OK_DELETE);
 	}
 
-	if (fr->dead != NIL)
-	{
-		int			nd = list_length(fr->dead);
-		int			i = 0;
-		Datum		values[5];
-		bool	   *bnull = palloc0(sizeof(bool) * nd);
-		bool	   *cnull = palloc0(sizeof(bool) * nd);
-
-		foreach(lc, fr->dead)
-		{
-			DeadLetter *dl = lfirst(lc);
-
-			a[i] = UUIDPGetDatum(&dl->rec->command_id);
-			if (dl->rec->command_type)
-				b[i] = CStringGetTextDatum(dl->rec->command_type);
-			else
-				bnull[i] = true;
-			if (dl->rec->aggregate_id)
-				c[i] = CStringGetTextDatum(dl->rec->aggregate_id);
-			else
-				cnull[i] = true;
-			d[i] = Int64GetDatum(dl->rec->sequence_id);
-			e[i] = CStringGetTextDatum(dl->reason);
-			i++;
-		}
-		values[0] = projector_array(a, NULL, nd, UUIDOID);
-		values[1] = projector_array(b, bnull, nd, TEXTOID);
-		values[2] = projector_array(c, cnull, nd, TEXTOID);
-		values[3] = projector_array(d, NULL, nd, INT8OID);
-		values[4] = projector_array(e, NULL, nd, TEXTOID);
-		projector_exec(cqrs_keep_plan(&dead_plan, dead_sql, 5, dead_types),
-					   values, SPI_OK_INSERT);
-		fr->stats.dead += SPI_processed;
-	}
+	fr->stats.dead += projector_write_dead(fr->dead);
 }
 
 /*
@@ -822,31 +844,15 @@ projector_poison(CqrsRecord *rec, const char *message, CqrsApplyStats *stats)
 		"UPDATE cqrs.read_model SET version = $2, updated_at = pg_catalog.now()"
 		" WHERE order_id OPERATOR(pg_catalog.=) $1"
 		" AND version OPERATOR(pg_catalog.=) ($2 OPERATOR(pg_catalog.-) 1)";
-	FoldResult	fr;
 	Oid			bump_types[2] = {TEXTOID, INT8OID};
+	DeadLetter	dl = {rec, unconstify(char *, message)};
 
 	ereport(LOG,
 			(errmsg("cqrs projector dead-lettered command %s: %s",
 					DatumGetCString(DirectFunctionCall1(uuid_out, UUIDPGetDatum(&rec->command_id))),
 					message)));
 
-	memset(&fr, 0, sizeof(fr));
-	fold_dead(&fr, rec, message);
-	fr.orders = NULL;
-	/* reuse the writer for the single dead letter */
-	{
-		HASHCTL		hctl;
-
-		hctl.keysize = sizeof(char *);
-		hctl.entrysize = sizeof(OrderState);
-		hctl.hash = order_hash;
-		hctl.match = order_match;
-		hctl.hcxt = CurrentMemoryContext;
-		fr.orders = hash_create("cqrs poison", 4, &hctl,
-								HASH_ELEM | HASH_FUNCTION | HASH_COMPARE | HASH_CONTEXT);
-	}
-	projector_write(&fr, 0);
-	stats->dead += fr.stats.dead;
+	stats->dead += projector_write_dead(list_make1(&dl));
 	stats->applied++;
 	stats->poisoned++;
 
