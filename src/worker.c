@@ -135,6 +135,30 @@ worker_wait(long timeout)
 }
 
 /*
+ * Start a transaction for SPI work: SPI connected, a snapshot pushed.
+ */
+static void
+worker_begin(void)
+{
+	SetCurrentStatementStartTimestamp();
+	StartTransactionCommand();
+	if (SPI_connect() != SPI_OK_CONNECT)
+		elog(ERROR, "SPI_connect failed");
+	PushActiveSnapshot(GetTransactionSnapshot());
+}
+
+/*
+ * Commit what worker_begin() started.
+ */
+static void
+worker_commit(void)
+{
+	SPI_finish();
+	PopActiveSnapshot();
+	CommitTransactionCommand();
+}
+
+/*
  * The OID of the extension in our database, InvalidOid when it is not
  * installed.  A new OID means a new extension: the slot of the old one
  * must not feed the new read model.
@@ -292,16 +316,10 @@ worker_create_slot(void)
 	pgstat_report_activity(STATE_RUNNING, "catching up from the command log");
 	worker_set_state(CQRS_STATE_CATCHING_UP);
 	memset(&stats, 0, sizeof(stats));
-	SetCurrentStatementStartTimestamp();
-	StartTransactionCommand();
-	if (SPI_connect() != SPI_OK_CONNECT)
-		elog(ERROR, "SPI_connect failed");
-	PushActiveSnapshot(GetTransactionSnapshot());
+	worker_begin();
 	nread = cqrs_project_log(&stats);
 	cqrs_save_offset(cqrs_slot_name, start);
-	SPI_finish();
-	PopActiveSnapshot();
-	CommitTransactionCommand();
+	worker_commit();
 	pgstat_report_activity(STATE_IDLE, NULL);
 
 	SpinLockAcquire(&cqrs_shared->mutex);
@@ -325,15 +343,9 @@ worker_offset(void)
 {
 	XLogRecPtr	lsn;
 
-	SetCurrentStatementStartTimestamp();
-	StartTransactionCommand();
-	if (SPI_connect() != SPI_OK_CONNECT)
-		elog(ERROR, "SPI_connect failed");
-	PushActiveSnapshot(GetTransactionSnapshot());
+	worker_begin();
 	lsn = cqrs_load_offset(cqrs_slot_name);
-	SPI_finish();
-	PopActiveSnapshot();
-	CommitTransactionCommand();
+	worker_commit();
 	return lsn;
 }
 
@@ -444,11 +456,7 @@ worker_apply(CqrsQueue *queue, XLogRecPtr skip_upto, CqrsApplyStats *stats)
 		memset(stats, 0, sizeof(CqrsApplyStats));
 		PG_TRY();
 		{
-			SetCurrentStatementStartTimestamp();
-			StartTransactionCommand();
-			if (SPI_connect() != SPI_OK_CONNECT)
-				elog(ERROR, "SPI_connect failed");
-			PushActiveSnapshot(GetTransactionSnapshot());
+			worker_begin();
 			pgstat_report_activity(STATE_RUNNING, "applying a batch");
 
 			cqrs_project(records, n, stats);
@@ -457,14 +465,12 @@ worker_apply(CqrsQueue *queue, XLogRecPtr skip_upto, CqrsApplyStats *stats)
 						(errcode(ERRCODE_OBJECT_NOT_IN_PREREQUISITE_STATE),
 						 errmsg("%lld commands of one batch failed on their own",
 								(long long) stats->poisoned),
-						 errdetail("So many points at the read model or its triggers, not at the commands; nothing was dead-lettered.")));
+						 errdetail("So many failures point at the read model or its triggers, not at the commands; nothing was dead-lettered.")));
 			cqrs_save_offset(cqrs_slot_name, queue->last_commit_lsn);
 
 			replorigin_session_origin_lsn = queue->last_commit_lsn;
 			replorigin_session_origin_timestamp = queue->last_commit_time;
-			SPI_finish();
-			PopActiveSnapshot();
-			CommitTransactionCommand();
+			worker_commit();
 			pgstat_report_activity(STATE_IDLE, NULL);
 			done = true;
 		}
