@@ -34,12 +34,14 @@ CREATE SCHEMA cqrs;
 COMMENT ON SCHEMA cqrs IS 'cqrs: command log, read model and their administration';
 
 -- The command log: append-only, idempotent by command_id, ordered per
--- order by sequence_id.
+-- order by sequence_id.  Order and user ids, here and in the other tables,
+-- use the "C" collation: they are keys, compared for equality and sorted by
+-- bytes, and every index probe is then a memcmp(), not a locale comparison.
 CREATE TABLE cqrs.command_log (
 	log_id bigint GENERATED ALWAYS AS IDENTITY,
 	command_id uuid NOT NULL,
 	command_type text NOT NULL,
-	aggregate_id text NOT NULL,
+	aggregate_id text COLLATE pg_catalog."C" NOT NULL,
 	sequence_id bigint NOT NULL,
 	payload jsonb NOT NULL,
 	created_at timestamptz NOT NULL DEFAULT pg_catalog.now(),
@@ -75,8 +77,8 @@ ALTER TABLE cqrs.command_log ENABLE ALWAYS TRIGGER command_log_append_only;
 
 -- The read model: one row per order, the fold of its commands.
 CREATE TABLE cqrs.read_model (
-	order_id text NOT NULL,
-	user_id text NOT NULL,
+	order_id text COLLATE pg_catalog."C" NOT NULL,
+	user_id text COLLATE pg_catalog."C" NOT NULL,
 	total_amount numeric NOT NULL,
 	status text NOT NULL,
 	version bigint NOT NULL,
@@ -107,7 +109,7 @@ COMMENT ON TABLE cqrs.offset_tracking IS
 CREATE TABLE cqrs.dead_letter (
 	command_id uuid NOT NULL,
 	command_type text,
-	aggregate_id text,
+	aggregate_id text COLLATE pg_catalog."C",
 	sequence_id bigint,
 	reason text NOT NULL,
 	failed_at timestamptz NOT NULL DEFAULT pg_catalog.now(),
@@ -118,7 +120,7 @@ COMMENT ON TABLE cqrs.dead_letter IS
 
 -- Commands waiting for a missing predecessor in their order.
 CREATE TABLE cqrs.parked (
-	aggregate_id text NOT NULL,
+	aggregate_id text COLLATE pg_catalog."C" NOT NULL,
 	sequence_id bigint NOT NULL,
 	command_id uuid NOT NULL,
 	waiting_for bigint NOT NULL,
