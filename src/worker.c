@@ -19,8 +19,10 @@
  * plugin in this library puts the commands into an in-memory queue.  Each
  * batch is applied in one transaction that also records the position in
  * cqrs.offset_tracking and, through the session's replication origin, in
- * the origin's progress.  The apply commits with synchronous_commit =
- * local, so the slot is confirmed only after the batch is durable.  After
+ * the origin's progress.  The apply commits asynchronously (a flush per
+ * batch would cost more than the batch), and the slot is confirmed up to a
+ * batch only once the WAL writer, or our own flush of the next commands,
+ * has made that batch's commit durable.  After
  * a crash, decoding resumes at the slot's confirmed position, which may be
  * behind the last applied batch; transactions at or before the recorded
  * offset are skipped, and the version rule of projector.c makes any
@@ -320,6 +322,7 @@ worker_create_slot(void)
 	nread = cqrs_project_log(&stats);
 	cqrs_save_offset(cqrs_slot_name, start);
 	worker_commit();
+	XLogFlush(XactLastCommitEnd);
 	pgstat_report_activity(STATE_IDLE, NULL);
 
 	SpinLockAcquire(&cqrs_shared->mutex);
@@ -552,6 +555,29 @@ worker_page_read(XLogReaderState *state, XLogRecPtr targetPagePtr,
 }
 
 /*
+ * Confirm the slot up to "upto", the end of the last applied batch, once
+ * that batch's commit record ("commit_end") is on disk; with "flush", make
+ * it so first.  Until then the slot keeps the batch's commands, so a crash
+ * that loses the asynchronous commit loses nothing.  Returns whether the
+ * confirmation is done.
+ */
+static bool
+worker_confirm(XLogRecPtr upto, XLogRecPtr commit_end, bool flush)
+{
+	if (XLogRecPtrIsInvalid(upto))
+		return true;
+	if (GetFlushRecPtr(NULL) < commit_end)
+	{
+		if (!flush)
+			return false;
+		XLogFlush(commit_end);
+	}
+	if (upto > MyReplicationSlot->data.confirmed_flush)
+		LogicalConfirmReceivedLocation(upto);
+	return true;
+}
+
+/*
  * Lead: stream from the slot and apply until projection is switched off
  * or the extension dropped.
  */
@@ -565,6 +591,8 @@ worker_stream(void)
 	int			target = cqrs_batch_size_min;
 	Oid			extension;
 	bool		extension_gone = false;
+	XLogRecPtr	unconfirmed = InvalidXLogRecPtr;
+	XLogRecPtr	unconfirmed_commit = InvalidXLogRecPtr;
 
 	extension = worker_extension_oid();
 	worker_ensure_slot();
@@ -622,6 +650,8 @@ worker_stream(void)
 		if (GetFlushRecPtr(NULL) < wake_lsn)
 			XLogFlush(wake_lsn);
 		end_of_wal = GetFlushRecPtr(NULL);
+		if (worker_confirm(unconfirmed, unconfirmed_commit, false))
+			unconfirmed = InvalidXLogRecPtr;
 
 		started = GetCurrentTimestamp();
 		if (ctx->reader->EndRecPtr < end_of_wal)
@@ -678,7 +708,8 @@ worker_stream(void)
 				extension_gone = (worker_extension_oid() != extension);
 				break;
 			}
-			LogicalConfirmReceivedLocation(position);
+			unconfirmed = position;
+			unconfirmed_commit = XactLastCommitEnd;
 			skip_upto = Max(skip_upto, position);
 			ms = (double) (GetCurrentTimestamp() - started) / 1000.0;
 
@@ -720,9 +751,13 @@ worker_stream(void)
 		if (!caught_up)
 			continue;
 
-		/* nothing pending: everything before EndRecPtr is projected */
-		if (ctx->reader->EndRecPtr > MyReplicationSlot->data.confirmed_flush)
-			LogicalConfirmReceivedLocation(ctx->reader->EndRecPtr);
+		/*
+		 * Nothing pending: everything before EndRecPtr is projected, once
+		 * the last batch is on disk.
+		 */
+		worker_confirm(unconfirmed, unconfirmed_commit, true);
+		unconfirmed = InvalidXLogRecPtr;
+		worker_confirm(ctx->reader->EndRecPtr, InvalidXLogRecPtr, false);
 		SpinLockAcquire(&cqrs_shared->mutex);
 		cqrs_shared->applied_lsn = Max(cqrs_shared->applied_lsn,
 									   ctx->reader->EndRecPtr);
@@ -738,6 +773,7 @@ worker_stream(void)
 		}
 	}
 
+	worker_confirm(unconfirmed, unconfirmed_commit, true);
 	lead_ctx = NULL;
 	FreeDecodingContext(ctx);
 	ReplicationSlotRelease();
@@ -843,8 +879,11 @@ cqrs_worker_main(Datum main_arg)
 										   "cqrs projector",
 										   ALLOCSET_DEFAULT_SIZES);
 
-	/* a batch counts as applied only once it is on disk */
-	SetConfigOption("synchronous_commit", "local", PGC_SUSET, PGC_S_OVERRIDE);
+	/*
+	 * Batches commit asynchronously; worker_confirm() confirms the slot only
+	 * up to batches whose commit is on disk.
+	 */
+	SetConfigOption("synchronous_commit", "off", PGC_SUSET, PGC_S_OVERRIDE);
 
 	/*
 	 * Every statement of the projector looks rows up by key.  The read
