@@ -11,11 +11,18 @@
  * Invariants this file keeps:
  *
  * - Bad input raises an error before anything is written.
- * - command_id is the idempotency key.  The append is an INSERT ... ON
- *   CONFLICT DO NOTHING, so the common case costs one insert; only when it
- *   inserted nothing is the log read, to tell a retry of the same command
- *   (the original receipt, duplicate = true) from a reuse of the id for
- *   another command, or a taken sequence (both 23505).
+ * - command_id is the idempotency key.  Every command takes a
+ *   transaction-scoped lock on its command_id and on its order, so no
+ *   other transaction can be appending the same id or to the same order;
+ *   the append is then one INSERT that skips itself when its command_id
+ *   or its order's sequence is already in the log (cheaper than ON
+ *   CONFLICT's speculative insertion).  Only when it inserted nothing is
+ *   the log read, to tell a retry of the same command (the original
+ *   receipt, duplicate = true) from a reuse of the id for another command,
+ *   or a taken sequence (both 23505).  Under REPEATABLE READ or
+ *   SERIALIZABLE the snapshot may not see a row committed by the
+ *   transaction we waited for, so there the INSERT uses ON CONFLICT DO
+ *   NOTHING, which sees it and fails with a serialization error.
  * - sequence_id values of one order are unique (the unique index) and,
  *   when the server assigns them, dense: every command takes a
  *   transaction-scoped lock on its order before reading the order's last
@@ -56,13 +63,6 @@
 PG_FUNCTION_INFO_V1(submit_order);
 PG_FUNCTION_INFO_V1(ship_order);
 PG_FUNCTION_INFO_V1(cancel_order);
-
-/*
- * field4 of the advisory lock tags cqrs takes on orders.  User advisory
- * locks use 1 and 2 there, so cqrs never collides with an application's
- * pg_advisory_lock() keys.
- */
-#define CQRS_ORDER_LOCK_SPACE	0x4351
 
 /* Upper bound of an order amount, inclusive. */
 #define CQRS_MAX_AMOUNT			INT64CONST(1000000000000000)
@@ -106,6 +106,7 @@ static bool xact_callback_registered = false;
 
 /* Plans kept for the life of the backend, prepared on first use. */
 static SPIPlanPtr insert_plan = NULL;
+static SPIPlanPtr snapshot_insert_plan = NULL;
 static SPIPlanPtr lookup_plan = NULL;
 static SPIPlanPtr last_sequence_plan = NULL;
 static SPIPlanPtr holder_plan = NULL;
@@ -334,18 +335,18 @@ cmd_result(int attno)
 }
 
 /*
- * Take the transaction-scoped lock that serialises commands of one order.
+ * Take a transaction-scoped exclusive lock on the 64-bit hash of "key" in
+ * lock space "space".  Two keys sharing a hash only wait for each other.
  */
 static void
-cmd_lock_order(text *order_id)
+cmd_lock_key(const void *key, int len, uint16 space)
 {
 	LOCKTAG		tag;
 	uint64		h;
 
-	h = DatumGetUInt64(hash_any_extended((const unsigned char *) VARDATA_ANY(order_id),
-										 VARSIZE_ANY_EXHDR(order_id), 0));
+	h = DatumGetUInt64(hash_any_extended((const unsigned char *) key, len, 0));
 	SET_LOCKTAG_ADVISORY(tag, MyDatabaseId, (uint32) (h >> 32), (uint32) h,
-						 CQRS_ORDER_LOCK_SPACE);
+						 space);
 	(void) LockAcquire(&tag, ExclusiveLock, false, false);
 }
 
@@ -380,13 +381,26 @@ cmd_last_sequence(text *order_id)
 static bool
 cmd_insert(CqrsCommand *cmd, CqrsReceipt *receipt)
 {
+	/* with the command's locks held, under a statement snapshot */
 	static const char *sql =
+		"INSERT INTO cqrs.command_log"
+		" (command_id, command_type, aggregate_id, sequence_id, payload)"
+		" SELECT $1, $2, $3, $4, $5"
+		" WHERE NOT EXISTS (SELECT FROM cqrs.command_log"
+		"                    WHERE command_id OPERATOR(pg_catalog.=) $1)"
+		" AND NOT EXISTS (SELECT FROM cqrs.command_log"
+		"                  WHERE aggregate_id OPERATOR(pg_catalog.=) $3"
+		"                  AND sequence_id OPERATOR(pg_catalog.=) $4)"
+		" RETURNING log_id";
+	/* under a transaction snapshot */
+	static const char *snapshot_sql =
 		"INSERT INTO cqrs.command_log"
 		" (command_id, command_type, aggregate_id, sequence_id, payload)"
 		" VALUES ($1, $2, $3, $4, $5)"
 		" ON CONFLICT DO NOTHING RETURNING log_id";
 	Oid			argtypes[5] = {UUIDOID, TEXTOID, TEXTOID, INT8OID, JSONBOID};
 	Datum		values[5];
+	SPIPlanPtr	plan;
 
 	values[0] = UUIDPGetDatum(&cmd->command_id);
 	values[1] = CStringGetTextDatum(cmd_type_names[cmd->type]);
@@ -394,8 +408,11 @@ cmd_insert(CqrsCommand *cmd, CqrsReceipt *receipt)
 	values[3] = Int64GetDatum(cmd->sequence_id);
 	values[4] = JsonbPGetDatum(cmd->payload);
 
-	if (!cmd_exec(cqrs_keep_plan(&insert_plan, sql, 5, argtypes),
-				  values, NULL, SPI_OK_INSERT_RETURNING))
+	if (IsolationUsesXactSnapshot())
+		plan = cqrs_keep_plan(&snapshot_insert_plan, snapshot_sql, 5, argtypes);
+	else
+		plan = cqrs_keep_plan(&insert_plan, sql, 5, argtypes);
+	if (!cmd_exec(plan, values, NULL, SPI_OK_INSERT_RETURNING))
 		return false;
 
 	receipt->command_id = cmd->command_id;
@@ -527,7 +544,9 @@ cmd_append(CqrsCommand *cmd, CqrsReceipt *receipt)
 	if (SPI_connect() != SPI_OK_CONNECT)
 		elog(ERROR, "SPI_connect failed");
 
-	cmd_lock_order(cmd->order_id);
+	cmd_lock_key(&cmd->command_id, sizeof(pg_uuid_t), CQRS_COMMAND_LOCK_SPACE);
+	cmd_lock_key(VARDATA_ANY(cmd->order_id), VARSIZE_ANY_EXHDR(cmd->order_id),
+				 CQRS_ORDER_LOCK_SPACE);
 	if (!cmd->sequence_given)
 		cmd->sequence_id = cmd_last_sequence(cmd->order_id) + 1;
 

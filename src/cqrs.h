@@ -24,6 +24,7 @@
 /* Advisory lock spaces (field4 of the tag); user locks use 1 and 2. */
 #define CQRS_ORDER_LOCK_SPACE	0x4351
 #define CQRS_LEADER_LOCK_SPACE	0x4352
+#define CQRS_COMMAND_LOCK_SPACE	0x4353
 
 #define CQRS_ERROR_LEN			512
 

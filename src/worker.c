@@ -755,8 +755,13 @@ worker_stream(void)
 		 * Nothing pending: everything before EndRecPtr is projected, once
 		 * the last batch is on disk.
 		 */
-		worker_confirm(unconfirmed, unconfirmed_commit, true);
-		unconfirmed = InvalidXLogRecPtr;
+		if (!XLogRecPtrIsInvalid(unconfirmed))
+		{
+			/* make the last batch durable, then read past its commit */
+			worker_confirm(unconfirmed, unconfirmed_commit, true);
+			unconfirmed = InvalidXLogRecPtr;
+			continue;
+		}
 		worker_confirm(ctx->reader->EndRecPtr, InvalidXLogRecPtr, false);
 		SpinLockAcquire(&cqrs_shared->mutex);
 		cqrs_shared->applied_lsn = Max(cqrs_shared->applied_lsn,
