@@ -22,7 +22,7 @@ PG_CFLAGS = -Wall -Wextra -Wno-unused-parameter $(CQRS_CFLAGS)
 
 # pg_regress: SQL behaviour of the command path.
 REGRESS = setup uuidv7 submit ship_cancel validation append_only privileges \
-	search_path decoder
+	search_path operate decoder
 REGRESS_OPTS = --temp-config=$(srcdir)/test/cqrs.conf \
 	--temp-instance=./tmp_check_regress --port=54391
 

@@ -133,6 +133,20 @@ CREATE TABLE cqrs.parked (
 COMMENT ON TABLE cqrs.parked IS
 	'Commands held back until the sequence_id they wait for is applied';
 
+-- Operator decisions the projector obeys, kept in a table so that they
+-- survive restarts.  One row.
+CREATE TABLE cqrs.projector_state (
+	singleton boolean NOT NULL DEFAULT true,
+	paused boolean NOT NULL DEFAULT false,
+	changed_at timestamptz NOT NULL DEFAULT pg_catalog.now(),
+	changed_by name NOT NULL DEFAULT CURRENT_USER,
+	CONSTRAINT projector_state_pkey PRIMARY KEY (singleton),
+	CONSTRAINT projector_state_singleton_check CHECK (singleton)
+);
+INSERT INTO cqrs.projector_state DEFAULT VALUES;
+COMMENT ON TABLE cqrs.projector_state IS
+	'One row: whether projection is paused (cqrs.pause(), cqrs.resume()), since when and by whom';
+
 CREATE TYPE cqrs.receipt AS (
 	command_id uuid,
 	log_id bigint,
@@ -199,6 +213,38 @@ AS 'MODULE_PATHNAME', 'lag_histogram'
 LANGUAGE C VOLATILE;
 COMMENT ON FUNCTION cqrs.lag_histogram() IS
 	'Commit-to-read-model latency of the commands projected since the server started, per bucket';
+
+-- Operating the projector.
+CREATE FUNCTION cqrs.pause()
+RETURNS void
+AS 'MODULE_PATHNAME', 'pause_projection'
+LANGUAGE C VOLATILE PARALLEL UNSAFE;
+COMMENT ON FUNCTION cqrs.pause() IS
+	'Stop projecting after the current batch, until cqrs.resume(), across restarts; commands are still accepted';
+
+CREATE FUNCTION cqrs.resume()
+RETURNS void
+AS 'MODULE_PATHNAME', 'resume_projection'
+LANGUAGE C VOLATILE PARALLEL UNSAFE;
+COMMENT ON FUNCTION cqrs.resume() IS
+	'Project again after cqrs.pause(), catching up from where it stopped';
+
+-- Read-your-writes fences.
+CREATE FUNCTION cqrs.wait_for(command_id uuid,
+							  timeout interval DEFAULT '5 seconds')
+RETURNS boolean
+AS 'MODULE_PATHNAME', 'wait_for'
+LANGUAGE C VOLATILE STRICT PARALLEL UNSAFE;
+COMMENT ON FUNCTION cqrs.wait_for(uuid, interval) IS
+	'Wait until the command is processed (applied or dead-lettered); false at the timeout.  Works on a standby';
+
+CREATE FUNCTION cqrs.wait_for_lsn(lsn pg_catalog.pg_lsn,
+								  timeout interval DEFAULT '5 seconds')
+RETURNS boolean
+AS 'MODULE_PATHNAME', 'wait_for_lsn'
+LANGUAGE C VOLATILE STRICT PARALLEL UNSAFE;
+COMMENT ON FUNCTION cqrs.wait_for_lsn(pg_catalog.pg_lsn, interval) IS
+	'Wait until every command committed up to the LSN is projected; false at the timeout';
 
 CREATE VIEW cqrs.status AS
 SELECT w.state,
@@ -320,8 +366,14 @@ GRANT EXECUTE ON FUNCTION
 -- Readers see the query side only.
 GRANT SELECT ON cqrs.read_model TO cqrs_reader;
 
+-- Any client may wait for its own writes to be projected.
+GRANT EXECUTE ON FUNCTION
+	cqrs.wait_for(uuid, interval),
+	cqrs.wait_for_lsn(pg_catalog.pg_lsn, interval)
+	TO cqrs_writer, cqrs_reader, cqrs_admin;
+
 -- Operators see everything and repair through functions; they do not
 -- write the log directly either.
 GRANT SELECT ON ALL TABLES IN SCHEMA cqrs TO cqrs_admin;
 GRANT EXECUTE ON FUNCTION cqrs.uuidv7(), cqrs.worker_status(), cqrs.verify(),
-	cqrs.lag_histogram() TO cqrs_admin;
+	cqrs.lag_histogram(), cqrs.pause(), cqrs.resume() TO cqrs_admin;

@@ -2,14 +2,18 @@
  *
  * admin.c
  *		SQL-callable administration: the projector's shared state for the
- *		cqrs.status view.
+ *		cqrs.status view, pause and resume, and the read-your-writes
+ *		fences cqrs.wait_for() and cqrs.wait_for_lsn().
  *
  *-------------------------------------------------------------------------
  */
 #include "postgres.h"
 
 #include "access/htup_details.h"
+#include "access/xact.h"
 #include "access/xlog.h"
+#include "catalog/pg_type.h"
+#include "executor/spi.h"
 #include "commands/dbcommands.h"
 #include "fmgr.h"
 #include "funcapi.h"
@@ -20,11 +24,20 @@
 #include "utils/pg_lsn.h"
 #include "utils/tuplestore.h"
 #include "utils/timestamp.h"
+#include "utils/uuid.h"
+#include "utils/wait_event.h"
 
 #include "cqrs.h"
 
 PG_FUNCTION_INFO_V1(worker_status);
 PG_FUNCTION_INFO_V1(lag_histogram);
+PG_FUNCTION_INFO_V1(pause_projection);
+PG_FUNCTION_INFO_V1(resume_projection);
+PG_FUNCTION_INFO_V1(wait_for);
+PG_FUNCTION_INFO_V1(wait_for_lsn);
+
+/* How often cqrs.wait_for() looks again on a standby, in ms. */
+#define CQRS_STANDBY_POLL_MS	10
 
 static const char *const state_names[] = {
 	[CQRS_STATE_IDLE] = "idle",
@@ -32,6 +45,7 @@ static const char *const state_names[] = {
 	[CQRS_STATE_CATCHING_UP] = "catching_up",
 	[CQRS_STATE_DISABLED] = "disabled",
 	[CQRS_STATE_ERROR] = "error",
+	[CQRS_STATE_PAUSED] = "paused",
 };
 
 /*
@@ -171,4 +185,242 @@ lag_histogram(PG_FUNCTION_ARGS)
 		tuplestore_putvalues(rsinfo->setResult, rsinfo->setDesc, values, nulls);
 	}
 	return (Datum) 0;
+}
+
+/*
+ * Whether this transaction changed cqrs.projector_state, so that its
+ * commit must tell the projectors.
+ */
+static bool control_changed = false;
+static bool control_callback_registered = false;
+
+static void
+admin_xact_callback(XactEvent event, void *arg)
+{
+	switch (event)
+	{
+		case XACT_EVENT_COMMIT:
+		case XACT_EVENT_PARALLEL_COMMIT:
+			if (control_changed)
+				cqrs_control_changed();
+			control_changed = false;
+			break;
+		case XACT_EVENT_ABORT:
+		case XACT_EVENT_PARALLEL_ABORT:
+			control_changed = false;
+			break;
+		default:
+			break;
+	}
+}
+
+/*
+ * Record in cqrs.projector_state whether projection is paused; the
+ * projectors learn it when this transaction commits.
+ */
+static void
+admin_set_paused(bool paused)
+{
+	static SPIPlanPtr plan = NULL;
+	static const char *sql =
+		"UPDATE cqrs.projector_state SET paused = $1,"
+		" changed_at = pg_catalog.now(), changed_by = $2";
+	Oid			argtypes[2] = {BOOLOID, NAMEOID};
+	Datum		values[2];
+	Oid			save_userid;
+	int			save_sec_context;
+	int			ret;
+
+	values[0] = BoolGetDatum(paused);
+	values[1] = DirectFunctionCall1(namein,
+									CStringGetDatum(GetUserNameFromId(GetUserId(), false)));
+
+	GetUserIdAndSecContext(&save_userid, &save_sec_context);
+	cqrs_become_owner();
+	if (SPI_connect() != SPI_OK_CONNECT)
+		elog(ERROR, "SPI_connect failed");
+	ret = SPI_execute_plan(cqrs_keep_plan(&plan, sql, 2, argtypes),
+						   values, NULL, false, 0);
+	if (ret != SPI_OK_UPDATE || SPI_processed != 1)
+		elog(ERROR, "cqrs.projector_state must hold exactly one row");
+	SPI_finish();
+	SetUserIdAndSecContext(save_userid, save_sec_context);
+
+	if (!control_callback_registered)
+	{
+		RegisterXactCallback(admin_xact_callback, NULL);
+		control_callback_registered = true;
+	}
+	control_changed = true;
+}
+
+/*
+ * cqrs.pause() RETURNS void: stop projecting after the current batch, until
+ * cqrs.resume(), across restarts.
+ */
+Datum
+pause_projection(PG_FUNCTION_ARGS)
+{
+	admin_set_paused(true);
+	PG_RETURN_VOID();
+}
+
+/*
+ * cqrs.resume() RETURNS void: project again, from where the pause left.
+ */
+Datum
+resume_projection(PG_FUNCTION_ARGS)
+{
+	admin_set_paused(false);
+	PG_RETURN_VOID();
+}
+
+/*
+ * A timeout interval argument in milliseconds; negative is an error.
+ */
+static long
+admin_timeout_ms(Interval *timeout)
+{
+	int64		usecs;
+
+	usecs = timeout->time +
+		((int64) timeout->month * DAYS_PER_MONTH + timeout->day) * USECS_PER_DAY;
+	if (usecs < 0)
+		ereport(ERROR,
+				(errcode(ERRCODE_INVALID_PARAMETER_VALUE),
+				 errmsg("timeout must not be negative")));
+	return (long) Min(usecs / 1000, (int64) PG_INT32_MAX);
+}
+
+/*
+ * Sleep until done(arg) is true or timeout_ms has passed; true when done.
+ * The projector broadcasts applied_cv whenever it has applied more, so
+ * this sleeps on that condition variable; "poll_ms" bounds each sleep for
+ * progress nobody broadcasts (a standby replaying the primary's batches).
+ */
+static bool
+admin_wait(bool (*done) (void *), void *arg, long timeout_ms, long poll_ms)
+{
+	TimestampTz deadline = TimestampTzPlusMilliseconds(GetCurrentTimestamp(),
+													   timeout_ms);
+	bool		result;
+
+	if (cqrs_shared == NULL)
+		return done(arg);
+
+	ConditionVariablePrepareToSleep(&cqrs_shared->applied_cv);
+	for (;;)
+	{
+		long		remaining;
+
+		if ((result = done(arg)))
+			break;
+		remaining = TimestampDifferenceMilliseconds(GetCurrentTimestamp(),
+													deadline);
+		if (remaining <= 0)
+			break;
+		(void) ConditionVariableTimedSleep(&cqrs_shared->applied_cv,
+										   Min(remaining, poll_ms),
+										   PG_WAIT_EXTENSION);
+	}
+	ConditionVariableCancelSleep();
+	return result;
+}
+
+/* cqrs.wait_for(): is the command processed? */
+static bool
+admin_command_done(void *arg)
+{
+	static SPIPlanPtr plan = NULL;
+	static const char *sql =
+		"SELECT EXISTS (SELECT FROM cqrs.command_log AS l"
+		" WHERE l.command_id OPERATOR(pg_catalog.=) $1"
+		" AND (EXISTS (SELECT FROM cqrs.read_model AS r"
+		"              WHERE r.order_id OPERATOR(pg_catalog.=) l.aggregate_id"
+		"              AND r.version OPERATOR(pg_catalog.>=) l.sequence_id)"
+		"      OR EXISTS (SELECT FROM cqrs.dead_letter AS d"
+		"                 WHERE d.command_id OPERATOR(pg_catalog.=) $1)))";
+	Oid			argtypes[1] = {UUIDOID};
+	Datum		values[1] = {PointerGetDatum(arg)};
+	bool		isnull;
+
+	/* read-write mode: every call sees what committed since the last */
+	if (SPI_execute_plan(cqrs_keep_plan(&plan, sql, 1, argtypes), values,
+						 NULL, false, 1) != SPI_OK_SELECT)
+		elog(ERROR, "could not look up the command");
+	return DatumGetBool(SPI_getbinval(SPI_tuptable->vals[0],
+									  SPI_tuptable->tupdesc, 1, &isnull));
+}
+
+/*
+ * cqrs.wait_for(command_id uuid, timeout interval) RETURNS boolean: true
+ * once the command is processed (applied, or dead-lettered), false at the
+ * timeout.  It reads the read model, the log and dead_letter, all of which
+ * a streaming standby replays, so it works there too.
+ */
+Datum
+wait_for(PG_FUNCTION_ARGS)
+{
+	pg_uuid_t  *command_id = PG_GETARG_UUID_P(0);
+	long		timeout_ms = admin_timeout_ms(PG_GETARG_INTERVAL_P(1));
+	Oid			save_userid;
+	int			save_sec_context;
+	bool		result;
+
+	if (IsolationUsesXactSnapshot())
+		ereport(ERROR,
+				(errcode(ERRCODE_FEATURE_NOT_SUPPORTED),
+				 errmsg("cqrs.wait_for() cannot see the projection advance in a %s transaction",
+						IsolationIsSerializable() ? "SERIALIZABLE" : "REPEATABLE READ"),
+				 errhint("Call it in a READ COMMITTED transaction.")));
+
+	GetUserIdAndSecContext(&save_userid, &save_sec_context);
+	cqrs_become_owner();
+	if (SPI_connect() != SPI_OK_CONNECT)
+		elog(ERROR, "SPI_connect failed");
+	result = admin_wait(admin_command_done, command_id, timeout_ms,
+						RecoveryInProgress() ? CQRS_STANDBY_POLL_MS : 1000);
+	SPI_finish();
+	SetUserIdAndSecContext(save_userid, save_sec_context);
+
+	PG_RETURN_BOOL(result);
+}
+
+/* cqrs.wait_for_lsn(): is everything committed before the LSN applied? */
+static bool
+admin_lsn_done(void *arg)
+{
+	XLogRecPtr	lsn = *(XLogRecPtr *) arg;
+	XLogRecPtr	applied;
+
+	SpinLockAcquire(&cqrs_shared->mutex);
+	applied = cqrs_shared->applied_lsn;
+	SpinLockRelease(&cqrs_shared->mutex);
+	return !XLogRecPtrIsInvalid(applied) && applied >= lsn;
+}
+
+/*
+ * cqrs.wait_for_lsn(lsn pg_lsn, timeout interval) RETURNS boolean: true
+ * once every command committed up to lsn (for example
+ * pg_current_wal_insert_lsn() after a commit) is in the read model, false
+ * at the timeout.  The position is the projector's, so on a standby, use
+ * cqrs.wait_for().
+ */
+Datum
+wait_for_lsn(PG_FUNCTION_ARGS)
+{
+	XLogRecPtr	lsn = PG_GETARG_LSN(0);
+	long		timeout_ms = admin_timeout_ms(PG_GETARG_INTERVAL_P(1));
+
+	if (RecoveryInProgress())
+		ereport(ERROR,
+				(errcode(ERRCODE_OBJECT_NOT_IN_PREREQUISITE_STATE),
+				 errmsg("cqrs.wait_for_lsn() cannot be used during recovery"),
+				 errdetail("A standby runs no projector; its read model follows the primary's."),
+				 errhint("Use cqrs.wait_for(command_id) on a standby.")));
+	if (cqrs_shared == NULL)
+		ereport(ERROR,
+				(errcode(ERRCODE_OBJECT_NOT_IN_PREREQUISITE_STATE),
+				 errmsg("cqrs is not in shared_preload_libraries")));
+	PG_RETURN_BOOL(admin_wait(admin_lsn_done, &lsn, timeout_ms, 1000));
 }

@@ -275,38 +275,6 @@ cmd_json_put_text(JsonbParseState **state, const char *key, text *t)
 }
 
 /*
- * Switch to the owner of cqrs.command_log for the append; the caller's
- * identity is restored by the caller, or by transaction abort on error.
- */
-static void
-cmd_become_log_owner(void)
-{
-	Oid			nspid = get_namespace_oid("cqrs", false);
-	Oid			relid = get_relname_relid("command_log", nspid);
-	HeapTuple	tuple;
-	Oid			owner;
-	Oid			save_userid;
-	int			save_sec_context;
-
-	if (!OidIsValid(relid))
-		ereport(ERROR,
-				(errcode(ERRCODE_UNDEFINED_TABLE),
-				 errmsg("relation \"cqrs.command_log\" does not exist")));
-
-	tuple = SearchSysCache1(RELOID, ObjectIdGetDatum(relid));
-	if (!HeapTupleIsValid(tuple))
-		elog(ERROR, "cache lookup failed for relation %u", relid);
-	owner = ((Form_pg_class) GETSTRUCT(tuple))->relowner;
-	ReleaseSysCache(tuple);
-
-	GetUserIdAndSecContext(&save_userid, &save_sec_context);
-	SetUserIdAndSecContext(owner,
-						   save_sec_context |
-						   SECURITY_LOCAL_USERID_CHANGE |
-						   SECURITY_NOFORCE_RLS);
-}
-
-/*
  * Run a kept plan that returns at most one row; true when it returned one.
  */
 static bool
@@ -539,7 +507,7 @@ cmd_append(CqrsCommand *cmd, CqrsReceipt *receipt)
 	int			save_sec_context;
 
 	GetUserIdAndSecContext(&save_userid, &save_sec_context);
-	cmd_become_log_owner();
+	cqrs_become_owner();
 
 	if (SPI_connect() != SPI_OK_CONNECT)
 		elog(ERROR, "SPI_connect failed");

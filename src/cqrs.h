@@ -10,6 +10,7 @@
 
 #include "access/xlogdefs.h"
 #include "datatype/timestamp.h"
+#include "storage/condition_variable.h"
 #include "storage/latch.h"
 #include "storage/spin.h"
 #include "utils/jsonb.h"
@@ -46,7 +47,8 @@ typedef enum CqrsState
 	CQRS_STATE_RUNNING,
 	CQRS_STATE_CATCHING_UP,
 	CQRS_STATE_DISABLED,
-	CQRS_STATE_ERROR
+	CQRS_STATE_ERROR,
+	CQRS_STATE_PAUSED
 } CqrsState;
 
 /* Buckets of the commit-to-read-model lag histogram, in milliseconds. */
@@ -72,6 +74,9 @@ typedef struct CqrsShared
 	uint64		lag_histogram[CQRS_LAG_BUCKETS + 1];	/* + overflow */
 	char		last_error[CQRS_ERROR_LEN];
 	TimestampTz last_error_at;
+	uint64		control_generation;	/* bumped when cqrs.pause() or
+										 * cqrs.resume() commits */
+	ConditionVariable applied_cv;	/* broadcast when applied_lsn moves */
 } CqrsShared;
 
 extern CqrsShared *cqrs_shared;
@@ -81,6 +86,8 @@ extern void cqrs_shmem_request(void);
 extern void cqrs_shmem_startup(void);
 extern void cqrs_set_error(const char *message);
 extern void cqrs_wake_projector(XLogRecPtr commit_end);
+extern void cqrs_control_changed(void);
+extern void cqrs_set_applied(XLogRecPtr lsn, bool only_forward);
 
 /* A decoded command (decoder.c fills, projector.c applies). */
 typedef struct CqrsRecord
@@ -134,6 +141,7 @@ extern int64 cqrs_project_log(CqrsApplyStats *stats);
 extern PGDLLEXPORT void cqrs_worker_main(Datum main_arg);
 
 /* spi.c */
+extern void cqrs_become_owner(void);
 extern struct _SPI_plan *cqrs_keep_plan(struct _SPI_plan **cache,
 										const char *sql, int nargs,
 										Oid *argtypes);

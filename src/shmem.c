@@ -53,6 +53,7 @@ cqrs_shmem_startup(void)
 	{
 		memset(cqrs_shared, 0, sizeof(CqrsShared));
 		SpinLockInit(&cqrs_shared->mutex);
+		ConditionVariableInit(&cqrs_shared->applied_cv);
 		cqrs_shared->state = CQRS_STATE_IDLE;
 		cqrs_shared->applied_lsn = InvalidXLogRecPtr;
 	}
@@ -93,4 +94,38 @@ cqrs_wake_projector(XLogRecPtr commit_end)
 	SpinLockRelease(&cqrs_shared->mutex);
 	if (latch != NULL)
 		SetLatch(latch);
+}
+
+/*
+ * cqrs.pause() or cqrs.resume() committed: tell the projectors to read
+ * cqrs.projector_state again, and wake the leader.
+ */
+void
+cqrs_control_changed(void)
+{
+	Latch	   *latch;
+
+	if (cqrs_shared == NULL)
+		return;
+	SpinLockAcquire(&cqrs_shared->mutex);
+	cqrs_shared->control_generation++;
+	latch = cqrs_shared->leader_latch;
+	SpinLockRelease(&cqrs_shared->mutex);
+	if (latch != NULL)
+		SetLatch(latch);
+}
+
+/*
+ * Everything committed before lsn is in the read model (with only_forward,
+ * unless applied_lsn is further already): publish it and wake the sessions
+ * waiting in cqrs.wait_for() and cqrs.wait_for_lsn().
+ */
+void
+cqrs_set_applied(XLogRecPtr lsn, bool only_forward)
+{
+	SpinLockAcquire(&cqrs_shared->mutex);
+	if (!only_forward || lsn > cqrs_shared->applied_lsn)
+		cqrs_shared->applied_lsn = lsn;
+	SpinLockRelease(&cqrs_shared->mutex);
+	ConditionVariableBroadcast(&cqrs_shared->applied_cv);
 }

@@ -1,8 +1,9 @@
 /*-------------------------------------------------------------------------
  *
  * spi.c
- *		Plans kept for the life of a process, shared by the command path
- *		and the projector.
+ *		Plans kept for the life of a process, shared by the command path,
+ *		the administration functions and the projector; and the switch to
+ *		the extension's owner that the SQL-callable functions run under.
  *
  * Every statement cqrs runs through SPI is fixed text with parameters,
  * fully schema-qualified, prepared once per process and kept.  The plan
@@ -14,7 +15,13 @@
  */
 #include "postgres.h"
 
+#include "access/htup_details.h"
+#include "catalog/namespace.h"
+#include "catalog/pg_class.h"
 #include "executor/spi.h"
+#include "miscadmin.h"
+#include "utils/lsyscache.h"
+#include "utils/syscache.h"
 
 #include "cqrs.h"
 
@@ -36,4 +43,39 @@ cqrs_keep_plan(SPIPlanPtr *cache, const char *sql, int nargs, Oid *argtypes)
 		*cache = plan;
 	}
 	return *cache;
+}
+
+/*
+ * Switch to the owner of cqrs.command_log, who owns every object of the
+ * extension: the command functions append, and the administration
+ * functions read and repair, as that owner (as RI triggers run as the
+ * table owner), so their callers need EXECUTE only.  The caller restores
+ * its identity, or transaction abort does on error.
+ */
+void
+cqrs_become_owner(void)
+{
+	Oid			nspid = get_namespace_oid("cqrs", false);
+	Oid			relid = get_relname_relid("command_log", nspid);
+	HeapTuple	tuple;
+	Oid			owner;
+	Oid			save_userid;
+	int			save_sec_context;
+
+	if (!OidIsValid(relid))
+		ereport(ERROR,
+				(errcode(ERRCODE_UNDEFINED_TABLE),
+				 errmsg("relation \"cqrs.command_log\" does not exist")));
+
+	tuple = SearchSysCache1(RELOID, ObjectIdGetDatum(relid));
+	if (!HeapTupleIsValid(tuple))
+		elog(ERROR, "cache lookup failed for relation %u", relid);
+	owner = ((Form_pg_class) GETSTRUCT(tuple))->relowner;
+	ReleaseSysCache(tuple);
+
+	GetUserIdAndSecContext(&save_userid, &save_sec_context);
+	SetUserIdAndSecContext(owner,
+						   save_sec_context |
+						   SECURITY_LOCAL_USERID_CHANGE |
+						   SECURITY_NOFORCE_RLS);
 }

@@ -327,8 +327,8 @@ worker_create_slot(void)
 
 	SpinLockAcquire(&cqrs_shared->mutex);
 	cqrs_shared->applied_total += stats.applied;
-	cqrs_shared->applied_lsn = start;
 	SpinLockRelease(&cqrs_shared->mutex);
+	cqrs_set_applied(start, false);
 
 	ereport(LOG,
 			(errmsg("cqrs projector created slot \"%s\" at %X/%X and caught up from the command log",
@@ -555,6 +555,70 @@ worker_page_read(XLogReaderState *state, XLogRecPtr targetPagePtr,
 }
 
 /*
+ * Is projection paused (cqrs.pause())?  cqrs.projector_state is read again
+ * only when a pause or resume has committed since we last looked, or when
+ * control_seen was reset.
+ */
+static uint64 control_seen = PG_UINT64_MAX;
+static bool control_paused = false;
+
+static bool
+worker_paused(void)
+{
+	uint64		generation;
+
+	SpinLockAcquire(&cqrs_shared->mutex);
+	generation = cqrs_shared->control_generation;
+	SpinLockRelease(&cqrs_shared->mutex);
+	if (generation != control_seen)
+	{
+		bool		isnull;
+
+		worker_begin();
+		control_paused = false;
+		if (OidIsValid(get_extension_oid("cqrs", true)))
+		{
+			if (SPI_execute("SELECT paused FROM cqrs.projector_state", true, 1) != SPI_OK_SELECT)
+				elog(ERROR, "could not read cqrs.projector_state");
+			control_paused = SPI_processed == 1 &&
+				DatumGetBool(SPI_getbinval(SPI_tuptable->vals[0],
+										   SPI_tuptable->tupdesc, 1, &isnull));
+		}
+		worker_commit();
+		control_seen = generation;
+	}
+	return control_paused;
+}
+
+/*
+ * While projection is paused, hold on to leadership and the slot and wait
+ * for cqrs.resume().  Returns false when projection was switched off or
+ * the extension dropped meanwhile.
+ */
+static bool
+worker_hold_while_paused(Oid extension)
+{
+	bool		held = false;
+
+	while (worker_paused())
+	{
+		if (!held)
+		{
+			ereport(LOG, (errmsg("cqrs projector paused")));
+			worker_set_state(CQRS_STATE_PAUSED);
+			pgstat_report_activity(STATE_IDLE, "paused");
+			held = true;
+		}
+		worker_wait(cqrs_poll_interval);
+		if (!cqrs_enabled || worker_extension_oid() != extension)
+			return false;
+	}
+	if (held)
+		ereport(LOG, (errmsg("cqrs projector resumed")));
+	return true;
+}
+
+/*
  * Confirm the slot up to "upto", the end of the last applied batch, once
  * that batch's commit record ("commit_end") is on disk; with "flush", make
  * it so first.  Until then the slot keeps the batch's commands, so a crash
@@ -595,6 +659,15 @@ worker_stream(void)
 	XLogRecPtr	unconfirmed_commit = InvalidXLogRecPtr;
 
 	extension = worker_extension_oid();
+
+	/* a pause survives restarts: read it before anything else */
+	control_seen = PG_UINT64_MAX;
+	if (!worker_hold_while_paused(extension))
+	{
+		if (worker_extension_oid() != extension)
+			worker_drop_slot();
+		return;
+	}
 	worker_ensure_slot();
 
 	/* where the read model stands */
@@ -622,10 +695,8 @@ worker_stream(void)
 	MemoryContextSwitchTo(old);
 	XLogBeginRead(ctx->reader, MyReplicationSlot->data.restart_lsn);
 
-	SpinLockAcquire(&cqrs_shared->mutex);
-	cqrs_shared->applied_lsn = Max(skip_upto,
-								   MyReplicationSlot->data.confirmed_flush);
-	SpinLockRelease(&cqrs_shared->mutex);
+	cqrs_set_applied(Max(skip_upto, MyReplicationSlot->data.confirmed_flush),
+					 false);
 
 	ereport(LOG,
 			(errmsg("cqrs projector streaming from slot \"%s\" at %X/%X",
@@ -642,6 +713,18 @@ worker_stream(void)
 		CHECK_FOR_INTERRUPTS();
 		if (!cqrs_enabled)
 			break;
+		if (worker_paused())
+		{
+			/* after the batch just applied; it must not wait for resume */
+			worker_confirm(unconfirmed, unconfirmed_commit, true);
+			unconfirmed = InvalidXLogRecPtr;
+			if (!worker_hold_while_paused(extension))
+			{
+				extension_gone = (worker_extension_oid() != extension);
+				break;
+			}
+			continue;
+		}
 
 		/* commands committed with synchronous_commit = off: flush them */
 		SpinLockAcquire(&cqrs_shared->mutex);
@@ -725,7 +808,6 @@ worker_stream(void)
 			target = Max(Min(target, cqrs_batch_size_max), cqrs_batch_size_min);
 
 			SpinLockAcquire(&cqrs_shared->mutex);
-			cqrs_shared->applied_lsn = position;
 			cqrs_shared->applied_total += stats.applied;
 			cqrs_shared->batches_total++;
 			cqrs_shared->last_batch_size = nrecords;
@@ -734,6 +816,7 @@ worker_stream(void)
 			cqrs_shared->state = caught_up ? CQRS_STATE_RUNNING :
 				CQRS_STATE_CATCHING_UP;
 			SpinLockRelease(&cqrs_shared->mutex);
+			cqrs_set_applied(position, false);
 
 			cqrs_queue_reset(queue);
 
@@ -763,11 +846,8 @@ worker_stream(void)
 			continue;
 		}
 		worker_confirm(ctx->reader->EndRecPtr, InvalidXLogRecPtr, false);
-		SpinLockAcquire(&cqrs_shared->mutex);
-		cqrs_shared->applied_lsn = Max(cqrs_shared->applied_lsn,
-									   ctx->reader->EndRecPtr);
-		cqrs_shared->state = CQRS_STATE_RUNNING;
-		SpinLockRelease(&cqrs_shared->mutex);
+		worker_set_state(CQRS_STATE_RUNNING);
+		cqrs_set_applied(ctx->reader->EndRecPtr, true);
 
 		pgstat_report_activity(STATE_IDLE, NULL);
 		worker_wait(cqrs_poll_interval);
@@ -788,9 +868,7 @@ worker_stream(void)
 	/* DROP EXTENSION: the slot must not keep holding WAL */
 	if (extension_gone)
 	{
-		SpinLockAcquire(&cqrs_shared->mutex);
-		cqrs_shared->applied_lsn = InvalidXLogRecPtr;
-		SpinLockRelease(&cqrs_shared->mutex);
+		cqrs_set_applied(InvalidXLogRecPtr, false);
 		worker_drop_slot();
 	}
 }

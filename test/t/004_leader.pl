@@ -66,6 +66,24 @@ is($standby->safe_psql('postgres',
 	q{SELECT count(*) FROM cqrs.read_model WHERE status = 'shipped'}),
 	'100', 'the standby serves the replicated read model');
 
+# Read-your-writes on the standby: wait_for() looks at replicated state.
+sql(q{SELECT cqrs.pause()});
+$node->poll_query_until('postgres', q{SELECT state = 'paused' FROM cqrs.status})
+  or die 'the projector did not pause';
+my $cmd = sql(q{SELECT command_id FROM cqrs.submit_order('sb-1', 'u', 1)});
+$node->wait_for_catchup($standby);
+is($standby->safe_psql('postgres', qq{SELECT cqrs.wait_for('$cmd', '200 ms')}), 'f',
+	'on the standby, wait_for is false while the primary has not projected');
+sql(q{SELECT cqrs.resume()});
+is($standby->safe_psql('postgres', qq{SELECT cqrs.wait_for('$cmd', '60 s')}), 't',
+	'on the standby, wait_for returns once the projection is replayed');
+is($standby->safe_psql('postgres', q{SELECT count(*) FROM cqrs.read_model WHERE order_id = 'sb-1'}),
+	'1', 'and the standby serves the write');
+my ($ret, $stdout, $stderr) = $standby->psql('postgres',
+	q{SELECT cqrs.wait_for_lsn('0/1', '1 s')});
+like($stderr, qr/cannot be used during recovery/,
+	'wait_for_lsn refuses on a standby, pointing at wait_for');
+
 $standby->stop;
 $node->stop;
 done_testing();

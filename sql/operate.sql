@@ -1,0 +1,74 @@
+-- Operating the projector from SQL: pause and resume record the decision
+-- durably, the read-your-writes fences time out cleanly and check their
+-- arguments, and each function is open to exactly the roles it is for.
+-- (This instance's projector serves another database, so nothing here is
+-- ever projected: the fences can only time out.)
+\set VERBOSITY terse
+
+SELECT paused FROM cqrs.projector_state;
+SELECT cqrs.pause();
+SELECT paused, changed_by = current_user AS by_me FROM cqrs.projector_state;
+-- a pause that rolls back changes nothing
+BEGIN;
+SELECT cqrs.resume();
+ROLLBACK;
+SELECT paused FROM cqrs.projector_state;
+SELECT cqrs.resume();
+SELECT paused FROM cqrs.projector_state;
+-- the table holds one row, whatever a superuser tries
+INSERT INTO cqrs.projector_state (singleton) VALUES (false);
+\echo :SQLSTATE
+
+-- wait_for: false at the timeout for a command not (yet) processed
+SELECT (cqrs.submit_order('op-1', 'u', 1,
+        'd0000000-0000-4000-8000-000000000001')).sequence_id;
+SELECT cqrs.wait_for('d0000000-0000-4000-8000-000000000001', '50 ms');
+SELECT cqrs.wait_for('d0000000-0000-4000-8000-0000000000ff', '0');
+-- processed = the order's version reached the command's sequence
+INSERT INTO cqrs.read_model (order_id, user_id, total_amount, status, version)
+VALUES ('op-1', 'u', 1, 'created', 1);
+SELECT cqrs.wait_for('d0000000-0000-4000-8000-000000000001', '1 hour');
+-- or the command was dead-lettered
+SELECT (cqrs.ship_order('op-1', 'd0000000-0000-4000-8000-000000000002')).sequence_id;
+SELECT cqrs.wait_for('d0000000-0000-4000-8000-000000000002', '0');
+INSERT INTO cqrs.dead_letter (command_id, reason)
+VALUES ('d0000000-0000-4000-8000-000000000002', 'regress');
+SELECT cqrs.wait_for('d0000000-0000-4000-8000-000000000002', '1 hour');
+SELECT cqrs.wait_for(NULL, '1 hour') IS NULL AS strict;
+SELECT cqrs.wait_for('d0000000-0000-4000-8000-000000000001', '-1 s');
+\echo :SQLSTATE
+BEGIN ISOLATION LEVEL REPEATABLE READ;
+SELECT cqrs.wait_for('d0000000-0000-4000-8000-000000000001', '1 s');
+\echo :SQLSTATE
+ROLLBACK;
+
+-- wait_for_lsn: false at the timeout while nothing is projected here
+SELECT cqrs.wait_for_lsn(pg_current_wal_insert_lsn(), '50 ms');
+SELECT cqrs.wait_for_lsn('0/1', '-1 day');
+\echo :SQLSTATE
+
+-- who may call what
+CREATE ROLE regress_op_app IN ROLE cqrs_writer;
+CREATE ROLE regress_op_report IN ROLE cqrs_reader;
+CREATE ROLE regress_op_ops IN ROLE cqrs_admin;
+CREATE ROLE regress_op_nobody;
+SET ROLE regress_op_report;
+SELECT cqrs.wait_for('d0000000-0000-4000-8000-000000000001', '0');
+SELECT cqrs.wait_for_lsn('0/1', '0') IS NOT NULL AS callable;
+SELECT cqrs.pause();
+\echo :SQLSTATE
+SET ROLE regress_op_app;
+SELECT cqrs.wait_for('d0000000-0000-4000-8000-000000000001', '0');
+SELECT cqrs.resume();
+\echo :SQLSTATE
+SET ROLE regress_op_nobody;
+SELECT cqrs.wait_for('d0000000-0000-4000-8000-000000000001', '0');
+\echo :SQLSTATE
+SET ROLE regress_op_ops;
+SELECT cqrs.pause();
+SELECT cqrs.resume();
+SELECT paused, changed_by FROM cqrs.projector_state;
+RESET ROLE;
+DROP ROLE regress_op_app, regress_op_report, regress_op_ops, regress_op_nobody;
+DELETE FROM cqrs.read_model WHERE order_id = 'op-1';
+DELETE FROM cqrs.dead_letter;

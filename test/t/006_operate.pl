@@ -1,0 +1,122 @@
+# Operating the projector: a pause takes effect after the current batch,
+# shows in cqrs.status and survives a restart while commands are still
+# accepted; resume catches up with nothing lost or applied twice; the
+# schema-change procedure (pause, DDL, resume); the read-your-writes fences
+# cqrs.wait_for() and cqrs.wait_for_lsn() wake when the projector applies,
+# and time out while it is paused.
+use strict;
+use warnings;
+use FindBin;
+use lib $FindBin::RealBin;
+use CqrsTest;
+use PostgreSQL::Test::Utils;
+use Test::More;
+use Time::HiRes qw(time);
+
+my $node = cqrs_node('operate');
+sub sql { $node->safe_psql('postgres', $_[0]) }
+
+# Pause in the middle of a load from 4 clients.
+my $script = q{
+\set o random(1, 1000000000)
+SELECT cqrs.submit_order('pl-' || :o, 'u' || :client_id, 1.5);
+};
+my $load = start_load($node, $script, 4, 4);
+sleep 1;
+sql('SELECT cqrs.pause()');
+$node->poll_query_until('postgres', q{SELECT state = 'paused' FROM cqrs.status})
+  or die 'the projector did not pause';
+my $rows = sql('SELECT count(*) FROM cqrs.read_model');
+cmp_ok($rows, '>', 0, 'commands were projected before the pause');
+sleep 1;
+is(sql('SELECT count(*) FROM cqrs.read_model'), $rows,
+	'nothing is projected while paused');
+my $out = finish_load($load);
+like($out, qr/number of failed transactions: 0/,
+	'commands are accepted while paused') or diag($out);
+cmp_ok(sql('SELECT count(*) FROM cqrs.command_log'), '>', $rows,
+	'the log grew past the read model');
+cmp_ok(sql('SELECT lag_bytes FROM cqrs.status'), '>', 0,
+	'status shows the lag of the pause');
+like(slurp_file($node->logfile), qr/LOG:  cqrs projector paused/,
+	'the pause is logged');
+
+# The pause survives a restart.
+$node->restart;
+$node->poll_query_until('postgres', q{SELECT state = 'paused' FROM cqrs.status})
+  or die 'the projector is not paused after the restart';
+is(sql('SELECT count(*) FROM cqrs.read_model'), $rows,
+	'still paused after a restart');
+
+# The fences time out while paused.
+my $cmd = sql(q{SELECT command_id FROM cqrs.submit_order('fence-1', 'u', 2)});
+my $t0 = time;
+is(sql(qq{SELECT cqrs.wait_for('$cmd', '300 ms')}), 'f',
+	'wait_for is false at the timeout while paused');
+cmp_ok(time - $t0, '>=', 0.29, 'wait_for waited for its timeout');
+is(sql(q{SELECT cqrs.wait_for_lsn(pg_current_wal_insert_lsn(), '100 ms')}), 'f',
+	'wait_for_lsn is false at the timeout while paused');
+
+# The schema-change procedure: pause (done), DDL, resume.
+sql(q{ALTER TABLE cqrs.read_model ADD COLUMN channel text NOT NULL DEFAULT 'web'});
+sql(q{CREATE INDEX read_model_status_idx ON cqrs.read_model (status)});
+
+# A session waiting in wait_for() wakes when the projector applies the
+# command after resume.
+my ($wout, $werr) = ('', '');
+my $waiter = IPC::Run::start(
+	[
+		'psql', '-X', '-At', '-h', $node->host, '-p', $node->port,
+		'-d', 'postgres', '-c', qq{SELECT cqrs.wait_for('$cmd', '60 s')}
+	],
+	'>', \$wout, '2>', \$werr);
+$node->poll_query_until('postgres', q{SELECT count(*) = 1 FROM pg_stat_activity
+	WHERE query LIKE 'SELECT cqrs.wait_for(%' AND wait_event = 'Extension'})
+  or die 'no session waits in cqrs.wait_for()';
+pass('wait_for sleeps (wait event Extension), it does not spin');
+sql('SELECT cqrs.resume()');
+$waiter->finish;
+is($wout, "t\n", 'wait_for returns true once the command is applied') or diag($werr);
+is(sql(q{SELECT status FROM cqrs.read_model WHERE order_id = 'fence-1'}), 'created',
+	'and the caller then reads its write');
+like(slurp_file($node->logfile), qr/LOG:  cqrs projector resumed/,
+	'the resume is logged');
+
+wait_projected($node);
+is(sql(q{SELECT state FROM cqrs.status}), 'running', 'running again after resume');
+compare_model($node, 'after pause, restart, DDL and resume');
+is(sql(q{SELECT count(*) FROM cqrs.read_model WHERE channel <> 'web'}), '0',
+	'the new column took its default for rows projected after the DDL');
+
+# wait_for_lsn: the fence of a client that does not keep command ids.
+sql(q{SELECT cqrs.pause()});
+$node->poll_query_until('postgres', q{SELECT state = 'paused' FROM cqrs.status})
+  or die 'the projector did not pause';
+$out = sql(q{SELECT cqrs.submit_order('fence-2', 'u', 3);
+	SELECT pg_current_wal_insert_lsn()});
+my ($lsn) = $out =~ /(\S+)$/;
+my ($lout, $lerr) = ('', '');
+my $lwaiter = IPC::Run::start(
+	[
+		'psql', '-X', '-At', '-h', $node->host, '-p', $node->port,
+		'-d', 'postgres', '-c', qq{SELECT cqrs.wait_for_lsn('$lsn', '60 s')},
+		'-c', q{SELECT count(*) FROM cqrs.read_model WHERE order_id = 'fence-2'}
+	],
+	'>', \$lout, '2>', \$lerr);
+$node->poll_query_until('postgres', q{SELECT count(*) = 1 FROM pg_stat_activity
+	WHERE query LIKE 'SELECT cqrs.wait_for_lsn(%' AND wait_event = 'Extension'})
+  or die 'no session waits in cqrs.wait_for_lsn()';
+sql('SELECT cqrs.resume()');
+$lwaiter->finish;
+is($lout, "t\n1\n", 'wait_for_lsn returns true and the write is visible') or diag($lerr);
+
+# A dead-lettered command counts as processed.
+sql(q{SELECT cqrs.cancel_order('fence-2')});
+$cmd = sql(q{SELECT command_id FROM cqrs.ship_order('fence-2')});
+is(sql(qq{SELECT cqrs.wait_for('$cmd', '30 s')}), 't',
+	'wait_for returns true for a dead-lettered command');
+is(sql(qq{SELECT count(*) FROM cqrs.dead_letter WHERE command_id = '$cmd'}), '1',
+	'that command is in dead_letter');
+
+$node->stop;
+done_testing();
