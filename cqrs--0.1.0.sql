@@ -246,6 +246,22 @@ LANGUAGE C VOLATILE STRICT PARALLEL UNSAFE;
 COMMENT ON FUNCTION cqrs.wait_for_lsn(pg_catalog.pg_lsn, interval) IS
 	'Wait until every command committed up to the LSN is projected; false at the timeout';
 
+-- Metrics, for psql and for Prometheus.
+CREATE FUNCTION cqrs.metrics(OUT name text, OUT labels jsonb,
+							 OUT value double precision)
+RETURNS SETOF record
+AS 'MODULE_PATHNAME', 'metrics'
+LANGUAGE C VOLATILE PARALLEL UNSAFE;
+COMMENT ON FUNCTION cqrs.metrics() IS
+	'Counters and gauges of the command path and the projector, one row per sample';
+
+CREATE FUNCTION cqrs.prometheus()
+RETURNS text
+AS 'MODULE_PATHNAME', 'prometheus'
+LANGUAGE C VOLATILE PARALLEL UNSAFE;
+COMMENT ON FUNCTION cqrs.prometheus() IS
+	'cqrs.metrics() in the Prometheus text exposition format, with HELP and TYPE lines';
+
 CREATE VIEW cqrs.status AS
 SELECT w.state,
 	   w.leader_pid,
@@ -376,4 +392,10 @@ GRANT EXECUTE ON FUNCTION
 -- write the log directly either.
 GRANT SELECT ON ALL TABLES IN SCHEMA cqrs TO cqrs_admin;
 GRANT EXECUTE ON FUNCTION cqrs.uuidv7(), cqrs.worker_status(), cqrs.verify(),
-	cqrs.lag_histogram(), cqrs.pause(), cqrs.resume() TO cqrs_admin;
+	cqrs.lag_histogram(), cqrs.pause(), cqrs.resume(), cqrs.metrics(),
+	cqrs.prometheus() TO cqrs_admin;
+
+-- Monitoring agents (pg_monitor, as for the server's own statistics) read
+-- the metrics and nothing else.
+GRANT USAGE ON SCHEMA cqrs TO pg_monitor;
+GRANT EXECUTE ON FUNCTION cqrs.metrics(), cqrs.prometheus() TO pg_monitor;

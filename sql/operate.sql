@@ -47,11 +47,30 @@ SELECT cqrs.wait_for_lsn(pg_current_wal_insert_lsn(), '50 ms');
 SELECT cqrs.wait_for_lsn('0/1', '-1 day');
 \echo :SQLSTATE
 
+-- metrics: the families, with their types, in the exposition format
+SELECT line FROM regexp_split_to_table(cqrs.prometheus(), E'\n') AS line
+ WHERE line LIKE '# TYPE %' ORDER BY 1;
+SELECT count(*) FILTER (WHERE line !~ '^(# (HELP|TYPE) cqrs_[a-z_]+ .+|cqrs_[a-z_]+(\{[a-z]+="[^"]*"\})? (NaN|-?[0-9.e+]+))$') AS malformed,
+       count(*) FILTER (WHERE line LIKE '# HELP %') AS helps
+  FROM regexp_split_to_table(rtrim(cqrs.prometheus(), E'\n'), E'\n') AS line;
+SELECT count(*) AS buckets FROM cqrs.metrics()
+ WHERE name = 'cqrs_batch_flush_duration_seconds_bucket';
+-- a refused command is counted although its transaction rolls back
+CREATE TEMP TABLE m0 AS SELECT name, labels, value FROM cqrs.metrics();
+SELECT cqrs.submit_order('', 'u', 1);
+SELECT cqrs.ship_order('op-missing');
+SELECT (cqrs.submit_order('op-m', 'u', 1)).sequence_id;
+SELECT m.name, m.labels, m.value - m0.value AS delta
+  FROM cqrs.metrics() AS m JOIN m0 USING (name, labels)
+ WHERE m.value <> m0.value AND m.name LIKE 'cqrs_command%'
+ ORDER BY 1, 2::text;
+
 -- who may call what
 CREATE ROLE regress_op_app IN ROLE cqrs_writer;
 CREATE ROLE regress_op_report IN ROLE cqrs_reader;
 CREATE ROLE regress_op_ops IN ROLE cqrs_admin;
 CREATE ROLE regress_op_nobody;
+CREATE ROLE regress_op_monitor IN ROLE pg_monitor;
 SET ROLE regress_op_report;
 SELECT cqrs.wait_for('d0000000-0000-4000-8000-000000000001', '0');
 SELECT cqrs.wait_for_lsn('0/1', '0') IS NOT NULL AS callable;
@@ -61,7 +80,16 @@ SET ROLE regress_op_app;
 SELECT cqrs.wait_for('d0000000-0000-4000-8000-000000000001', '0');
 SELECT cqrs.resume();
 \echo :SQLSTATE
+SET ROLE regress_op_monitor;
+SELECT count(*) > 0 AS sees_metrics FROM cqrs.metrics();
+SELECT cqrs.prometheus() LIKE '# HELP %' AS scrapes;
+SELECT count(*) FROM cqrs.read_model;
+\echo :SQLSTATE
+SELECT cqrs.pause();
+\echo :SQLSTATE
 SET ROLE regress_op_nobody;
+SELECT cqrs.metrics();
+\echo :SQLSTATE
 SELECT cqrs.wait_for('d0000000-0000-4000-8000-000000000001', '0');
 \echo :SQLSTATE
 SET ROLE regress_op_ops;
@@ -69,6 +97,8 @@ SELECT cqrs.pause();
 SELECT cqrs.resume();
 SELECT paused, changed_by FROM cqrs.projector_state;
 RESET ROLE;
-DROP ROLE regress_op_app, regress_op_report, regress_op_ops, regress_op_nobody;
+DROP ROLE regress_op_app, regress_op_report, regress_op_ops, regress_op_nobody,
+	regress_op_monitor;
 DELETE FROM cqrs.read_model WHERE order_id = 'op-1';
+DROP TABLE m0;
 DELETE FROM cqrs.dead_letter;

@@ -2,8 +2,8 @@
  *
  * admin.c
  *		SQL-callable administration: the projector's shared state for the
- *		cqrs.status view, pause and resume, and the read-your-writes
- *		fences cqrs.wait_for() and cqrs.wait_for_lsn().
+ *		cqrs.status view, pause and resume, the read-your-writes fences
+ *		cqrs.wait_for() and cqrs.wait_for_lsn(), and the metrics.
  *
  *-------------------------------------------------------------------------
  */
@@ -21,6 +21,7 @@
 #include "replication/slot.h"
 #include "utils/builtins.h"
 #include "utils/float.h"
+#include "utils/jsonb.h"
 #include "utils/pg_lsn.h"
 #include "utils/tuplestore.h"
 #include "utils/timestamp.h"
@@ -35,6 +36,8 @@ PG_FUNCTION_INFO_V1(pause_projection);
 PG_FUNCTION_INFO_V1(resume_projection);
 PG_FUNCTION_INFO_V1(wait_for);
 PG_FUNCTION_INFO_V1(wait_for_lsn);
+PG_FUNCTION_INFO_V1(metrics);
+PG_FUNCTION_INFO_V1(prometheus);
 
 /* How often cqrs.wait_for() looks again on a standby, in ms. */
 #define CQRS_STANDBY_POLL_MS	10
@@ -131,7 +134,7 @@ worker_status(PG_FUNCTION_ARGS)
 		values[3] = LSNGetDatum(snap.applied_lsn);
 		nulls[3] = false;
 	}
-	values[4] = Float8GetDatum(snap.last_lag_ms / 1000.0);
+	values[4] = Float8GetDatum(cqrs_lag_seconds(&snap, GetCurrentTimestamp()));
 	values[5] = Int32GetDatum(snap.batch_size);
 	values[6] = Int32GetDatum(snap.last_batch_size);
 	values[7] = Float8GetDatum(snap.last_batch_ms);
@@ -423,4 +426,228 @@ wait_for_lsn(PG_FUNCTION_ARGS)
 				(errcode(ERRCODE_OBJECT_NOT_IN_PREREQUISITE_STATE),
 				 errmsg("cqrs is not in shared_preload_libraries")));
 	PG_RETURN_BOOL(admin_wait(admin_lsn_done, &lsn, timeout_ms, 1000));
+}
+
+/*
+ * Metrics.  One collector feeds both cqrs.metrics() (rows) and
+ * cqrs.prometheus() (the text exposition format): first a family with its
+ * type and help, then its samples, each with at most one label.
+ */
+typedef struct MetricSink
+{
+	void		(*family) (struct MetricSink *sink, const char *name,
+						   const char *type, const char *help);
+	void		(*sample) (struct MetricSink *sink, const char *name,
+						   const char *label, const char *label_value,
+						   double value);
+	ReturnSetInfo *rsinfo;		/* cqrs.metrics() */
+	StringInfo	buf;			/* cqrs.prometheus() */
+} MetricSink;
+
+/* The number of rows in cqrs.parked, read as the extension's owner. */
+static int64
+admin_parked_count(void)
+{
+	Oid			save_userid;
+	int			save_sec_context;
+	bool		isnull;
+	int64		n;
+
+	GetUserIdAndSecContext(&save_userid, &save_sec_context);
+	cqrs_become_owner();
+	if (SPI_connect() != SPI_OK_CONNECT)
+		elog(ERROR, "SPI_connect failed");
+	if (SPI_execute("SELECT pg_catalog.count(*) FROM cqrs.parked", true, 1) != SPI_OK_SELECT)
+		elog(ERROR, "could not count cqrs.parked");
+	n = DatumGetInt64(SPI_getbinval(SPI_tuptable->vals[0],
+									SPI_tuptable->tupdesc, 1, &isnull));
+	SPI_finish();
+	SetUserIdAndSecContext(save_userid, save_sec_context);
+	return n;
+}
+
+static void
+admin_collect(MetricSink *sink)
+{
+	CqrsShared	snap;
+	TimestampTz now = GetCurrentTimestamp();
+	XLogRecPtr	confirmed;
+	double		slot_lag = 0;
+	uint64		cumulative = 0;
+	char		le[32];
+
+	if (cqrs_shared == NULL)
+		ereport(ERROR,
+				(errcode(ERRCODE_OBJECT_NOT_IN_PREREQUISITE_STATE),
+				 errmsg("cqrs is not in shared_preload_libraries")));
+	SpinLockAcquire(&cqrs_shared->mutex);
+	memcpy(&snap, cqrs_shared, sizeof(CqrsShared));
+	SpinLockRelease(&cqrs_shared->mutex);
+
+	sink->family(sink, "cqrs_commands_total", "counter",
+				 "Commands appended to the command log since the server started, by type.");
+	for (int i = 0; i < CQRS_COMMAND_TYPES; i++)
+		sink->sample(sink, "cqrs_commands_total", "type",
+					 cqrs_command_type_names[i],
+					 (double) pg_atomic_read_u64(&cqrs_shared->commands_total[i]));
+
+	sink->family(sink, "cqrs_command_errors_total", "counter",
+				 "Commands the command functions refused since the server started, by kind.");
+	for (int i = 0; i < CQRS_ERROR_KINDS; i++)
+		sink->sample(sink, "cqrs_command_errors_total", "kind",
+					 cqrs_error_kind_names[i],
+					 (double) pg_atomic_read_u64(&cqrs_shared->command_errors[i]));
+
+	sink->family(sink, "cqrs_projected_total", "counter",
+				 "Commands the projector applied or dead-lettered since the server started.");
+	sink->sample(sink, "cqrs_projected_total", NULL, NULL,
+				 (double) snap.applied_total);
+
+	sink->family(sink, "cqrs_dead_letter_total", "counter",
+				 "Commands the projector wrote to cqrs.dead_letter since the server started.");
+	sink->sample(sink, "cqrs_dead_letter_total", NULL, NULL,
+				 (double) snap.dead_letter_total);
+
+	sink->family(sink, "cqrs_parked", "gauge",
+				 "Commands waiting in cqrs.parked for a missing predecessor.");
+	sink->sample(sink, "cqrs_parked", NULL, NULL,
+				 (double) admin_parked_count());
+
+	sink->family(sink, "cqrs_projection_lag_seconds", "gauge",
+				 "How long the oldest command not yet in the read model has waited since its commit (0 when none waits).");
+	sink->sample(sink, "cqrs_projection_lag_seconds", NULL, NULL,
+				 cqrs_lag_seconds(&snap, now));
+
+	if (!RecoveryInProgress())
+	{
+		confirmed = cqrs_slot_confirmed_lsn();
+		if (!XLogRecPtrIsInvalid(confirmed) && GetXLogInsertRecPtr() > confirmed)
+			slot_lag = (double) (GetXLogInsertRecPtr() - confirmed);
+	}
+	sink->family(sink, "cqrs_slot_lag_bytes", "gauge",
+				 "WAL written since the position the projector's slot confirmed (what cqrs.max_lag limits).");
+	sink->sample(sink, "cqrs_slot_lag_bytes", NULL, NULL, slot_lag);
+
+	sink->family(sink, "cqrs_batch_flush_duration_seconds", "histogram",
+				 "Time to apply and commit one projection batch.");
+	for (int b = 0; b <= CQRS_FLUSH_BUCKETS; b++)
+	{
+		cumulative += snap.flush_histogram[b];
+		if (b < CQRS_FLUSH_BUCKETS)
+			snprintf(le, sizeof(le), "%g", cqrs_flush_bucket_s[b]);
+		else
+			strlcpy(le, "+Inf", sizeof(le));
+		sink->sample(sink, "cqrs_batch_flush_duration_seconds_bucket", "le", le,
+					 (double) cumulative);
+	}
+	sink->sample(sink, "cqrs_batch_flush_duration_seconds_sum", NULL, NULL,
+				 snap.flush_seconds_sum);
+	sink->sample(sink, "cqrs_batch_flush_duration_seconds_count", NULL, NULL,
+				 (double) cumulative);
+
+	sink->family(sink, "cqrs_cache_hit_ratio", "gauge",
+				 "Share of Redis reads that found their key (NaN while no Redis is configured).");
+	sink->sample(sink, "cqrs_cache_hit_ratio", NULL, NULL, get_float8_nan());
+
+	sink->family(sink, "cqrs_paused", "gauge",
+				 "1 while projection is paused with cqrs.pause().");
+	sink->sample(sink, "cqrs_paused", NULL, NULL,
+				 snap.leader_pid != 0 && snap.state == CQRS_STATE_PAUSED ? 1 : 0);
+
+	sink->family(sink, "cqrs_projector_running", "gauge",
+				 "1 while a projector leads and applies (running or catching up).");
+	sink->sample(sink, "cqrs_projector_running", NULL, NULL,
+				 cqrs_enabled && snap.leader_pid != 0 &&
+				 (snap.state == CQRS_STATE_RUNNING ||
+				  snap.state == CQRS_STATE_CATCHING_UP) ? 1 : 0);
+}
+
+static void
+rows_family(MetricSink *sink, const char *name, const char *type,
+			const char *help)
+{
+}
+
+static void
+rows_sample(MetricSink *sink, const char *name, const char *label,
+			const char *label_value, double value)
+{
+	Datum		values[3];
+	bool		nulls[3] = {false, false, false};
+
+	values[0] = CStringGetTextDatum(name);
+	if (label != NULL)
+	{
+		JsonbParseState *state = NULL;
+		JsonbValue	k,
+					v;
+
+		k.type = jbvString;
+		k.val.string.val = unconstify(char *, label);
+		k.val.string.len = strlen(label);
+		v.type = jbvString;
+		v.val.string.val = unconstify(char *, label_value);
+		v.val.string.len = strlen(label_value);
+		(void) pushJsonbValue(&state, WJB_BEGIN_OBJECT, NULL);
+		(void) pushJsonbValue(&state, WJB_KEY, &k);
+		(void) pushJsonbValue(&state, WJB_VALUE, &v);
+		values[1] = JsonbPGetDatum(JsonbValueToJsonb(pushJsonbValue(&state, WJB_END_OBJECT, NULL)));
+	}
+	else
+		values[1] = DirectFunctionCall1(jsonb_in, CStringGetDatum("{}"));
+	values[2] = Float8GetDatum(value);
+	tuplestore_putvalues(sink->rsinfo->setResult, sink->rsinfo->setDesc,
+						 values, nulls);
+}
+
+/*
+ * cqrs.metrics() RETURNS TABLE(name text, labels jsonb, value float8)
+ */
+Datum
+metrics(PG_FUNCTION_ARGS)
+{
+	MetricSink	sink = {.family = rows_family, .sample = rows_sample};
+
+	InitMaterializedSRF(fcinfo, 0);
+	sink.rsinfo = (ReturnSetInfo *) fcinfo->resultinfo;
+	admin_collect(&sink);
+	return (Datum) 0;
+}
+
+static void
+text_family(MetricSink *sink, const char *name, const char *type,
+			const char *help)
+{
+	appendStringInfo(sink->buf, "# HELP %s %s\n# TYPE %s %s\n",
+					 name, help, name, type);
+}
+
+static void
+text_sample(MetricSink *sink, const char *name, const char *label,
+			const char *label_value, double value)
+{
+	appendStringInfoString(sink->buf, name);
+	/* label values are our own constants: nothing to escape */
+	if (label != NULL)
+		appendStringInfo(sink->buf, "{%s=\"%s\"}", label, label_value);
+	if (isnan(value))
+		appendStringInfoString(sink->buf, " NaN\n");
+	else
+		appendStringInfo(sink->buf, " %.17g\n", value);
+}
+
+/*
+ * cqrs.prometheus() RETURNS text: the metrics in the Prometheus text
+ * exposition format (version 0.0.4).
+ */
+Datum
+prometheus(PG_FUNCTION_ARGS)
+{
+	MetricSink	sink = {.family = text_family, .sample = text_sample};
+	StringInfoData buf;
+
+	initStringInfo(&buf);
+	sink.buf = &buf;
+	admin_collect(&sink);
+	PG_RETURN_TEXT_P(cstring_to_text_with_len(buf.data, buf.len));
 }

@@ -67,19 +67,6 @@ PG_FUNCTION_INFO_V1(cancel_order);
 /* Upper bound of an order amount, inclusive. */
 #define CQRS_MAX_AMOUNT			INT64CONST(1000000000000000)
 
-typedef enum CqrsCommandType
-{
-	CQRS_CREATE_ORDER,
-	CQRS_SHIP_ORDER,
-	CQRS_CANCEL_ORDER
-} CqrsCommandType;
-
-static const char *const cmd_type_names[] = {
-	[CQRS_CREATE_ORDER] = "CREATE_ORDER",
-	[CQRS_SHIP_ORDER] = "SHIP_ORDER",
-	[CQRS_CANCEL_ORDER] = "CANCEL_ORDER",
-};
-
 /* A validated command, ready to append. */
 typedef struct CqrsCommand
 {
@@ -102,6 +89,9 @@ typedef struct CqrsReceipt
 
 /* This transaction appended a command: wake the projector at commit. */
 static bool wake_at_commit = false;
+
+/* Commands this transaction appended, by type, counted at commit. */
+static uint32 appended[CQRS_COMMAND_TYPES];
 static bool xact_callback_registered = false;
 
 /* Plans kept for the life of the backend, prepared on first use. */
@@ -371,7 +361,7 @@ cmd_insert(CqrsCommand *cmd, CqrsReceipt *receipt)
 	SPIPlanPtr	plan;
 
 	values[0] = UUIDPGetDatum(&cmd->command_id);
-	values[1] = CStringGetTextDatum(cmd_type_names[cmd->type]);
+	values[1] = CStringGetTextDatum(cqrs_command_type_names[cmd->type]);
 	values[2] = PointerGetDatum(cmd->order_id);
 	values[3] = Int64GetDatum(cmd->sequence_id);
 	values[4] = JsonbPGetDatum(cmd->payload);
@@ -417,7 +407,7 @@ cmd_resolve_conflict(CqrsCommand *cmd, CqrsReceipt *receipt)
 	char	   *holder = NULL;
 
 	values[0] = UUIDPGetDatum(&cmd->command_id);
-	values[1] = CStringGetTextDatum(cmd_type_names[cmd->type]);
+	values[1] = CStringGetTextDatum(cqrs_command_type_names[cmd->type]);
 	values[2] = PointerGetDatum(cmd->order_id);
 	values[3] = JsonbPGetDatum(cmd->payload);
 	values[4] = Int64GetDatum(cmd->sequence_id);
@@ -485,16 +475,73 @@ cmd_xact_callback(XactEvent event, void *arg)
 		case XACT_EVENT_COMMIT:
 		case XACT_EVENT_PARALLEL_COMMIT:
 			if (wake_at_commit)
-				cqrs_wake_projector(XactLastCommitEnd);
+			{
+				cqrs_wake_projector(XactLastCommitEnd,
+									GetCurrentTransactionStopTimestamp());
+				for (int i = 0; i < CQRS_COMMAND_TYPES; i++)
+				{
+					if (appended[i] > 0 && cqrs_shared != NULL)
+						pg_atomic_fetch_add_u64(&cqrs_shared->commands_total[i],
+												appended[i]);
+				}
+			}
 			wake_at_commit = false;
+			memset(appended, 0, sizeof(appended));
 			break;
 		case XACT_EVENT_ABORT:
 		case XACT_EVENT_PARALLEL_ABORT:
 			wake_at_commit = false;
+			memset(appended, 0, sizeof(appended));
 			break;
 		default:
 			break;
 	}
+}
+
+/*
+ * Backpressure: refuse the command when the projector is more than
+ * cqrs.max_lag of WAL behind, naming what holds it back.
+ */
+static void
+cmd_check_lag(void)
+{
+	XLogRecPtr	confirmed;
+	uint64		lag;
+	CqrsState	state = CQRS_STATE_IDLE;
+	char	   *hint;
+
+	if (cqrs_max_lag <= 0)
+		return;
+	confirmed = cqrs_slot_confirmed_lsn();
+	if (XLogRecPtrIsInvalid(confirmed))
+		return;
+	lag = GetXLogInsertRecPtr() - Min(confirmed, GetXLogInsertRecPtr());
+	if (lag <= (uint64) cqrs_max_lag * 1024)
+		return;
+
+	if (cqrs_shared != NULL)
+	{
+		SpinLockAcquire(&cqrs_shared->mutex);
+		state = cqrs_shared->leader_pid != 0 ? cqrs_shared->state : CQRS_STATE_IDLE;
+		SpinLockRelease(&cqrs_shared->mutex);
+	}
+	if (!cqrs_enabled)
+		hint = "Projection is switched off (cqrs.enabled = off); switch it on to catch up.";
+	else if (state == CQRS_STATE_PAUSED)
+		hint = "Projection is paused; call cqrs.resume() to catch up.";
+	else if (state == CQRS_STATE_ERROR || state == CQRS_STATE_IDLE)
+		hint = "No projector is applying commands; see last_error in cqrs.status and the server log.";
+	else
+		hint = "The projector is running but has not caught up yet; retry later, or raise cqrs.max_lag.";
+
+	ereport(ERROR,
+			(errcode(ERRCODE_CONFIGURATION_LIMIT_EXCEEDED),
+			 errmsg("cqrs refuses new commands: the projection is %s of WAL behind",
+					TextDatumGetCString(DirectFunctionCall1(pg_size_pretty,
+															Int64GetDatum((int64) lag)))),
+			 errdetail("Replication slot \"%s\" has not confirmed that WAL; cqrs.max_lag is %d kB.",
+					   cqrs_slot_name, cqrs_max_lag),
+			 errhint("%s", hint)));
 }
 
 /*
@@ -505,6 +552,8 @@ cmd_append(CqrsCommand *cmd, CqrsReceipt *receipt)
 {
 	Oid			save_userid;
 	int			save_sec_context;
+
+	cmd_check_lag();
 
 	GetUserIdAndSecContext(&save_userid, &save_sec_context);
 	cqrs_become_owner();
@@ -528,6 +577,7 @@ cmd_append(CqrsCommand *cmd, CqrsReceipt *receipt)
 			xact_callback_registered = true;
 		}
 		wake_at_commit = true;
+		appended[cmd->type]++;
 	}
 
 	SPI_finish();
@@ -557,67 +607,100 @@ cmd_receipt_datum(FunctionCallInfo fcinfo, CqrsReceipt *receipt)
 }
 
 /*
+ * Validate and append one command with "build", and return its receipt.
+ * A refused command is counted for cqrs_command_errors_total before the
+ * error goes on to roll the transaction back.
+ */
+static Datum
+cmd_run(FunctionCallInfo fcinfo,
+		void (*build) (FunctionCallInfo fcinfo, CqrsCommand *cmd))
+{
+	MemoryContext context = CurrentMemoryContext;
+	CqrsCommand cmd;
+	CqrsReceipt receipt;
+
+	PG_TRY();
+	{
+		build(fcinfo, &cmd);
+		cmd_append(&cmd, &receipt);
+	}
+	PG_CATCH();
+	{
+		ErrorData  *edata;
+
+		MemoryContextSwitchTo(context);
+		edata = CopyErrorData();
+		cqrs_count_command_error(edata->sqlerrcode);
+		FreeErrorData(edata);
+		PG_RE_THROW();
+	}
+	PG_END_TRY();
+
+	PG_RETURN_DATUM(cmd_receipt_datum(fcinfo, &receipt));
+}
+
+/*
  * cqrs.submit_order(order_id text, user_id text, amount numeric,
  *					 command_id uuid, sequence_id bigint) RETURNS cqrs.receipt
  */
-Datum
-submit_order(PG_FUNCTION_ARGS)
+static void
+build_submit(FunctionCallInfo fcinfo, CqrsCommand *cmd)
 {
-	CqrsCommand cmd;
-	CqrsReceipt receipt;
 	text	   *user_id;
 	JsonbValue	amount;
 	JsonbParseState *state = NULL;
 
-	cmd_init(&cmd, CQRS_CREATE_ORDER, fcinfo, 3, 4);
+	cmd_init(cmd, CQRS_CREATE_ORDER, fcinfo, 3, 4);
 	user_id = cmd_get_id(fcinfo, 1, "user_id");
 	amount.type = jbvNumeric;
 	amount.val.numeric = cmd_get_amount(fcinfo, 2);
 
 	(void) pushJsonbValue(&state, WJB_BEGIN_OBJECT, NULL);
-	cmd_json_put_text(&state, "order_id", cmd.order_id);
+	cmd_json_put_text(&state, "order_id", cmd->order_id);
 	cmd_json_put_text(&state, "user_id", user_id);
 	cmd_json_put(&state, "amount", &amount);
-	cmd.payload = JsonbValueToJsonb(pushJsonbValue(&state, WJB_END_OBJECT, NULL));
+	cmd->payload = JsonbValueToJsonb(pushJsonbValue(&state, WJB_END_OBJECT, NULL));
+}
 
-	cmd_append(&cmd, &receipt);
-	PG_RETURN_DATUM(cmd_receipt_datum(fcinfo, &receipt));
+Datum
+submit_order(PG_FUNCTION_ARGS)
+{
+	return cmd_run(fcinfo, build_submit);
 }
 
 /*
  * cqrs.ship_order(order_id text, command_id uuid, sequence_id bigint)
  *		RETURNS cqrs.receipt
  */
+static void
+build_ship(FunctionCallInfo fcinfo, CqrsCommand *cmd)
+{
+	JsonbParseState *state = NULL;
+
+	cmd_init(cmd, CQRS_SHIP_ORDER, fcinfo, 1, 2);
+
+	(void) pushJsonbValue(&state, WJB_BEGIN_OBJECT, NULL);
+	cmd_json_put_text(&state, "order_id", cmd->order_id);
+	cmd->payload = JsonbValueToJsonb(pushJsonbValue(&state, WJB_END_OBJECT, NULL));
+}
+
 Datum
 ship_order(PG_FUNCTION_ARGS)
 {
-	CqrsCommand cmd;
-	CqrsReceipt receipt;
-	JsonbParseState *state = NULL;
-
-	cmd_init(&cmd, CQRS_SHIP_ORDER, fcinfo, 1, 2);
-
-	(void) pushJsonbValue(&state, WJB_BEGIN_OBJECT, NULL);
-	cmd_json_put_text(&state, "order_id", cmd.order_id);
-	cmd.payload = JsonbValueToJsonb(pushJsonbValue(&state, WJB_END_OBJECT, NULL));
-
-	cmd_append(&cmd, &receipt);
-	PG_RETURN_DATUM(cmd_receipt_datum(fcinfo, &receipt));
+	return cmd_run(fcinfo, build_ship);
 }
 
 /*
  * cqrs.cancel_order(order_id text, reason text, command_id uuid,
  *					 sequence_id bigint) RETURNS cqrs.receipt
  */
-Datum
-cancel_order(PG_FUNCTION_ARGS)
+static void
+build_cancel(FunctionCallInfo fcinfo, CqrsCommand *cmd)
 {
-	CqrsCommand cmd;
-	CqrsReceipt receipt;
 	text	   *reason = NULL;
 	JsonbParseState *state = NULL;
 
-	cmd_init(&cmd, CQRS_CANCEL_ORDER, fcinfo, 2, 3);
+	cmd_init(cmd, CQRS_CANCEL_ORDER, fcinfo, 2, 3);
 	if (!PG_ARGISNULL(1))
 	{
 		reason = PG_GETARG_TEXT_PP(1);
@@ -631,10 +714,13 @@ cancel_order(PG_FUNCTION_ARGS)
 	}
 
 	(void) pushJsonbValue(&state, WJB_BEGIN_OBJECT, NULL);
-	cmd_json_put_text(&state, "order_id", cmd.order_id);
+	cmd_json_put_text(&state, "order_id", cmd->order_id);
 	cmd_json_put_text(&state, "reason", reason);
-	cmd.payload = JsonbValueToJsonb(pushJsonbValue(&state, WJB_END_OBJECT, NULL));
+	cmd->payload = JsonbValueToJsonb(pushJsonbValue(&state, WJB_END_OBJECT, NULL));
+}
 
-	cmd_append(&cmd, &receipt);
-	PG_RETURN_DATUM(cmd_receipt_datum(fcinfo, &receipt));
+Datum
+cancel_order(PG_FUNCTION_ARGS)
+{
+	return cmd_run(fcinfo, build_cancel);
 }

@@ -35,6 +35,7 @@ int			cqrs_batch_size_max = 10000;
 int			cqrs_poll_interval = 1000;
 int			cqrs_backoff_base = 100;
 int			cqrs_backoff_max = 5000;
+int			cqrs_max_lag = 0;
 
 static shmem_request_hook_type prev_shmem_request_hook = NULL;
 static shmem_startup_hook_type prev_shmem_startup_hook = NULL;
@@ -130,6 +131,15 @@ cqrs_define_settings(void)
 							&cqrs_backoff_max,
 							5000, 1, 3600 * 1000,
 							PGC_SIGHUP, GUC_UNIT_MS,
+							NULL, NULL, NULL);
+	DefineCustomIntVariable("cqrs.max_lag",
+							"WAL the projector may fall behind before commands are refused.",
+							"Past it, the command functions fail with SQLSTATE 53400, so that "
+							"a stalled projector cannot fill the disk with retained WAL. "
+							"0 turns the limit off.",
+							&cqrs_max_lag,
+							0, 0, MAX_KILOBYTES,
+							PGC_SIGHUP, GUC_UNIT_KB,
 							NULL, NULL, NULL);
 
 	MarkGUCPrefixReserved("cqrs");

@@ -10,6 +10,7 @@
 
 #include "access/xlogdefs.h"
 #include "datatype/timestamp.h"
+#include "port/atomics.h"
 #include "storage/condition_variable.h"
 #include "storage/latch.h"
 #include "storage/spin.h"
@@ -39,6 +40,7 @@ extern int	cqrs_batch_size_max;
 extern int	cqrs_poll_interval;
 extern int	cqrs_backoff_base;
 extern int	cqrs_backoff_max;
+extern int	cqrs_max_lag;
 
 /* What the projector is doing, as cqrs.status reports it. */
 typedef enum CqrsState
@@ -55,6 +57,34 @@ typedef enum CqrsState
 #define CQRS_LAG_BUCKETS		24
 extern const double cqrs_lag_bucket_ms[CQRS_LAG_BUCKETS];
 
+/* Command types, in the order of cqrs_command_type_names. */
+typedef enum CqrsCommandType
+{
+	CQRS_CREATE_ORDER,
+	CQRS_SHIP_ORDER,
+	CQRS_CANCEL_ORDER
+} CqrsCommandType;
+#define CQRS_COMMAND_TYPES		3
+extern const char *const cqrs_command_type_names[CQRS_COMMAND_TYPES];
+
+/* Why a command function refused a command (cqrs_command_errors_total). */
+typedef enum CqrsErrorKind
+{
+	CQRS_ERR_INVALID_INPUT,		/* class 22 */
+	CQRS_ERR_CONFLICT,			/* 23505: duplicate order, id or sequence */
+	CQRS_ERR_NO_ORDER,			/* 23503: order not in the log */
+	CQRS_ERR_BACKPRESSURE,		/* 53400: cqrs.max_lag */
+	CQRS_ERR_CONCURRENCY,		/* class 40 */
+	CQRS_ERR_PRIVILEGE,			/* 42501 */
+	CQRS_ERR_OTHER
+} CqrsErrorKind;
+#define CQRS_ERROR_KINDS		7
+extern const char *const cqrs_error_kind_names[CQRS_ERROR_KINDS];
+
+/* Buckets of the batch flush duration histogram, in seconds. */
+#define CQRS_FLUSH_BUCKETS		12
+extern const double cqrs_flush_bucket_s[CQRS_FLUSH_BUCKETS];
+
 /* Shared state of the projector workers (shmem.c). */
 typedef struct CqrsShared
 {
@@ -65,7 +95,6 @@ typedef struct CqrsShared
 	int			leader_pid;
 	CqrsState	state;
 	XLogRecPtr	applied_lsn;	/* all commands committed before are applied */
-	double		last_lag_ms;	/* commit-to-read-model of the last batch */
 	uint64		applied_total;	/* commands processed */
 	uint64		batches_total;
 	int			batch_size;		/* current adaptive target */
@@ -77,6 +106,15 @@ typedef struct CqrsShared
 	uint64		control_generation;	/* bumped when cqrs.pause() or
 										 * cqrs.resume() commits */
 	ConditionVariable applied_cv;	/* broadcast when applied_lsn moves */
+	TimestampTz pending_since;	/* commit time of the oldest command not
+								 * applied yet, at most; valid while
+								 * wake_lsn > applied_lsn */
+	uint64		dead_letter_total;	/* dead letters written */
+	uint64		flush_histogram[CQRS_FLUSH_BUCKETS + 1];	/* + overflow */
+	double		flush_seconds_sum;
+	/* counted by the command functions, without the spinlock */
+	pg_atomic_uint64 commands_total[CQRS_COMMAND_TYPES];
+	pg_atomic_uint64 command_errors[CQRS_ERROR_KINDS];
 } CqrsShared;
 
 extern CqrsShared *cqrs_shared;
@@ -85,9 +123,12 @@ extern CqrsShared *cqrs_shared;
 extern void cqrs_shmem_request(void);
 extern void cqrs_shmem_startup(void);
 extern void cqrs_set_error(const char *message);
-extern void cqrs_wake_projector(XLogRecPtr commit_end);
+extern void cqrs_wake_projector(XLogRecPtr commit_end, TimestampTz commit_time);
+extern double cqrs_lag_seconds(CqrsShared *snap, TimestampTz now);
 extern void cqrs_control_changed(void);
 extern void cqrs_set_applied(XLogRecPtr lsn, bool only_forward);
+extern void cqrs_count_command_error(int sqlerrcode);
+extern XLogRecPtr cqrs_slot_confirmed_lsn(void);
 
 /* A decoded command (decoder.c fills, projector.c applies). */
 typedef struct CqrsRecord

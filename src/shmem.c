@@ -15,6 +15,7 @@
 #include "postgres.h"
 
 #include "miscadmin.h"
+#include "replication/slot.h"
 #include "storage/ipc.h"
 #include "storage/lwlock.h"
 #include "storage/shmem.h"
@@ -28,6 +29,27 @@ CqrsShared *cqrs_shared = NULL;
 const double cqrs_lag_bucket_ms[CQRS_LAG_BUCKETS] = {
 	0.5, 1, 2, 3, 5, 7.5, 10, 15, 20, 30, 50, 75, 100, 150, 200, 300, 500,
 	1000, 2000, 5000, 10000, 30000, 60000, 300000
+};
+
+/* Upper bounds of the batch flush duration buckets, in seconds. */
+const double cqrs_flush_bucket_s[CQRS_FLUSH_BUCKETS] = {
+	0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5
+};
+
+const char *const cqrs_command_type_names[CQRS_COMMAND_TYPES] = {
+	[CQRS_CREATE_ORDER] = "CREATE_ORDER",
+	[CQRS_SHIP_ORDER] = "SHIP_ORDER",
+	[CQRS_CANCEL_ORDER] = "CANCEL_ORDER",
+};
+
+const char *const cqrs_error_kind_names[CQRS_ERROR_KINDS] = {
+	[CQRS_ERR_INVALID_INPUT] = "invalid_input",
+	[CQRS_ERR_CONFLICT] = "conflict",
+	[CQRS_ERR_NO_ORDER] = "no_such_order",
+	[CQRS_ERR_BACKPRESSURE] = "backpressure",
+	[CQRS_ERR_CONCURRENCY] = "concurrency",
+	[CQRS_ERR_PRIVILEGE] = "privilege",
+	[CQRS_ERR_OTHER] = "other",
 };
 
 /*
@@ -54,6 +76,10 @@ cqrs_shmem_startup(void)
 		memset(cqrs_shared, 0, sizeof(CqrsShared));
 		SpinLockInit(&cqrs_shared->mutex);
 		ConditionVariableInit(&cqrs_shared->applied_cv);
+		for (int i = 0; i < CQRS_COMMAND_TYPES; i++)
+			pg_atomic_init_u64(&cqrs_shared->commands_total[i], 0);
+		for (int i = 0; i < CQRS_ERROR_KINDS; i++)
+			pg_atomic_init_u64(&cqrs_shared->command_errors[i], 0);
 		cqrs_shared->state = CQRS_STATE_IDLE;
 		cqrs_shared->applied_lsn = InvalidXLogRecPtr;
 	}
@@ -81,13 +107,15 @@ cqrs_set_error(const char *message)
  * projected at once, not when the WAL writer gets to it.
  */
 void
-cqrs_wake_projector(XLogRecPtr commit_end)
+cqrs_wake_projector(XLogRecPtr commit_end, TimestampTz commit_time)
 {
 	Latch	   *latch;
 
 	if (cqrs_shared == NULL)
 		return;
 	SpinLockAcquire(&cqrs_shared->mutex);
+	if (cqrs_shared->wake_lsn <= cqrs_shared->applied_lsn)
+		cqrs_shared->pending_since = commit_time;
 	if (commit_end > cqrs_shared->wake_lsn)
 		cqrs_shared->wake_lsn = commit_end;
 	latch = cqrs_shared->leader_latch;
@@ -128,4 +156,70 @@ cqrs_set_applied(XLogRecPtr lsn, bool only_forward)
 		cqrs_shared->applied_lsn = lsn;
 	SpinLockRelease(&cqrs_shared->mutex);
 	ConditionVariableBroadcast(&cqrs_shared->applied_cv);
+}
+
+/*
+ * Count a command a command function refused, by the kind of its error.
+ * The transaction rolls back; the count stays.
+ */
+void
+cqrs_count_command_error(int sqlerrcode)
+{
+	CqrsErrorKind kind;
+
+	if (cqrs_shared == NULL)
+		return;
+	if (sqlerrcode == ERRCODE_UNIQUE_VIOLATION)
+		kind = CQRS_ERR_CONFLICT;
+	else if (sqlerrcode == ERRCODE_FOREIGN_KEY_VIOLATION)
+		kind = CQRS_ERR_NO_ORDER;
+	else if (sqlerrcode == ERRCODE_CONFIGURATION_LIMIT_EXCEEDED)
+		kind = CQRS_ERR_BACKPRESSURE;
+	else if (sqlerrcode == ERRCODE_INSUFFICIENT_PRIVILEGE)
+		kind = CQRS_ERR_PRIVILEGE;
+	else if (ERRCODE_TO_CATEGORY(sqlerrcode) == ERRCODE_DATA_EXCEPTION)
+		kind = CQRS_ERR_INVALID_INPUT;
+	else if (ERRCODE_TO_CATEGORY(sqlerrcode) == ERRCODE_TRANSACTION_ROLLBACK)
+		kind = CQRS_ERR_CONCURRENCY;
+	else
+		kind = CQRS_ERR_OTHER;
+	pg_atomic_fetch_add_u64(&cqrs_shared->command_errors[kind], 1);
+}
+
+/*
+ * The position up to which our slot is confirmed, or InvalidXLogRecPtr
+ * when there is no such slot in this database.
+ */
+XLogRecPtr
+cqrs_slot_confirmed_lsn(void)
+{
+	ReplicationSlot *slot;
+	XLogRecPtr	lsn = InvalidXLogRecPtr;
+
+	LWLockAcquire(ReplicationSlotControlLock, LW_SHARED);
+	slot = SearchNamedReplicationSlot(cqrs_slot_name, false);
+	if (slot != NULL)
+	{
+		SpinLockAcquire(&slot->mutex);
+		if (slot->data.database == MyDatabaseId)
+			lsn = slot->data.confirmed_flush;
+		SpinLockRelease(&slot->mutex);
+	}
+	LWLockRelease(ReplicationSlotControlLock);
+	return lsn;
+}
+
+/*
+ * Commit-to-read-model lag now, from a copy of the shared state: how long
+ * the oldest command not applied yet has waited (an upper bound: the
+ * commit time of the last command applied before it), 0 when every
+ * command that woke the projector is applied.
+ */
+double
+cqrs_lag_seconds(CqrsShared *snap, TimestampTz now)
+{
+	if (snap->wake_lsn <= snap->applied_lsn || snap->pending_since == 0 ||
+		now <= snap->pending_since)
+		return 0;
+	return (double) (now - snap->pending_since) / USECS_PER_SEC;
 }

@@ -327,6 +327,7 @@ worker_create_slot(void)
 
 	SpinLockAcquire(&cqrs_shared->mutex);
 	cqrs_shared->applied_total += stats.applied;
+	cqrs_shared->dead_letter_total += stats.dead;
 	SpinLockRelease(&cqrs_shared->mutex);
 	cqrs_set_applied(start, false);
 
@@ -407,13 +408,25 @@ worker_backoff(int attempt)
 }
 
 /*
+ * The bucket of the flush duration histogram for a batch of ms.
+ */
+static int
+worker_flush_bucket(double ms)
+{
+	int			b = 0;
+
+	while (b < CQRS_FLUSH_BUCKETS && ms / 1000.0 > cqrs_flush_bucket_s[b])
+		b++;
+	return b;
+}
+
+/*
  * Record the lag of each applied command in the histogram.
  */
 static void
 worker_record_lag(CqrsRecord *records, int n, TimestampTz now)
 {
 	uint64		counts[CQRS_LAG_BUCKETS + 1] = {0};
-	double		last = 0;
 
 	for (int i = 0; i < n; i++)
 	{
@@ -423,12 +436,10 @@ worker_record_lag(CqrsRecord *records, int n, TimestampTz now)
 		while (b < CQRS_LAG_BUCKETS && ms > cqrs_lag_bucket_ms[b])
 			b++;
 		counts[b]++;
-		last = ms;
 	}
 	SpinLockAcquire(&cqrs_shared->mutex);
 	for (int b = 0; b <= CQRS_LAG_BUCKETS; b++)
 		cqrs_shared->lag_histogram[b] += counts[b];
-	cqrs_shared->last_lag_ms = last;
 	SpinLockRelease(&cqrs_shared->mutex);
 }
 
@@ -809,6 +820,11 @@ worker_stream(void)
 
 			SpinLockAcquire(&cqrs_shared->mutex);
 			cqrs_shared->applied_total += stats.applied;
+			cqrs_shared->dead_letter_total += stats.dead;
+			cqrs_shared->flush_histogram[worker_flush_bucket(ms)]++;
+			cqrs_shared->flush_seconds_sum += ms / 1000.0;
+			if (cqrs_shared->wake_lsn > position)
+				cqrs_shared->pending_since = queue->last_commit_time;
 			cqrs_shared->batches_total++;
 			cqrs_shared->last_batch_size = nrecords;
 			cqrs_shared->last_batch_ms = ms;

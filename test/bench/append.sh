@@ -14,13 +14,13 @@
 # (test/bench/projection.sh measures it with the projector running).
 #
 #   bash test/bench/append.sh            # as root, or a user with the packages
-#   DURATION=20 ROUNDS=5 MODES=off bash test/bench/append.sh
+#   DURATION=20 ROUNDS=9 MODES=off bash test/bench/append.sh
 set -euo pipefail
 . "$(dirname "$0")/../lib.sh"
 . "$(dirname "$0")/common.sh"
 
 DURATION=${DURATION:-10}
-ROUNDS=${ROUNDS:-5}
+ROUNDS=${ROUNDS:-7}
 CLIENTS=${CLIENTS:-4}
 MODES=${MODES:-on off}
 

@@ -118,5 +118,49 @@ is(sql(qq{SELECT cqrs.wait_for('$cmd', '30 s')}), 't',
 is(sql(qq{SELECT count(*) FROM cqrs.dead_letter WHERE command_id = '$cmd'}), '1',
 	'that command is in dead_letter');
 
+# Backpressure: past cqrs.max_lag the command functions refuse commands,
+# saying why, and accept them again once the projector has caught up.
+$node->append_conf('postgresql.conf', "cqrs.max_lag = '1MB'");
+$node->reload;
+sql(q{CREATE TABLE filler (x text)});
+sql(q{SELECT cqrs.pause()});
+$node->poll_query_until('postgres', q{SELECT state = 'paused' FROM cqrs.status})
+  or die 'the projector did not pause';
+my $refused = sql(q{SELECT value FROM cqrs.metrics()
+	WHERE name = 'cqrs_command_errors_total' AND labels->>'kind' = 'backpressure'});
+sql(q{INSERT INTO filler SELECT repeat('x', 1000) FROM generate_series(1, 3000)});
+my ($ret, $stdout, $stderr) = $node->psql('postgres',
+	q{SELECT cqrs.submit_order('bp-1', 'u', 1)},
+	extra_params => [ '-v', 'VERBOSITY=verbose' ]);
+isnt($ret, 0, 'a command is refused while the projector is too far behind');
+like($stderr, qr/ERROR:  53400: cqrs refuses new commands: the projection is \d+ [kM]B of WAL behind/,
+	'with SQLSTATE 53400 and the size of the lag');
+like($stderr, qr/HINT:  Projection is paused; call cqrs.resume\(\) to catch up/,
+	'and a hint naming the cause');
+is(sql(q{SELECT count(*) FROM cqrs.command_log WHERE aggregate_id = 'bp-1'}), '0',
+	'nothing was written');
+is(sql(q{SELECT value FROM cqrs.metrics()
+	WHERE name = 'cqrs_command_errors_total' AND labels->>'kind' = 'backpressure'}),
+	$refused + 1, 'the refusal is counted although its transaction rolled back');
+sql(q{SELECT cqrs.resume()});
+$node->poll_query_until('postgres', q{SELECT cqrs.wait_for_lsn(pg_current_wal_insert_lsn(), '10 s')})
+  or die 'the projector did not catch up';
+$node->poll_query_until('postgres', q{SELECT value < 1048576 FROM cqrs.metrics()
+	WHERE name = 'cqrs_slot_lag_bytes'})
+  or die 'the slot was not confirmed';
+is(sql(q{SELECT (cqrs.submit_order('bp-1', 'u', 1)).sequence_id}), '1',
+	'commands are accepted again once the projector caught up');
+
+# Metrics count what happened.
+my %m = map { my ($k, $v) = split /\|/; ($k => $v) } split /\n/, sql(q{
+	SELECT name || coalesce(labels->>'type', labels->>'kind', ''), value
+	  FROM cqrs.metrics()});
+cmp_ok($m{cqrs_commands_totalCREATE_ORDER}, '>=', 3, 'commands are counted by type');
+is($m{cqrs_commands_totalSHIP_ORDER}, '1', 'one ship since the restart');
+cmp_ok($m{cqrs_projected_total}, '>', 0, 'projected commands are counted');
+cmp_ok($m{cqrs_dead_letter_total}, '>=', 1, 'dead letters are counted');
+cmp_ok($m{cqrs_batch_flush_duration_seconds_count}, '>', 0, 'batches are timed');
+is($m{cqrs_paused}, '0', 'not paused');
+
 $node->stop;
 done_testing();
