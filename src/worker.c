@@ -444,6 +444,31 @@ worker_record_lag(CqrsRecord *records, int n, TimestampTz now)
 }
 
 /*
+ * Lower or raise this process's PROC_IN_LOGICAL_DECODING flag.
+ *
+ * Acquiring a logical slot raises it, and snapshots then leave the
+ * process's transactions out of their list of running ones, as a process
+ * that decodes never writes.  The projector does write: flagged during a
+ * batch, its transaction would look finished to a concurrent snapshot
+ * while it is still running, and a reader scanning the read model would
+ * take the rows it inserts for rows of an aborted transaction and mark
+ * them so (HEAP_XMIN_INVALID), losing them for good once the batch
+ * commits.  So the flag is lowered for every apply transaction and raised
+ * again for decoding.
+ */
+static void
+worker_set_decoding(bool decoding)
+{
+	LWLockAcquire(ProcArrayLock, LW_EXCLUSIVE);
+	if (decoding)
+		MyProc->statusFlags |= PROC_IN_LOGICAL_DECODING;
+	else
+		MyProc->statusFlags &= ~PROC_IN_LOGICAL_DECODING;
+	ProcGlobal->statusFlags[MyProc->pgxactoff] = MyProc->statusFlags;
+	LWLockRelease(ProcArrayLock);
+}
+
+/*
  * Apply the queued commands in one transaction, retrying with backoff
  * until it commits.  Returns false when projection was switched off or the
  * extension dropped meanwhile; the batch is then not applied.
@@ -463,6 +488,7 @@ worker_apply(CqrsQueue *queue, XLogRecPtr skip_upto, CqrsApplyStats *stats)
 			records[n++] = queue->records[i];
 	}
 
+	worker_set_decoding(false);
 	for (;;)
 	{
 		volatile bool done = false;
@@ -518,8 +544,12 @@ worker_apply(CqrsQueue *queue, XLogRecPtr skip_upto, CqrsApplyStats *stats)
 		worker_wait(delay);
 		attempt++;
 		if (!cqrs_enabled || !worker_extension_exists())
+		{
+			worker_set_decoding(true);
 			return false;	/* the caller sees why */
+		}
 	}
+	worker_set_decoding(true);
 
 	if (attempt > 0)
 		worker_set_state(CQRS_STATE_RUNNING);
