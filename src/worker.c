@@ -137,6 +137,22 @@ worker_wait(long timeout)
 }
 
 /*
+ * Sleep the whole of ms, however often the latch is set meanwhile (every
+ * committed command sets it), handling interrupts and reloads: a backoff
+ * that a busy server could cut short would be no backoff at all.
+ */
+static void
+worker_sleep(long ms)
+{
+	TimestampTz end = TimestampTzPlusMilliseconds(GetCurrentTimestamp(), ms);
+	long		remaining;
+
+	while ((remaining = TimestampDifferenceMilliseconds(GetCurrentTimestamp(),
+														end)) > 0)
+		worker_wait(remaining);
+}
+
+/*
  * Start a transaction for SPI work: SPI connected, a snapshot pushed.
  */
 static void
@@ -541,7 +557,7 @@ worker_apply(CqrsQueue *queue, XLogRecPtr skip_upto, CqrsApplyStats *stats)
 		if (done)
 			break;
 
-		worker_wait(delay);
+		worker_sleep(delay);
 		attempt++;
 		if (!cqrs_enabled || !worker_extension_exists())
 		{
@@ -986,7 +1002,7 @@ worker_lead(int *failures)
 		return;
 	}
 	worker_step_down(CQRS_STATE_ERROR);
-	worker_wait(worker_backoff((*failures)++));
+	worker_sleep(worker_backoff((*failures)++));
 }
 
 /*
