@@ -12,6 +12,7 @@ OBJS = \
 	src/projector.o \
 	src/worker.o \
 	src/admin.o \
+	src/repair.o \
 	src/spi.o
 DATA = cqrs--0.1.0.sql
 PGFILEDESC = "cqrs - command log, projection and read model inside PostgreSQL"

@@ -246,6 +246,28 @@ LANGUAGE C VOLATILE STRICT PARALLEL UNSAFE;
 COMMENT ON FUNCTION cqrs.wait_for_lsn(pg_catalog.pg_lsn, interval) IS
 	'Wait until every command committed up to the LSN is projected; false at the timeout';
 
+-- Repair and rebuild.
+CREATE FUNCTION cqrs.retry_dead_letter(command_id uuid)
+RETURNS boolean
+AS 'MODULE_PATHNAME', 'retry_dead_letter'
+LANGUAGE C VOLATILE STRICT PARALLEL UNSAFE;
+COMMENT ON FUNCTION cqrs.retry_dead_letter(uuid) IS
+	'Project a dead-lettered command again after a fix; true when applied, false when dead-lettered again';
+
+CREATE FUNCTION cqrs.skip_parked(command_id uuid)
+RETURNS boolean
+AS 'MODULE_PATHNAME', 'skip_parked'
+LANGUAGE C VOLATILE STRICT PARALLEL UNSAFE;
+COMMENT ON FUNCTION cqrs.skip_parked(uuid) IS
+	'Stop waiting for the missing predecessor of a parked command: move it to cqrs.dead_letter';
+
+CREATE FUNCTION cqrs.rebuild()
+RETURNS bigint
+AS 'MODULE_PATHNAME', 'rebuild'
+LANGUAGE C VOLATILE PARALLEL UNSAFE;
+COMMENT ON FUNCTION cqrs.rebuild() IS
+	'Replay the whole command log into the read model in one transaction (readers see the old rows until it commits); returns the commands replayed';
+
 -- Metrics, for psql and for Prometheus.
 CREATE FUNCTION cqrs.metrics(OUT name text, OUT labels jsonb,
 							 OUT value double precision)
@@ -393,7 +415,8 @@ GRANT EXECUTE ON FUNCTION
 GRANT SELECT ON ALL TABLES IN SCHEMA cqrs TO cqrs_admin;
 GRANT EXECUTE ON FUNCTION cqrs.uuidv7(), cqrs.worker_status(), cqrs.verify(),
 	cqrs.lag_histogram(), cqrs.pause(), cqrs.resume(), cqrs.metrics(),
-	cqrs.prometheus() TO cqrs_admin;
+	cqrs.prometheus(), cqrs.retry_dead_letter(uuid), cqrs.skip_parked(uuid),
+	cqrs.rebuild() TO cqrs_admin;
 
 -- Monitoring agents (pg_monitor, as for the server's own statistics) read
 -- the metrics and nothing else.

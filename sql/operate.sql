@@ -80,6 +80,10 @@ SET ROLE regress_op_app;
 SELECT cqrs.wait_for('d0000000-0000-4000-8000-000000000001', '0');
 SELECT cqrs.resume();
 \echo :SQLSTATE
+SELECT cqrs.rebuild();
+\echo :SQLSTATE
+SELECT cqrs.retry_dead_letter('d0000000-0000-4000-8000-000000000002');
+\echo :SQLSTATE
 SET ROLE regress_op_monitor;
 SELECT count(*) > 0 AS sees_metrics FROM cqrs.metrics();
 SELECT cqrs.prometheus() LIKE '# HELP %' AS scrapes;
@@ -95,6 +99,9 @@ SELECT cqrs.wait_for('d0000000-0000-4000-8000-000000000001', '0');
 SET ROLE regress_op_ops;
 SELECT cqrs.pause();
 SELECT cqrs.resume();
+-- repairs of commands that are neither dead-lettered nor parked do nothing
+SELECT cqrs.retry_dead_letter('d0000000-0000-4000-8000-0000000000ff');
+SELECT cqrs.skip_parked('d0000000-0000-4000-8000-0000000000ff');
 SELECT paused, changed_by FROM cqrs.projector_state;
 RESET ROLE;
 DROP ROLE regress_op_app, regress_op_report, regress_op_ops, regress_op_nobody,

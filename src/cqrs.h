@@ -27,6 +27,7 @@
 #define CQRS_ORDER_LOCK_SPACE	0x4351
 #define CQRS_LEADER_LOCK_SPACE	0x4352
 #define CQRS_COMMAND_LOCK_SPACE	0x4353
+#define CQRS_APPLY_LOCK_SPACE	0x4354
 
 #define CQRS_ERROR_LEN			512
 
@@ -177,6 +178,7 @@ extern void cqrs_project_forget(void);
 extern void cqrs_save_offset(const char *slot_name, XLogRecPtr lsn);
 extern XLogRecPtr cqrs_load_offset(const char *slot_name);
 extern int64 cqrs_project_log(CqrsApplyStats *stats);
+extern bool cqrs_lock_projection(bool wait);
 
 /* worker.c */
 extern PGDLLEXPORT void cqrs_worker_main(Datum main_arg);

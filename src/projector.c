@@ -40,6 +40,7 @@
 #include "common/hashfn.h"
 #include "executor/spi.h"
 #include "miscadmin.h"
+#include "storage/lock.h"
 #include "utils/array.h"
 #include "utils/builtins.h"
 #include "utils/datum.h"
@@ -1045,7 +1046,8 @@ cqrs_project_log(CqrsApplyStats *stats)
 	if (plan == NULL)
 		elog(ERROR, "SPI_prepare failed for \"%s\": %s",
 			 sql, SPI_result_code_string(SPI_result));
-	portal = SPI_cursor_open("cqrs_catch_up", plan, NULL, NULL, true);
+	/* read-write: a snapshot taken now, after the caller's locks */
+	portal = SPI_cursor_open("cqrs_catch_up", plan, NULL, NULL, false);
 	chunk_context = AllocSetContextCreate(CurrentMemoryContext,
 										  "cqrs catch-up chunk",
 										  ALLOCSET_DEFAULT_SIZES);
@@ -1093,4 +1095,19 @@ cqrs_project_log(CqrsApplyStats *stats)
 	SPI_freeplan(plan);
 	MemoryContextDelete(chunk_context);
 	return total;
+}
+
+/*
+ * Take the projection lock for the rest of the transaction: every batch
+ * of the projector holds it, and so do the repair functions and
+ * cqrs.rebuild(), so none of them interleaves with a batch.  Without
+ * "wait", returns false at once when someone else holds it.
+ */
+bool
+cqrs_lock_projection(bool wait)
+{
+	LOCKTAG		tag;
+
+	SET_LOCKTAG_ADVISORY(tag, MyDatabaseId, 0, 0, CQRS_APPLY_LOCK_SPACE);
+	return LockAcquire(&tag, ExclusiveLock, false, !wait) != LOCKACQUIRE_NOT_AVAIL;
 }

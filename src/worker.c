@@ -514,6 +514,11 @@ worker_apply(CqrsQueue *queue, XLogRecPtr skip_upto, CqrsApplyStats *stats)
 		{
 			worker_begin();
 			pgstat_report_activity(STATE_RUNNING, "applying a batch");
+			if (!cqrs_lock_projection(false))
+				ereport(ERROR,
+						(errcode(ERRCODE_LOCK_NOT_AVAILABLE),
+						 errmsg("cqrs.rebuild() or a repair function is running"),
+						 errdetail("The projector waits for it to finish.")));
 
 			cqrs_project(records, n, stats);
 			if (stats->poisoned > CQRS_MAX_POISON_PER_BATCH)

@@ -1,0 +1,126 @@
+# Repair and rebuild from psql: a dead-lettered command retried after the
+# fix (its parked successor follows), the refusals of retry_dead_letter(),
+# skip_parked(), and cqrs.rebuild() under a write load and a read load:
+# readers never fail or see an empty table, nothing committed is lost or
+# applied twice, and the table stays the same object.
+use strict;
+use warnings;
+use FindBin;
+use lib $FindBin::RealBin;
+use CqrsTest;
+use PostgreSQL::Test::Utils;
+use Test::More;
+
+my $node = cqrs_node('repair');
+sub sql { $node->safe_psql('postgres', $_[0]) }
+
+# A command the read model refuses, and its successor parked behind it.
+sql(q{ALTER TABLE cqrs.read_model ADD CONSTRAINT regress_small CHECK (total_amount < 1000)});
+my $create = sql(q{SELECT command_id FROM cqrs.submit_order('big-1', 'u', 5000)});
+my $ship = sql(q{SELECT command_id FROM cqrs.ship_order('big-1')});
+wait_projected($node);
+like(sql(qq{SELECT reason FROM cqrs.dead_letter WHERE command_id = '$create'}),
+	qr/regress_small/, 'the create is dead-lettered');
+is(sql(q{SELECT count(*) FROM cqrs.parked WHERE aggregate_id = 'big-1'}), '1',
+	'the ship waits behind it');
+
+# Retrying before the fix dead-letters it again, with the new reason.
+is(sql(qq{SELECT cqrs.retry_dead_letter('$create')}), 'f',
+	'a retry that fails again returns false');
+is(sql(qq{SELECT count(*) FROM cqrs.dead_letter WHERE command_id = '$create'}), '1',
+	'and the command is dead-lettered (once)');
+
+# After the fix it is applied, and the parked ship with it.
+sql(q{ALTER TABLE cqrs.read_model DROP CONSTRAINT regress_small});
+is(sql(qq{SELECT cqrs.retry_dead_letter('$create')}), 't',
+	'the retry after the fix applies the command');
+is(sql(q{SELECT status || ':' || version || ':' || total_amount FROM cqrs.read_model WHERE order_id = 'big-1'}),
+	'shipped:2:5000', 'the order is created and its parked ship applied');
+is(sql(q{SELECT count(*) FROM cqrs.dead_letter WHERE aggregate_id = 'big-1'}) .
+	sql(q{SELECT count(*) FROM cqrs.parked WHERE aggregate_id = 'big-1'}), '00',
+	'nothing of the order is left dead-lettered or parked');
+is(sql(qq{SELECT cqrs.retry_dead_letter('$create')}), 'f',
+	'a command that is not dead-lettered is not retried');
+
+# An invalid transition stays invalid; a command whose order moved on is
+# refused.
+sql(q{SELECT cqrs.submit_order('t-1', 'u', 1)});
+sql(q{SELECT cqrs.cancel_order('t-1')});
+my $bad = sql(q{SELECT command_id FROM cqrs.ship_order('t-1')});
+wait_projected($node);
+is(sql(qq{SELECT cqrs.retry_dead_letter('$bad')}), 'f',
+	'an invalid transition is dead-lettered again');
+like(sql(qq{SELECT reason FROM cqrs.dead_letter WHERE command_id = '$bad'}),
+	qr/invalid transition: SHIP_ORDER on a cancelled order/, 'with its reason');
+sql(q{ALTER TABLE cqrs.read_model ADD CONSTRAINT regress_no_ship CHECK (order_id <> 't-2' OR status <> 'shipped')});
+sql(q{SELECT cqrs.submit_order('t-2', 'u', 1)});
+my $poisoned = sql(q{SELECT command_id FROM cqrs.ship_order('t-2')});
+wait_projected($node);
+sql(q{ALTER TABLE cqrs.read_model DROP CONSTRAINT regress_no_ship});
+sql(q{SELECT cqrs.cancel_order('t-2', NULL, NULL, 3)});
+wait_projected($node);
+my ($ret, $stdout, $stderr) = $node->psql('postgres',
+	qq{SELECT cqrs.retry_dead_letter('$poisoned')});
+like($stderr, qr/order "t-2" has moved past sequence 2/,
+	'a command whose order moved on is not retried');
+
+# skip_parked: give up on a missing predecessor.
+sql(q{SELECT cqrs.submit_order('g-1', 'u', 1)});
+my $late = sql(q{SELECT command_id FROM cqrs.cancel_order('g-1', NULL, NULL, 3)});
+wait_projected($node);
+is(sql(q{SELECT waiting_for FROM cqrs.parked WHERE aggregate_id = 'g-1'}), '2',
+	'sequence 3 waits for 2');
+is(sql(qq{SELECT cqrs.skip_parked('$late')}), 't', 'skip_parked takes it');
+like(sql(qq{SELECT reason FROM cqrs.dead_letter WHERE command_id = '$late'}),
+	qr/skipped with cqrs.skip_parked\(\) by postgres while waiting for sequence 2/,
+	'the dead letter says who skipped it and what it waited for');
+is(sql(qq{SELECT cqrs.skip_parked('$late')}), 'f', 'a command not parked is not skipped');
+
+# A read model damaged by hand: one row changed, one deleted.
+sql(q{UPDATE cqrs.read_model SET status = 'shipped' WHERE order_id = 'g-1'});
+sql(q{DELETE FROM cqrs.read_model WHERE order_id = 't-1'});
+cmp_ok(sql(q{SELECT count(*) FROM cqrs.verify()}), '>=', 2,
+	'verify() sees the damage (and the repairs that departed from the log)');
+
+# cqrs.rebuild() under load: writers keep submitting, readers keep reading.
+sql(q{CREATE ROLE regress_reader LOGIN IN ROLE cqrs_reader});
+my $model_oid = sql(q{SELECT 'cqrs.read_model'::regclass::oid});
+my $writes = start_load($node, q{
+SELECT cqrs.submit_order('rb-' || cqrs.uuidv7(), 'u', 2);
+}, 2, 6);
+my $reads = start_load($node, q{
+SELECT 1 / (count(*) > 0)::int FROM cqrs.read_model;
+SELECT 1 / count(*)::int FROM cqrs.read_model WHERE order_id = 'big-1';
+}, 2, 6, '-U', 'regress_reader');
+sleep 2;
+my $replayed = sql(q{SELECT cqrs.rebuild()});
+my $w = finish_load($writes);
+my $r = finish_load($reads);
+cmp_ok($replayed, '>', 100, "rebuild replayed the log ($replayed commands)");
+like($r, qr/number of failed transactions: 0/,
+	'readers never failed nor saw an empty table during the rebuild') or diag($r);
+like($w, qr/number of failed transactions: 0/, 'writers were not disturbed')
+  or diag($w);
+wait_projected($node);
+is(sql(q{SELECT count(*) FROM cqrs.verify()}), '0',
+	'after the rebuild and catch-up the read model is the fold of the log');
+my $exp = expected_model($node);
+is(sql(q{SELECT count(*) FROM cqrs.read_model WHERE order_id LIKE 'rb-%'}),
+	scalar(grep { /^rb-/ } keys %{ $exp->{orders} }),
+	'every order submitted during the rebuild is there');
+is(sql(q{SELECT 'cqrs.read_model'::regclass::oid}), $model_oid,
+	'the read model is the same table, with its indexes, privileges and triggers');
+is($node->safe_psql('postgres', q{SELECT count(*) > 0 FROM cqrs.read_model},
+	extra_params => [ '-U', 'regress_reader' ]), 't', 'readers keep their privilege');
+is(sql(q{SELECT state FROM cqrs.status}), 'running', 'the projector runs on after the rebuild');
+like(slurp_file($node->logfile), qr/LOG:  cqrs.rebuild\(\) replayed \d+ commands/,
+	'the rebuild is logged');
+
+# Rebuilding in REPEATABLE READ would fold a stale snapshot: refused.
+($ret, $stdout, $stderr) = $node->psql('postgres',
+	q{BEGIN ISOLATION LEVEL REPEATABLE READ; SELECT cqrs.rebuild(); COMMIT});
+like($stderr, qr/cqrs.rebuild\(\) cannot run in a REPEATABLE READ transaction/,
+	'rebuild refuses REPEATABLE READ');
+
+$node->stop;
+done_testing();
