@@ -1057,7 +1057,7 @@ cqrs_project_log(CqrsApplyStats *stats)
 		CqrsRecord *records;
 		int			n;
 
-		SPI_cursor_fetch(portal, true, 10000);
+		SPI_cursor_fetch(portal, true, 50000);
 		n = (int) SPI_processed;
 		if (n == 0)
 			break;

@@ -1,0 +1,108 @@
+#!/usr/bin/env bash
+# test/bench/rebuild.sh: cqrs.rebuild() against a set-based SQL fold of the
+# same command log, measured in one run.
+#
+# The log gets ORDERS orders written straight into cqrs.command_log: every
+# order created, half of them shipped, a quarter cancelled, and half of the
+# shipped ones cancelled afterwards (an invalid transition, so a dead
+# letter): 2 commands per order.  Once the projector has caught up,
+# ROUNDS times each:
+#   - cqrs.rebuild(): delete the read model's rows and replay the whole log
+#     through the projector's fold, in one transaction;
+#   - the baseline: the same in plain SQL, on a copy of the read model
+#     (LIKE ... INCLUDING ALL, same rows): DELETE every row, then INSERT
+#     the fold computed with window functions and aggregates (the query
+#     cqrs.verify() uses), in one transaction.
+# Prints the median times, commands per second and their ratio.  Starts and
+# stops its own cluster.
+#
+#   bash test/bench/rebuild.sh
+#   ORDERS=200000 ROUNDS=5 bash test/bench/rebuild.sh
+set -euo pipefail
+. "$(dirname "$0")/../lib.sh"
+. "$(dirname "$0")/common.sh"
+
+ORDERS=${ORDERS:-400000}
+ROUNDS=${ROUNDS:-3}
+
+bench_start
+psql_bench -c "CREATE EXTENSION cqrs" >/dev/null
+
+psql_bench <<SQL
+INSERT INTO cqrs.command_log (command_id, command_type, aggregate_id, sequence_id, payload)
+SELECT cqrs.uuidv7(), 'CREATE_ORDER', 'o' || g, 1,
+       jsonb_build_object('order_id', 'o' || g, 'user_id', 'u' || (g % 1000), 'amount', (g % 997 + 1) * 1.25)
+  FROM generate_series(1, $ORDERS) g;
+INSERT INTO cqrs.command_log (command_id, command_type, aggregate_id, sequence_id, payload)
+SELECT cqrs.uuidv7(), CASE WHEN g % 2 = 0 THEN 'SHIP_ORDER' ELSE 'CANCEL_ORDER' END, 'o' || g, 2,
+       CASE WHEN g % 2 = 0 THEN jsonb_build_object('order_id', 'o' || g)
+            ELSE jsonb_build_object('order_id', 'o' || g, 'reason', NULL) END
+  FROM generate_series(1, $ORDERS) g WHERE g % 4 <> 3;
+INSERT INTO cqrs.command_log (command_id, command_type, aggregate_id, sequence_id, payload)
+SELECT cqrs.uuidv7(), 'CANCEL_ORDER', 'o' || g, 3, jsonb_build_object('order_id', 'o' || g, 'reason', 'late')
+  FROM generate_series(1, $ORDERS) g WHERE g % 4 = 0;
+SQL
+commands=$(psql_bench -c "SELECT count(*) FROM cqrs.command_log")
+until [ "$(psql_bench -c "SELECT applied_lsn >= pg_current_wal_flush_lsn() FROM cqrs.status")" = t ]; do
+	sleep 0.2
+done
+
+psql_bench <<'SQL' >/dev/null
+CREATE SCHEMA bench;
+CREATE TABLE bench.model (LIKE cqrs.read_model INCLUDING ALL);
+INSERT INTO bench.model SELECT * FROM cqrs.read_model;
+CREATE FUNCTION bench.fold() RETURNS bigint LANGUAGE sql AS $$
+	DELETE FROM bench.model;
+	INSERT INTO bench.model (order_id, user_id, total_amount, status, version, updated_at)
+	SELECT f.aggregate_id, f.user_id, CAST(f.amount AS numeric),
+	       CASE f.first_transition WHEN 'SHIP_ORDER' THEN 'shipped'
+	            WHEN 'CANCEL_ORDER' THEN 'cancelled' ELSE 'created' END,
+	       f.version, now()
+	  FROM (
+		SELECT n.aggregate_id,
+		       bool_or(n.sequence_id = 1 AND n.command_type = 'CREATE_ORDER'
+		               AND jsonb_typeof(n.payload -> 'user_id') = 'string'
+		               AND jsonb_typeof(n.payload -> 'amount') = 'number') AS created,
+		       max(n.payload ->> 'user_id') FILTER (WHERE n.sequence_id = 1) AS user_id,
+		       max(n.payload ->> 'amount') FILTER (WHERE n.sequence_id = 1) AS amount,
+		       (array_agg(n.command_type ORDER BY n.sequence_id)
+		           FILTER (WHERE n.sequence_id > 1
+		                   AND n.command_type IN ('SHIP_ORDER', 'CANCEL_ORDER')))[1] AS first_transition,
+		       max(n.sequence_id) AS version
+		  FROM (SELECT l.aggregate_id, l.sequence_id, l.command_type, l.payload,
+		               l.sequence_id = row_number() OVER (PARTITION BY l.aggregate_id ORDER BY l.sequence_id) AS in_prefix
+		          FROM cqrs.command_log l) n
+		 WHERE n.in_prefix
+		 GROUP BY n.aggregate_id) f
+	 WHERE f.created;
+	SELECT count(*) FROM cqrs.command_log;
+$$;
+CHECKPOINT;
+SQL
+
+# Seconds one statement takes, measured by the server.
+timed() {
+	psql_bench -c "DO \$\$ DECLARE t timestamptz := clock_timestamp(); BEGIN PERFORM $1; RAISE NOTICE 'secs %', extract(epoch FROM clock_timestamp() - t); END \$\$" 2>&1 |
+		awk '/secs/ { print $NF }'
+}
+
+echo "cqrs rebuild benchmark: $ORDERS orders, $commands commands, $ROUNDS rounds, $(nproc) cores"
+rb=()
+sq=()
+for _ in $(seq "$ROUNDS"); do
+	sq+=("$(timed 'bench.fold()')")
+	psql_bench -c CHECKPOINT
+	rb+=("$(timed 'cqrs.rebuild()')")
+	psql_bench -c CHECKPOINT
+done
+echo "  rounds: SQL fold ${sq[*]} / rebuild ${rb[*]}" >&2
+s=$(printf '%s\n' "${sq[@]}" | median)
+r=$(printf '%s\n' "${rb[@]}" | median)
+rate=$(awk -v n="$commands" -v t="$r" 'BEGIN { printf "%.0f", n / t }')
+ratio=$(ratio "$r" "$s")
+printf '%-22s %10s %14s\n' "" seconds "commands/s"
+printf '%-22s %10.2f %14.0f\n' "SQL fold (baseline)" "$s" "$(awk -v n="$commands" -v t="$s" 'BEGIN { print n / t }')"
+printf '%-22s %10.2f %14s\n' "cqrs.rebuild()" "$r" "$rate"
+printf 'rebuild / SQL fold: %s (target <= 1.5: %s); rebuild rate: %s commands/s (target >= 150000: %s)\n' \
+	"$ratio" "$(verdict "$ratio" 1.5 '<=')" "$rate" "$(verdict "$rate" 150000 '>=')"
+psql_bench -c "SELECT 'consistent: ' || (count(*) = 0) FROM cqrs.verify()"
