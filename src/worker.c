@@ -254,7 +254,8 @@ worker_try_lead(void)
 	SpinLockAcquire(&cqrs_shared->mutex);
 	cqrs_shared->leader_latch = MyLatch;
 	cqrs_shared->leader_pid = MyProcPid;
-	cqrs_shared->state = CQRS_STATE_RUNNING;
+	/* running only once it streams with nothing left to read */
+	cqrs_shared->state = CQRS_STATE_CATCHING_UP;
 	if (cqrs_shared->batch_size == 0)
 		cqrs_shared->batch_size = cqrs_batch_size_min;
 	SpinLockRelease(&cqrs_shared->mutex);

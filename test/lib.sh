@@ -13,7 +13,8 @@ cqrs_log() { printf '==> %s\n' "$*" >&2; }
 # and something is missing.  Non-root users must have these already.
 cqrs_install_deps() {
 	local pkgs="postgresql-15 postgresql-server-dev-15 postgresql-contrib
-		libhiredis-dev redis-server pkg-config make gcc libipc-run-perl"
+		libhiredis-dev redis-server pkg-config make gcc libipc-run-perl
+		prometheus prometheus-postgres-exporter"
 	local missing=""
 	for p in $pkgs; do
 		dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q 'ok installed' ||
@@ -27,9 +28,18 @@ cqrs_install_deps() {
 	cqrs_log "installing:$missing"
 	export DEBIAN_FRONTEND=noninteractive
 	apt-get update -qq
-	# Debian's postgresql package starts a "main" cluster on 5432; nothing
-	# here uses it, and it is left as the package sets it up.
+	# Package daemons (PostgreSQL's "main" cluster, Prometheus and its
+	# exporter, which come for promtool and the exporter test) are not
+	# started: the tests and the demo run servers of their own.
+	local policy=""
+	if [ ! -e /usr/sbin/policy-rc.d ]; then
+		printf '#!/bin/sh\nexit 101\n' > /usr/sbin/policy-rc.d
+		chmod +x /usr/sbin/policy-rc.d
+		policy=1
+	fi
 	apt-get install -y -qq --no-install-recommends $missing >/dev/null
+	[ -n "$policy" ] && rm -f /usr/sbin/policy-rc.d
+	return 0
 }
 
 # Build with warnings as errors and install into the server's directories.
