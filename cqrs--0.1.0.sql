@@ -45,6 +45,7 @@ CREATE TABLE cqrs.command_log (
 	sequence_id bigint NOT NULL,
 	payload jsonb NOT NULL,
 	created_at timestamptz NOT NULL DEFAULT pg_catalog.now(),
+	traceparent text,
 	CONSTRAINT command_log_pkey PRIMARY KEY (log_id),
 	CONSTRAINT command_log_command_id_key UNIQUE (command_id),
 	CONSTRAINT command_log_aggregate_sequence_key
@@ -57,8 +58,10 @@ CREATE TABLE cqrs.command_log (
 );
 COMMENT ON TABLE cqrs.command_log IS
 	'Append-only log of every accepted command; written only by cqrs.submit_order(), cqrs.ship_order() and cqrs.cancel_order()';
+COMMENT ON SEQUENCE cqrs.command_log_log_id_seq IS 'Generates command_log.log_id: the order in which commands were appended';
 COMMENT ON COLUMN cqrs.command_log.command_id IS 'Idempotency key of the command';
 COMMENT ON COLUMN cqrs.command_log.aggregate_id IS 'The order the command is about';
+COMMENT ON COLUMN cqrs.command_log.traceparent IS 'W3C trace context of the session that submitted the command (cqrs.traceparent), or NULL';
 COMMENT ON COLUMN cqrs.command_log.sequence_id IS 'Position of the command in its order: 1, 2, 3 ...';
 
 CREATE FUNCTION cqrs.command_log_append_only()
@@ -113,6 +116,7 @@ CREATE TABLE cqrs.dead_letter (
 	sequence_id bigint,
 	reason text NOT NULL,
 	failed_at timestamptz NOT NULL DEFAULT pg_catalog.now(),
+	traceparent text,
 	CONSTRAINT dead_letter_pkey PRIMARY KEY (command_id)
 );
 COMMENT ON TABLE cqrs.dead_letter IS
@@ -128,6 +132,7 @@ CREATE TABLE cqrs.parked (
 	log_id bigint,
 	command_type text,
 	payload jsonb,
+	traceparent text,
 	CONSTRAINT parked_pkey PRIMARY KEY (aggregate_id, sequence_id)
 );
 COMMENT ON TABLE cqrs.parked IS

@@ -63,6 +63,13 @@ SELECT sequence_id FROM cqrs.submit_order('d-4', 'u-4', 4,
                                 'e1000000-0000-4000-8000-000000000005');
 SELECT data FROM pg_logical_slot_get_changes('regression_slot', NULL, NULL);
 
+-- The trace context travels with the command.
+SET cqrs.traceparent = '00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01';
+SELECT sequence_id FROM cqrs.submit_order('d-5', 'u-5', 5,
+                                'e1000000-0000-4000-8000-000000000006');
+RESET cqrs.traceparent;
+SELECT data FROM pg_logical_slot_get_changes('regression_slot', NULL, NULL);
+
 SELECT pg_replication_origin_drop('regress_cqrs_origin');
 SELECT 'stop' FROM pg_drop_replication_slot('regression_slot');
 DROP TABLE decoder_other;

@@ -65,6 +65,22 @@ SELECT m.name, m.labels, m.value - m0.value AS delta
  WHERE m.value <> m0.value AND m.name LIKE 'cqrs_command%'
  ORDER BY 1, 2::text;
 
+-- trace context: checked when set, stored with each command of the session
+SET cqrs.traceparent = 'not-a-traceparent';
+\echo :SQLSTATE
+SET cqrs.traceparent = '00-4BF92F3577B34DA6A3CE929D0E0E4736-00f067aa0ba902b7-01';
+SET cqrs.traceparent = '00-00000000000000000000000000000000-00f067aa0ba902b7-01';
+SET cqrs.traceparent = '00-4bf92f3577b34da6a3ce929d0e0e4736-0000000000000000-01';
+SET cqrs.traceparent = 'ff-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01';
+SET cqrs.traceparent = '00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01-extra';
+SHOW cqrs.traceparent;
+SET cqrs.traceparent = '00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01';
+SELECT (cqrs.submit_order('op-tp', 'u', 1)).sequence_id;
+RESET cqrs.traceparent;
+SELECT (cqrs.ship_order('op-tp')).sequence_id;
+SELECT sequence_id, traceparent FROM cqrs.command_log
+ WHERE aggregate_id = 'op-tp' ORDER BY 1;
+
 -- who may call what
 CREATE ROLE regress_op_app IN ROLE cqrs_writer;
 CREATE ROLE regress_op_report IN ROLE cqrs_reader;

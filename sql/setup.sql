@@ -67,3 +67,12 @@ CREATE EXTENSION cqrs;
 DROP EXTENSION cqrs;
 CREATE EXTENSION cqrs;
 SELECT count(*) AS cqrs_roles FROM pg_roles WHERE rolname LIKE 'cqrs\_%';
+
+-- Every object of the extension says what it is in psql (\dt+, \df+, \dT+).
+SELECT pg_describe_object(d.classid, d.objid, 0) AS without_comment
+  FROM pg_depend d
+ WHERE d.refclassid = 'pg_extension'::regclass
+   AND d.refobjid = (SELECT oid FROM pg_extension WHERE extname = 'cqrs')
+   AND d.deptype = 'e'
+   AND obj_description(d.objid, d.classid::regclass::text) IS NULL
+ ORDER BY 1;

@@ -342,8 +342,9 @@ cmd_insert(CqrsCommand *cmd, CqrsReceipt *receipt)
 	/* with the command's locks held, under a statement snapshot */
 	static const char *sql =
 		"INSERT INTO cqrs.command_log"
-		" (command_id, command_type, aggregate_id, sequence_id, payload)"
-		" SELECT $1, $2, $3, $4, $5"
+		" (command_id, command_type, aggregate_id, sequence_id, payload,"
+		" traceparent)"
+		" SELECT $1, $2, $3, $4, $5, $6"
 		" WHERE NOT EXISTS (SELECT FROM cqrs.command_log"
 		"                    WHERE command_id OPERATOR(pg_catalog.=) $1)"
 		" AND NOT EXISTS (SELECT FROM cqrs.command_log"
@@ -353,11 +354,13 @@ cmd_insert(CqrsCommand *cmd, CqrsReceipt *receipt)
 	/* under a transaction snapshot */
 	static const char *snapshot_sql =
 		"INSERT INTO cqrs.command_log"
-		" (command_id, command_type, aggregate_id, sequence_id, payload)"
-		" VALUES ($1, $2, $3, $4, $5)"
+		" (command_id, command_type, aggregate_id, sequence_id, payload,"
+		" traceparent)"
+		" VALUES ($1, $2, $3, $4, $5, $6)"
 		" ON CONFLICT DO NOTHING RETURNING log_id";
-	Oid			argtypes[5] = {UUIDOID, TEXTOID, TEXTOID, INT8OID, JSONBOID};
-	Datum		values[5];
+	Oid			argtypes[6] = {UUIDOID, TEXTOID, TEXTOID, INT8OID, JSONBOID, TEXTOID};
+	Datum		values[6];
+	char		nulls[6] = {' ', ' ', ' ', ' ', ' ', ' '};
 	SPIPlanPtr	plan;
 
 	values[0] = UUIDPGetDatum(&cmd->command_id);
@@ -365,12 +368,16 @@ cmd_insert(CqrsCommand *cmd, CqrsReceipt *receipt)
 	values[2] = PointerGetDatum(cmd->order_id);
 	values[3] = Int64GetDatum(cmd->sequence_id);
 	values[4] = JsonbPGetDatum(cmd->payload);
+	if (cqrs_traceparent != NULL && cqrs_traceparent[0] != '\0')
+		values[5] = CStringGetTextDatum(cqrs_traceparent);
+	else
+		nulls[5] = 'n';
 
 	if (IsolationUsesXactSnapshot())
-		plan = cqrs_keep_plan(&snapshot_insert_plan, snapshot_sql, 5, argtypes);
+		plan = cqrs_keep_plan(&snapshot_insert_plan, snapshot_sql, 6, argtypes);
 	else
-		plan = cqrs_keep_plan(&insert_plan, sql, 5, argtypes);
-	if (!cmd_exec(plan, values, NULL, SPI_OK_INSERT_RETURNING))
+		plan = cqrs_keep_plan(&insert_plan, sql, 6, argtypes);
+	if (!cmd_exec(plan, values, nulls, SPI_OK_INSERT_RETURNING))
 		return false;
 
 	receipt->command_id = cmd->command_id;

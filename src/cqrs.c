@@ -36,6 +36,7 @@ int			cqrs_poll_interval = 1000;
 int			cqrs_backoff_base = 100;
 int			cqrs_backoff_max = 5000;
 int			cqrs_max_lag = 0;
+char	   *cqrs_traceparent = NULL;
 
 static shmem_request_hook_type prev_shmem_request_hook = NULL;
 static shmem_startup_hook_type prev_shmem_startup_hook = NULL;
@@ -60,6 +61,52 @@ cqrs_shmem_startup_hook(void)
 	if (prev_shmem_startup_hook)
 		prev_shmem_startup_hook();
 	cqrs_shmem_startup();
+}
+
+/*
+ * check_hook of cqrs.traceparent: empty, or a W3C Trace Context
+ * traceparent, version-traceid-parentid-flags in lowercase hex, with a
+ * known version (not ff) and ids that are not all zeros.
+ */
+static bool
+cqrs_check_traceparent(char **newval, void **extra, GucSource source)
+{
+	const char *v = *newval;
+	static const int field_len[4] = {2, 32, 16, 2};
+	const char *p = v;
+
+	if (v == NULL || v[0] == '\0')
+		return true;
+	for (int f = 0; f < 4; f++)
+	{
+		bool		zero = true;
+
+		for (int i = 0; i < field_len[f]; i++, p++)
+		{
+			if (!((*p >= '0' && *p <= '9') || (*p >= 'a' && *p <= 'f')))
+				goto bad;
+			if (*p != '0')
+				zero = false;
+		}
+		if ((f == 1 || f == 2) && zero)
+		{
+			GUC_check_errcode(ERRCODE_INVALID_PARAMETER_VALUE);
+			GUC_check_errdetail("The %s of a traceparent must not be all zeros.",
+								f == 1 ? "trace-id" : "parent-id");
+			return false;
+		}
+		if (f < 3 && *p++ != '-')
+			goto bad;
+	}
+	if (strncmp(v, "ff", 2) == 0 || (strncmp(v, "00", 2) == 0 && *p != '\0'))
+		goto bad;
+	return true;
+
+bad:
+	GUC_check_errcode(ERRCODE_INVALID_PARAMETER_VALUE);
+	GUC_check_errdetail("A traceparent is version-traceid-parentid-flags in lowercase hex, "
+						"such as 00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01.");
+	return false;
 }
 
 /*
@@ -132,6 +179,14 @@ cqrs_define_settings(void)
 							5000, 1, 3600 * 1000,
 							PGC_SIGHUP, GUC_UNIT_MS,
 							NULL, NULL, NULL);
+	DefineCustomStringVariable("cqrs.traceparent",
+							   "W3C trace context stored with each command this session submits.",
+							   "It appears in the command log, in the projector's log lines about the "
+							   "command and in cqrs.dead_letter. Empty: none.",
+							   &cqrs_traceparent,
+							   "",
+							   PGC_USERSET, 0,
+							   cqrs_check_traceparent, NULL, NULL);
 	DefineCustomIntVariable("cqrs.max_lag",
 							"WAL the projector may fall behind before commands are refused.",
 							"Past it, the command functions fail with SQLSTATE 53400, so that "

@@ -42,6 +42,7 @@ extern int	cqrs_poll_interval;
 extern int	cqrs_backoff_base;
 extern int	cqrs_backoff_max;
 extern int	cqrs_max_lag;
+extern char *cqrs_traceparent;
 
 /* What the projector is doing, as cqrs.status reports it. */
 typedef enum CqrsState
@@ -140,6 +141,7 @@ typedef struct CqrsRecord
 	char	   *aggregate_id;
 	int64		sequence_id;
 	Jsonb	   *payload;
+	char	   *traceparent;	/* W3C trace context, or NULL */
 	XLogRecPtr	commit_lsn;		/* end of the commit record */
 	TimestampTz commit_time;
 } CqrsRecord;

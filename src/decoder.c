@@ -51,12 +51,13 @@ enum
 	COL_AGGREGATE_ID,
 	COL_SEQUENCE_ID,
 	COL_PAYLOAD,
+	COL_TRACEPARENT,
 	NUM_COLS
 };
 
 static const char *const col_names[NUM_COLS] = {
 	"log_id", "command_id", "command_type", "aggregate_id", "sequence_id",
-	"payload"
+	"payload", "traceparent"
 };
 
 typedef struct CqrsDecodingState
@@ -243,6 +244,7 @@ decoder_enqueue(CqrsDecodingState *state, HeapTuple tuple, TupleDesc desc)
 	rec->sequence_id = isnull ? 0 : DatumGetInt64(d);
 	d = decoder_column(state, tuple, desc, COL_PAYLOAD, &isnull);
 	rec->payload = isnull ? NULL : DatumGetJsonbPCopy(d);
+	rec->traceparent = decoder_text(state, tuple, desc, COL_TRACEPARENT);
 
 	MemoryContextSwitchTo(old);
 }
@@ -282,6 +284,9 @@ decoder_write_text(LogicalDecodingContext *ctx, CqrsDecodingState *state,
 	d = decoder_column(state, tuple, desc, COL_PAYLOAD, &isnull);
 	appendStringInfo(ctx->out, " payload=%s",
 					 isnull ? "null" : DatumGetCString(DirectFunctionCall1(jsonb_out, d)));
+	s = decoder_text(state, tuple, desc, COL_TRACEPARENT);
+	if (s)
+		appendStringInfo(ctx->out, " traceparent=%s", s);
 
 	OutputPluginWrite(ctx, true);
 }

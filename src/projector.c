@@ -140,12 +140,14 @@ projector_error_context(void *arg)
 		errcontext("cqrs projector applying a batch of %d commands ending at %X/%X",
 				   current_batch_size, LSN_FORMAT_ARGS(rec->commit_lsn));
 	else
-		errcontext("cqrs projector applying %s command %s (log_id " INT64_FORMAT ", order \"%s\", sequence " INT64_FORMAT ") committed at %X/%X",
+		errcontext("cqrs projector applying %s command %s (log_id " INT64_FORMAT ", order \"%s\", sequence " INT64_FORMAT "%s%s) committed at %X/%X",
 				   rec->command_type ? rec->command_type : "(null)",
 				   DatumGetCString(DirectFunctionCall1(uuid_out, UUIDPGetDatum(&rec->command_id))),
 				   rec->log_id,
 				   rec->aggregate_id ? rec->aggregate_id : "(null)",
 				   rec->sequence_id,
+				   rec->traceparent ? ", traceparent " : "",
+				   rec->traceparent ? rec->traceparent : "",
 				   LSN_FORMAT_ARGS(rec->commit_lsn));
 }
 
@@ -269,7 +271,7 @@ projector_load_parked(HTAB *orders, int norders)
 {
 	static const char *sql =
 		"SELECT aggregate_id, sequence_id, command_id, log_id, command_type,"
-		" payload FROM cqrs.parked"
+		" payload, traceparent FROM cqrs.parked"
 		" WHERE aggregate_id OPERATOR(pg_catalog.=) ANY ($1)"
 		" ORDER BY aggregate_id, sequence_id";
 	Oid			argtypes[1] = {TEXTARRAYOID};
@@ -300,6 +302,7 @@ projector_load_parked(HTAB *orders, int norders)
 		rec->command_type = SPI_getvalue(tup, desc, 5);
 		d = SPI_getbinval(tup, desc, 6, &isnull);
 		rec->payload = isnull ? NULL : DatumGetJsonbPCopy(d);
+		rec->traceparent = SPI_getvalue(tup, desc, 7);
 
 		o = hash_search(orders, &rec->aggregate_id, HASH_FIND, NULL);
 		if (o == NULL)
@@ -469,24 +472,27 @@ projector_write_dead(List *dead)
 {
 	static const char *dead_sql =
 		"INSERT INTO cqrs.dead_letter (command_id, command_type, aggregate_id,"
-		" sequence_id, reason)"
+		" sequence_id, reason, traceparent)"
 		" SELECT * FROM ROWS FROM (pg_catalog.unnest($1::pg_catalog.uuid[]),"
 		" pg_catalog.unnest($2::pg_catalog.text[]),"
 		" pg_catalog.unnest($3::pg_catalog.text[]),"
 		" pg_catalog.unnest($4::pg_catalog.int8[]),"
-		" pg_catalog.unnest($5::pg_catalog.text[]))"
+		" pg_catalog.unnest($5::pg_catalog.text[]),"
+		" pg_catalog.unnest($6::pg_catalog.text[]))"
 		" ON CONFLICT (command_id) DO NOTHING";
-	Oid			dead_types[5] = {UUIDARRAYOID, TEXTARRAYOID, TEXTARRAYOID, INT8ARRAYOID, TEXTARRAYOID};
+	Oid			dead_types[6] = {UUIDARRAYOID, TEXTARRAYOID, TEXTARRAYOID, INT8ARRAYOID, TEXTARRAYOID, TEXTARRAYOID};
 	int			nd = list_length(dead);
 	int			i = 0;
-	Datum		values[5];
+	Datum		values[6];
 	Datum	   *a,
 			   *b,
 			   *c,
 			   *d,
-			   *e;
+			   *e,
+			   *f;
 	bool	   *bnull,
-			   *cnull;
+			   *cnull,
+			   *fnull;
 	ListCell   *lc;
 
 	if (nd == 0)
@@ -496,8 +502,10 @@ projector_write_dead(List *dead)
 	c = palloc(sizeof(Datum) * nd);
 	d = palloc(sizeof(Datum) * nd);
 	e = palloc(sizeof(Datum) * nd);
+	f = palloc(sizeof(Datum) * nd);
 	bnull = palloc0(sizeof(bool) * nd);
 	cnull = palloc0(sizeof(bool) * nd);
+	fnull = palloc0(sizeof(bool) * nd);
 
 	foreach(lc, dead)
 	{
@@ -514,6 +522,10 @@ projector_write_dead(List *dead)
 			cnull[i] = true;
 		d[i] = Int64GetDatum(dl->rec->sequence_id);
 		e[i] = CStringGetTextDatum(dl->reason);
+		if (dl->rec->traceparent)
+			f[i] = CStringGetTextDatum(dl->rec->traceparent);
+		else
+			fnull[i] = true;
 		i++;
 	}
 	values[0] = projector_array(a, NULL, nd, UUIDOID);
@@ -521,7 +533,8 @@ projector_write_dead(List *dead)
 	values[2] = projector_array(c, cnull, nd, TEXTOID);
 	values[3] = projector_array(d, NULL, nd, INT8OID);
 	values[4] = projector_array(e, NULL, nd, TEXTOID);
-	projector_exec(cqrs_keep_plan(&dead_plan, dead_sql, 5, dead_types),
+	values[5] = projector_array(f, fnull, nd, TEXTOID);
+	projector_exec(cqrs_keep_plan(&dead_plan, dead_sql, 6, dead_types),
 				   values, SPI_OK_INSERT);
 	return (int64) SPI_processed;
 }
@@ -563,14 +576,15 @@ projector_write(FoldResult *fr, int norders)
 		" AND r.version OPERATOR(pg_catalog.<) u.version";
 	static const char *park_sql =
 		"INSERT INTO cqrs.parked (aggregate_id, sequence_id, command_id,"
-		" waiting_for, log_id, command_type, payload)"
+		" waiting_for, log_id, command_type, payload, traceparent)"
 		" SELECT * FROM ROWS FROM (pg_catalog.unnest($1::pg_catalog.text[]),"
 		" pg_catalog.unnest($2::pg_catalog.int8[]),"
 		" pg_catalog.unnest($3::pg_catalog.uuid[]),"
 		" pg_catalog.unnest($4::pg_catalog.int8[]),"
 		" pg_catalog.unnest($5::pg_catalog.int8[]),"
 		" pg_catalog.unnest($6::pg_catalog.text[]),"
-		" pg_catalog.unnest($7::pg_catalog.jsonb[]))"
+		" pg_catalog.unnest($7::pg_catalog.jsonb[]),"
+		" pg_catalog.unnest($8::pg_catalog.text[]))"
 		" ON CONFLICT DO NOTHING";
 	static const char *unpark_sql =
 		"DELETE FROM cqrs.parked p"
@@ -580,7 +594,7 @@ projector_write(FoldResult *fr, int norders)
 		" WHERE p.aggregate_id OPERATOR(pg_catalog.=) u.aggregate_id"
 		" AND p.sequence_id OPERATOR(pg_catalog.=) u.sequence_id";
 	Oid			row_types[5] = {TEXTARRAYOID, TEXTARRAYOID, NUMERICARRAYOID, TEXTARRAYOID, INT8ARRAYOID};
-	Oid			park_types[7] = {TEXTARRAYOID, INT8ARRAYOID, UUIDARRAYOID, INT8ARRAYOID, INT8ARRAYOID, TEXTARRAYOID, JSONBARRAYOID};
+	Oid			park_types[8] = {TEXTARRAYOID, INT8ARRAYOID, UUIDARRAYOID, INT8ARRAYOID, INT8ARRAYOID, TEXTARRAYOID, JSONBARRAYOID, TEXTARRAYOID};
 	Oid			unpark_types[2] = {TEXTARRAYOID, INT8ARRAYOID};
 	int			cap = norders + 1;
 	int			ninsert = 0;
@@ -655,12 +669,14 @@ projector_write(FoldResult *fr, int norders)
 	if (park != NIL)
 	{
 		int			np = list_length(park);
-		Datum		values[7];
+		Datum		values[8];
 		Datum	   *f = palloc(sizeof(Datum) * np);
 		Datum	   *g = palloc(sizeof(Datum) * np);
 		bool	   *gnull = palloc0(sizeof(bool) * np);
 		Datum	   *h = palloc(sizeof(Datum) * np);
 		bool	   *hnull = palloc0(sizeof(bool) * np);
+		Datum	   *t = palloc(sizeof(Datum) * np);
+		bool	   *tnull = palloc0(sizeof(bool) * np);
 		Datum	   *pa = palloc(sizeof(Datum) * np);
 		Datum	   *pb = palloc(sizeof(Datum) * np);
 		Datum	   *pc_ = palloc(sizeof(Datum) * np);
@@ -685,6 +701,10 @@ projector_write(FoldResult *fr, int norders)
 				h[nparked] = JsonbPGetDatum(pc->rec->payload);
 			else
 				hnull[nparked] = true;
+			if (pc->rec->traceparent)
+				t[nparked] = CStringGetTextDatum(pc->rec->traceparent);
+			else
+				tnull[nparked] = true;
 			nparked++;
 		}
 		values[0] = projector_array(pa, NULL, np, TEXTOID);
@@ -694,7 +714,8 @@ projector_write(FoldResult *fr, int norders)
 		values[4] = projector_array(f, NULL, np, INT8OID);
 		values[5] = projector_array(g, gnull, np, TEXTOID);
 		values[6] = projector_array(h, hnull, np, JSONBOID);
-		projector_exec(cqrs_keep_plan(&park_plan, park_sql, 7, park_types),
+		values[7] = projector_array(t, tnull, np, TEXTOID);
+		projector_exec(cqrs_keep_plan(&park_plan, park_sql, 8, park_types),
 					   values, SPI_OK_INSERT);
 	}
 
@@ -875,7 +896,8 @@ projector_poison(CqrsRecord *rec, const char *message, CqrsApplyStats *stats)
 	ereport(LOG,
 			(errmsg("cqrs projector dead-lettered command %s: %s",
 					DatumGetCString(DirectFunctionCall1(uuid_out, UUIDPGetDatum(&rec->command_id))),
-					message)));
+					message),
+			 rec->traceparent ? errdetail("traceparent %s", rec->traceparent) : 0));
 
 	stats->dead += projector_write_dead(list_make1(&dl));
 	stats->applied++;
@@ -1035,7 +1057,8 @@ cqrs_project_log(CqrsApplyStats *stats)
 {
 	static const char *sql =
 		"SELECT log_id, command_id, command_type, aggregate_id, sequence_id,"
-		" payload FROM cqrs.command_log ORDER BY aggregate_id, sequence_id";
+		" payload, traceparent FROM cqrs.command_log"
+		" ORDER BY aggregate_id, sequence_id";
 	SPIPlanPtr	plan;
 	Portal		portal;
 	int64		total = 0;
@@ -1083,6 +1106,7 @@ cqrs_project_log(CqrsApplyStats *stats)
 			records[i].sequence_id = isnull ? 0 : DatumGetInt64(d);
 			d = SPI_getbinval(tup, desc, 6, &isnull);
 			records[i].payload = isnull ? NULL : DatumGetJsonbPCopy(d);
+			records[i].traceparent = SPI_getvalue(tup, desc, 7);
 		}
 		SPI_freetuptable(SPI_tuptable);
 		cqrs_project(records, n, stats);

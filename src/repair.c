@@ -107,7 +107,7 @@ retry_dead_letter(PG_FUNCTION_ARGS)
 	static SPIPlanPtr forget_plan = NULL;
 	static const char *find_sql =
 		"SELECT l.log_id, l.command_type, l.aggregate_id, l.sequence_id,"
-		" l.payload, r.version"
+		" l.payload, r.version, l.traceparent"
 		" FROM cqrs.dead_letter AS d"
 		" JOIN cqrs.command_log AS l ON l.command_id OPERATOR(pg_catalog.=) d.command_id"
 		" LEFT JOIN cqrs.read_model AS r ON r.order_id OPERATOR(pg_catalog.=) l.aggregate_id"
@@ -146,6 +146,7 @@ retry_dead_letter(PG_FUNCTION_ARGS)
 	rec.sequence_id = DatumGetInt64(repair_result(4));
 	rec.payload = DatumGetJsonbPCopy(repair_result(5));
 	rec.commit_time = GetCurrentTimestamp();
+	rec.traceparent = SPI_getvalue(SPI_tuptable->vals[0], SPI_tuptable->tupdesc, 7);
 	version = SPI_getbinval(SPI_tuptable->vals[0], SPI_tuptable->tupdesc, 6,
 							&isnull);
 
@@ -204,12 +205,12 @@ skip_parked(PG_FUNCTION_ARGS)
 		"WITH p AS (DELETE FROM cqrs.parked"
 		"           WHERE command_id OPERATOR(pg_catalog.=) $1"
 		"           RETURNING command_id, command_type, aggregate_id,"
-		"                     sequence_id, waiting_for)"
+		"                     sequence_id, waiting_for, traceparent)"
 		" INSERT INTO cqrs.dead_letter (command_id, command_type, aggregate_id,"
-		"                               sequence_id, reason)"
+		"                               sequence_id, reason, traceparent)"
 		" SELECT command_id, command_type, aggregate_id, sequence_id,"
 		"        pg_catalog.format('skipped with cqrs.skip_parked() by %s while waiting for sequence %s',"
-		"                          $2, waiting_for)"
+		"                          $2, waiting_for), traceparent"
 		" FROM p"
 		" ON CONFLICT (command_id) DO UPDATE SET reason = excluded.reason,"
 		" failed_at = excluded.failed_at";

@@ -58,6 +58,7 @@ compare_model($node, 'after malformed commands');
 # good ones: the batch is split until the poison command is alone.
 sql(q{ALTER TABLE cqrs.read_model ADD CONSTRAINT regress_small CHECK (total_amount < 1000000)});
 sql(q{BEGIN;
+	SET LOCAL cqrs.traceparent = '00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01';
 	SELECT cqrs.submit_order('good-1', 'u', 10);
 	SELECT cqrs.submit_order('big-1', 'u', 2000000);
 	SELECT cqrs.submit_order('good-2', 'u', 20);
@@ -73,8 +74,13 @@ is(sql(q{SELECT string_agg(order_id || ':' || status, ',' ORDER BY order_id)
 is(sql(q{SELECT string_agg(order_id || ' ' || problem, ',') FROM cqrs.verify()}),
 	'big-1 missing from the read model',
 	'verify() reports the order the read model refused');
-like(slurp_file($node->logfile), qr/CONTEXT:  cqrs projector applying CREATE_ORDER command .* order "big-1"/,
-	'the error context names the command');
+like(slurp_file($node->logfile), qr/CONTEXT:  cqrs projector applying CREATE_ORDER command .* order "big-1", sequence 1, traceparent 00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01\)/,
+	'the error context names the command and its trace context');
+like(slurp_file($node->logfile), qr/LOG:  cqrs projector dead-lettered command .*\n.*DETAIL:  traceparent 00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01/,
+	'so does the log line of the dead letter');
+is(sql(q{SELECT traceparent FROM cqrs.dead_letter WHERE aggregate_id = 'big-1'}),
+	'00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01',
+	'the dead letter keeps the trace context');
 is(sql(q{SELECT state FROM cqrs.status}), 'running', 'the projector keeps running');
 sql(q{ALTER TABLE cqrs.read_model DROP CONSTRAINT regress_small});
 
