@@ -461,26 +461,25 @@ worker_record_lag(CqrsRecord *records, int n, TimestampTz now)
 }
 
 /*
- * Lower or raise this process's PROC_IN_LOGICAL_DECODING flag.
+ * Lower this process's PROC_IN_LOGICAL_DECODING flag.
  *
- * Acquiring a logical slot raises it, and snapshots then leave the
+ * Creating a decoding context raises it, and snapshots then leave the
  * process's transactions out of their list of running ones, as a process
  * that decodes never writes.  The projector does write: flagged during a
  * batch, its transaction would look finished to a concurrent snapshot
  * while it is still running, and a reader scanning the read model would
  * take the rows it inserts for rows of an aborted transaction and mark
  * them so (HEAP_XMIN_INVALID), losing them for good once the batch
- * commits.  So the flag is lowered for every apply transaction and raised
- * again for decoding.
+ * commits.  The flag also keeps the process's xmin out of the horizons,
+ * which the projector does not need: its decoding transactions are short
+ * and the slot's catalog_xmin protects what decoding reads.  So the
+ * leader lowers it once, right after creating its decoding context.
  */
 static void
-worker_set_decoding(bool decoding)
+worker_lower_decoding_flag(void)
 {
 	LWLockAcquire(ProcArrayLock, LW_EXCLUSIVE);
-	if (decoding)
-		MyProc->statusFlags |= PROC_IN_LOGICAL_DECODING;
-	else
-		MyProc->statusFlags &= ~PROC_IN_LOGICAL_DECODING;
+	MyProc->statusFlags &= ~PROC_IN_LOGICAL_DECODING;
 	ProcGlobal->statusFlags[MyProc->pgxactoff] = MyProc->statusFlags;
 	LWLockRelease(ProcArrayLock);
 }
@@ -505,7 +504,6 @@ worker_apply(CqrsQueue *queue, XLogRecPtr skip_upto, CqrsApplyStats *stats)
 			records[n++] = queue->records[i];
 	}
 
-	worker_set_decoding(false);
 	for (;;)
 	{
 		volatile bool done = false;
@@ -566,12 +564,8 @@ worker_apply(CqrsQueue *queue, XLogRecPtr skip_upto, CqrsApplyStats *stats)
 		worker_sleep(delay);
 		attempt++;
 		if (!cqrs_enabled || !worker_extension_exists())
-		{
-			worker_set_decoding(true);
 			return false;	/* the caller sees why */
-		}
 	}
-	worker_set_decoding(true);
 
 	if (attempt > 0)
 		worker_set_state(CQRS_STATE_RUNNING);
@@ -756,6 +750,7 @@ worker_stream(void)
 								NULL, NULL, NULL);
 	lead_ctx = ctx;
 	MemoryContextSwitchTo(old);
+	worker_lower_decoding_flag();
 	XLogBeginRead(ctx->reader, MyReplicationSlot->data.restart_lsn);
 
 	cqrs_set_applied(Max(skip_upto, MyReplicationSlot->data.confirmed_flush),
