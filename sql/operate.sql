@@ -73,6 +73,10 @@ SET cqrs.traceparent = '00-00000000000000000000000000000000-00f067aa0ba902b7-01'
 SET cqrs.traceparent = '00-4bf92f3577b34da6a3ce929d0e0e4736-0000000000000000-01';
 SET cqrs.traceparent = 'ff-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01';
 SET cqrs.traceparent = '00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01-extra';
+SET cqrs.traceparent = '01-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01-x y';
+-- a later version may carry more fields
+SET cqrs.traceparent = '01-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01-ab';
+RESET cqrs.traceparent;
 SHOW cqrs.traceparent;
 SET cqrs.traceparent = '00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01';
 SELECT (cqrs.submit_order('op-tp', 'u', 1)).sequence_id;
@@ -115,6 +119,11 @@ SELECT cqrs.wait_for('d0000000-0000-4000-8000-000000000001', '0');
 SET ROLE regress_op_ops;
 SELECT cqrs.pause();
 SELECT cqrs.resume();
+-- a pause in a prepared transaction could never reach the projector
+BEGIN;
+SELECT cqrs.pause();
+PREPARE TRANSACTION 'regress_pause';
+\echo :SQLSTATE
 -- repairs of commands that are neither dead-lettered nor parked do nothing
 SELECT cqrs.retry_dead_letter('d0000000-0000-4000-8000-0000000000ff');
 SELECT cqrs.skip_parked('d0000000-0000-4000-8000-0000000000ff');

@@ -208,6 +208,13 @@ admin_xact_callback(XactEvent event, void *arg)
 				cqrs_control_changed();
 			control_changed = false;
 			break;
+		case XACT_EVENT_PRE_PREPARE:
+			/* COMMIT PREPARED runs no callback: the projector would never know */
+			if (control_changed)
+				ereport(ERROR,
+						(errcode(ERRCODE_FEATURE_NOT_SUPPORTED),
+						 errmsg("cannot PREPARE a transaction that called cqrs.pause() or cqrs.resume()")));
+			break;
 		case XACT_EVENT_ABORT:
 		case XACT_EVENT_PARALLEL_ABORT:
 			control_changed = false;
@@ -284,15 +291,16 @@ resume_projection(PG_FUNCTION_ARGS)
 static long
 admin_timeout_ms(Interval *timeout)
 {
-	int64		usecs;
+	double		ms;
 
-	usecs = timeout->time +
-		((int64) timeout->month * DAYS_PER_MONTH + timeout->day) * USECS_PER_DAY;
-	if (usecs < 0)
+	/* in double: a timeout of centuries must not overflow */
+	ms = (timeout->time +
+		  ((double) timeout->month * DAYS_PER_MONTH + timeout->day) * USECS_PER_DAY) / 1000.0;
+	if (ms < 0)
 		ereport(ERROR,
 				(errcode(ERRCODE_INVALID_PARAMETER_VALUE),
 				 errmsg("timeout must not be negative")));
-	return (long) Min(usecs / 1000, (int64) PG_INT32_MAX);
+	return (long) Min(ms, (double) PG_INT32_MAX);
 }
 
 /*
@@ -346,13 +354,17 @@ admin_command_done(void *arg)
 	Oid			argtypes[1] = {UUIDOID};
 	Datum		values[1] = {PointerGetDatum(arg)};
 	bool		isnull;
+	bool		done;
 
 	/* read-write mode: every call sees what committed since the last */
 	if (SPI_execute_plan(cqrs_keep_plan(&plan, sql, 1, argtypes), values,
 						 NULL, false, 1) != SPI_OK_SELECT)
 		elog(ERROR, "could not look up the command");
-	return DatumGetBool(SPI_getbinval(SPI_tuptable->vals[0],
+	done = DatumGetBool(SPI_getbinval(SPI_tuptable->vals[0],
 									  SPI_tuptable->tupdesc, 1, &isnull));
+	/* called over and over in one SPI connection: free as we go */
+	SPI_freetuptable(SPI_tuptable);
+	return done;
 }
 
 /*

@@ -495,6 +495,8 @@ cmd_xact_callback(XactEvent event, void *arg)
 			wake_at_commit = false;
 			memset(appended, 0, sizeof(appended));
 			break;
+		case XACT_EVENT_PREPARE:
+			/* COMMIT PREPARED runs no callback: the poll interval finds them */
 		case XACT_EVENT_ABORT:
 		case XACT_EVENT_PARALLEL_ABORT:
 			wake_at_commit = false;

@@ -100,6 +100,15 @@ cqrs_check_traceparent(char **newval, void **extra, GucSource source)
 	}
 	if (strncmp(v, "ff", 2) == 0 || (strncmp(v, "00", 2) == 0 && *p != '\0'))
 		goto bad;
+	/* later versions may add fields: "-" and more lowercase hex, bounded */
+	if (*p != '\0')
+	{
+		if (*p != '-' || strlen(v) > 256)
+			goto bad;
+		for (; *p; p++)
+			if (!((*p >= '0' && *p <= '9') || (*p >= 'a' && *p <= 'f') || *p == '-'))
+				goto bad;
+	}
 	return true;
 
 bad:

@@ -108,6 +108,7 @@ typedef struct CqrsShared
 	uint64		control_generation;	/* bumped when cqrs.pause() or
 										 * cqrs.resume() commits */
 	ConditionVariable applied_cv;	/* broadcast when applied_lsn moves */
+	pg_atomic_uint64 repair_generation;	/* bumped by every repair function */
 	TimestampTz pending_since;	/* commit time of the oldest command not
 								 * applied yet, at most; valid while
 								 * wake_lsn > applied_lsn */

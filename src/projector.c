@@ -933,7 +933,8 @@ projector_range(CqrsRecord *records, int lo, int hi, CqrsApplyStats *stats,
 	MemoryContextSwitchTo(oldcontext);
 	PG_TRY();
 	{
-		projector_fold(records, lo, hi, &local, trust_creates);
+		/* a range of one is not split, so it must not trust either */
+		projector_fold(records, lo, hi, &local, trust_creates && hi - lo > 1);
 		ReleaseCurrentSubTransaction();
 		MemoryContextSwitchTo(oldcontext);
 		CurrentResourceOwner = oldowner;
@@ -1130,8 +1131,28 @@ cqrs_project_log(CqrsApplyStats *stats)
 bool
 cqrs_lock_projection(bool wait)
 {
+	static uint64 repairs_seen = 0;
 	LOCKTAG		tag;
+	uint64		repairs;
 
 	SET_LOCKTAG_ADVISORY(tag, MyDatabaseId, 0, 0, CQRS_APPLY_LOCK_SPACE);
-	return LockAcquire(&tag, ExclusiveLock, false, !wait) != LOCKACQUIRE_NOT_AVAIL;
+	if (LockAcquire(&tag, ExclusiveLock, false, !wait) == LOCKACQUIRE_NOT_AVAIL)
+		return false;
+
+	/*
+	 * What this process knows of cqrs.parked holds only while nobody else
+	 * folds: a repair or rebuild in another session may have parked or
+	 * unparked commands since.  (They bump the generation while holding
+	 * this lock, so the new value is visible now.)
+	 */
+	if (cqrs_shared != NULL)
+	{
+		repairs = pg_atomic_read_u64(&cqrs_shared->repair_generation);
+		if (repairs != repairs_seen)
+		{
+			cqrs_project_forget();
+			repairs_seen = repairs;
+		}
+	}
+	return true;
 }

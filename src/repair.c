@@ -52,6 +52,10 @@ repair_begin(RepairScope *scope, const char *name)
 	if (SPI_connect() != SPI_OK_CONNECT)
 		elog(ERROR, "SPI_connect failed");
 	(void) cqrs_lock_projection(true);
+	/* this session folds now: the projector must not trust its cache */
+	cqrs_project_forget();
+	if (cqrs_shared != NULL)
+		pg_atomic_fetch_add_u64(&cqrs_shared->repair_generation, 1);
 }
 
 static void
@@ -245,8 +249,8 @@ skip_parked(PG_FUNCTION_ARGS)
  * would wait for) until the new ones commit, all at once.  Commands keep
  * being accepted; the projector holds still meanwhile and afterwards
  * catches up, skipping by the version rule what the replay already
- * applied.  Parked commands are derived anew from the log; dead letters
- * stay (a replayed command that fails again is not recorded twice).
+ * applied.  Parked commands and dead letters are derived anew from the
+ * log too, so that each says what the replay made of its command.
  * Returns the number of commands replayed.
  */
 Datum
@@ -259,7 +263,8 @@ rebuild(PG_FUNCTION_ARGS)
 	repair_begin(&scope, "cqrs.rebuild()");
 
 	if (SPI_execute("DELETE FROM cqrs.read_model", false, 0) != SPI_OK_DELETE ||
-		SPI_execute("DELETE FROM cqrs.parked", false, 0) != SPI_OK_DELETE)
+		SPI_execute("DELETE FROM cqrs.parked", false, 0) != SPI_OK_DELETE ||
+		SPI_execute("DELETE FROM cqrs.dead_letter", false, 0) != SPI_OK_DELETE)
 		elog(ERROR, "could not empty the read model");
 	cqrs_project_forget();
 

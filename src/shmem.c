@@ -76,6 +76,7 @@ cqrs_shmem_startup(void)
 		memset(cqrs_shared, 0, sizeof(CqrsShared));
 		SpinLockInit(&cqrs_shared->mutex);
 		ConditionVariableInit(&cqrs_shared->applied_cv);
+		pg_atomic_init_u64(&cqrs_shared->repair_generation, 0);
 		for (int i = 0; i < CQRS_COMMAND_TYPES; i++)
 			pg_atomic_init_u64(&cqrs_shared->commands_total[i], 0);
 		for (int i = 0; i < CQRS_ERROR_KINDS; i++)

@@ -336,6 +336,7 @@ worker_create_slot(void)
 	worker_set_state(CQRS_STATE_CATCHING_UP);
 	memset(&stats, 0, sizeof(stats));
 	worker_begin();
+	(void) cqrs_lock_projection(true);
 	nread = cqrs_project_log(&stats);
 	cqrs_save_offset(cqrs_slot_name, start);
 	worker_commit();

@@ -140,5 +140,13 @@ is(sql(q{SELECT string_agg(order_id || ':' || status || ':' || version || ':' ||
 	'pre-1:shipped:2:1,pre-2:created:1:6',
 	'the existing row counts as the create; the rest of the batch is applied');
 
+# The same for a command alone in its batch (a batch of one is not split).
+sql(q{INSERT INTO cqrs.read_model (order_id, user_id, total_amount, status, version)
+	VALUES ('pre-3', 'u', 1, 'created', 1)});
+sql(q{SELECT cqrs.submit_order('pre-3', 'u', 5)});
+wait_projected($node);
+is(sql(q{SELECT count(*) FROM cqrs.dead_letter WHERE aggregate_id = 'pre-3'}),
+	'0', 'a lone create whose row exists is not dead-lettered either');
+
 $node->stop;
 done_testing();
