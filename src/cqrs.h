@@ -181,6 +181,7 @@ extern void cqrs_project_forget(void);
 extern void cqrs_save_offset(const char *slot_name, XLogRecPtr lsn);
 extern XLogRecPtr cqrs_load_offset(const char *slot_name);
 extern int64 cqrs_project_log(CqrsApplyStats *stats);
+extern void cqrs_project_rebuild_mode(bool on);
 extern bool cqrs_lock_projection(bool wait);
 
 /* worker.c */

@@ -72,6 +72,11 @@ typedef struct OrderState
 	bool		dirty;			/* row to write back */
 	int64		min_sequence;	/* lowest sequence_id of the batch */
 	bool		lookup;			/* look for its read-model row */
+	/* rebuild: the row as it was, to write only what differs */
+	char	   *old_user_id;
+	Datum		old_amount;
+	OrderStatus old_status;
+	int64		old_version;
 	char	   *user_id;
 	Datum		total_amount;	/* numeric */
 	OrderStatus status;
@@ -121,6 +126,14 @@ static SPIPlanPtr load_offset_plan = NULL;
  * makes it unknown again (cqrs_project_forget()).
  */
 static int	parked_known = -1;
+
+/*
+ * While cqrs.rebuild() replays the log in this process: every order is
+ * folded from nothing (its whole history is in the chunk), compared with
+ * its row, and only what differs is written; errors are not split but
+ * thrown, for the rebuild to fall back to rewriting everything.
+ */
+static bool rebuild_mode = false;
 
 /* The command being applied, for the error context. */
 static CqrsRecord *current_record = NULL;
@@ -260,6 +273,19 @@ projector_load_rows(HTAB *orders, int norders)
 		o->status = strcmp(status, "shipped") == 0 ? STATUS_SHIPPED :
 			strcmp(status, "cancelled") == 0 ? STATUS_CANCELLED : STATUS_CREATED;
 		o->version = DatumGetInt64(SPI_getbinval(tup, desc, 5, &isnull));
+		if (rebuild_mode)
+		{
+			/* keep the row for comparison; fold from nothing */
+			o->old_user_id = o->user_id;
+			o->old_amount = o->total_amount;
+			o->old_status = o->status;
+			o->old_version = o->version;
+			o->exists = false;
+			o->user_id = NULL;
+			o->total_amount = (Datum) 0;
+			o->status = STATUS_CREATED;
+			o->version = 0;
+		}
 	}
 }
 
@@ -540,6 +566,119 @@ projector_write_dead(List *dead)
 }
 
 /*
+ * Rebuild: write the rows the fold of the whole history made, where they
+ * differ from the table: insert new ones, update changed ones (every
+ * column, whatever the version), delete rows the log no longer makes.
+ */
+static void
+projector_write_rebuilt(FoldResult *fr, int norders)
+{
+	static SPIPlanPtr rebuild_insert_plan = NULL;
+	static SPIPlanPtr rebuild_update_plan = NULL;
+	static SPIPlanPtr rebuild_delete_plan = NULL;
+	static const char *insert_sql =
+		"INSERT INTO cqrs.read_model"
+		" (order_id, user_id, total_amount, status, version, updated_at)"
+		" SELECT u.order_id, u.user_id, u.total_amount, u.status, u.version,"
+		" pg_catalog.now()"
+		" FROM ROWS FROM (pg_catalog.unnest($1::pg_catalog.text[]),"
+		" pg_catalog.unnest($2::pg_catalog.text[]),"
+		" pg_catalog.unnest($3::pg_catalog.numeric[]),"
+		" pg_catalog.unnest($4::pg_catalog.text[]),"
+		" pg_catalog.unnest($5::pg_catalog.int8[]))"
+		" AS u(order_id, user_id, total_amount, status, version)";
+	static const char *update_sql =
+		"UPDATE cqrs.read_model AS r SET user_id = u.user_id,"
+		" total_amount = u.total_amount, status = u.status,"
+		" version = u.version, updated_at = pg_catalog.now()"
+		" FROM ROWS FROM (pg_catalog.unnest($1::pg_catalog.text[]),"
+		" pg_catalog.unnest($2::pg_catalog.text[]),"
+		" pg_catalog.unnest($3::pg_catalog.numeric[]),"
+		" pg_catalog.unnest($4::pg_catalog.text[]),"
+		" pg_catalog.unnest($5::pg_catalog.int8[]))"
+		" AS u(order_id, user_id, total_amount, status, version)"
+		" WHERE r.order_id OPERATOR(pg_catalog.=) u.order_id";
+	static const char *delete_sql =
+		"DELETE FROM cqrs.read_model"
+		" WHERE order_id OPERATOR(pg_catalog.=) ANY ($1::pg_catalog.text[])";
+	Oid			row_types[5] = {TEXTARRAYOID, TEXTARRAYOID, NUMERICARRAYOID, TEXTARRAYOID, INT8ARRAYOID};
+	Oid			delete_types[1] = {TEXTARRAYOID};
+	int			cap = norders + 1;
+	Datum	   *a[2],
+			   *b[2],
+			   *c[2],
+			   *d[2],
+			   *e[2];
+	int			n[2] = {0, 0};
+	Datum	   *gone = palloc(sizeof(Datum) * cap);
+	int			ngone = 0;
+	HASH_SEQ_STATUS seq;
+	OrderState *o;
+
+	for (int w = 0; w < 2; w++)
+	{
+		a[w] = palloc(sizeof(Datum) * cap);
+		b[w] = palloc(sizeof(Datum) * cap);
+		c[w] = palloc(sizeof(Datum) * cap);
+		d[w] = palloc(sizeof(Datum) * cap);
+		e[w] = palloc(sizeof(Datum) * cap);
+	}
+
+	hash_seq_init(&seq, fr->orders);
+	while ((o = hash_seq_search(&seq)) != NULL)
+	{
+		int			w;
+
+		if (!o->exists)
+		{
+			if (o->stored)
+				gone[ngone++] = CStringGetTextDatum(o->order_id);
+			continue;
+		}
+		if (o->stored &&
+			o->old_version == o->version && o->old_status == o->status &&
+			strcmp(o->old_user_id, o->user_id) == 0 &&
+			DatumGetBool(DirectFunctionCall2(numeric_eq, o->old_amount,
+											 o->total_amount)))
+			continue;
+		w = o->stored ? 1 : 0;
+		a[w][n[w]] = CStringGetTextDatum(o->order_id);
+		b[w][n[w]] = CStringGetTextDatum(o->user_id);
+		c[w][n[w]] = o->total_amount;
+		d[w][n[w]] = CStringGetTextDatum(status_names[o->status]);
+		e[w][n[w]] = Int64GetDatum(o->version);
+		n[w]++;
+	}
+
+	for (int w = 0; w < 2; w++)
+	{
+		Datum		values[5];
+
+		if (n[w] == 0)
+			continue;
+		values[0] = projector_array(a[w], NULL, n[w], TEXTOID);
+		values[1] = projector_array(b[w], NULL, n[w], TEXTOID);
+		values[2] = projector_array(c[w], NULL, n[w], NUMERICOID);
+		values[3] = projector_array(d[w], NULL, n[w], TEXTOID);
+		values[4] = projector_array(e[w], NULL, n[w], INT8OID);
+		if (w == 0)
+			projector_exec(cqrs_keep_plan(&rebuild_insert_plan, insert_sql, 5, row_types),
+						   values, SPI_OK_INSERT);
+		else
+			projector_exec(cqrs_keep_plan(&rebuild_update_plan, update_sql, 5, row_types),
+						   values, SPI_OK_UPDATE);
+	}
+	if (ngone > 0)
+	{
+		Datum		values[1];
+
+		values[0] = projector_array(gone, NULL, ngone, TEXTOID);
+		projector_exec(cqrs_keep_plan(&rebuild_delete_plan, delete_sql, 1, delete_types),
+					   values, SPI_OK_DELETE);
+	}
+}
+
+/*
  * Write the fold back: read-model rows, parked and unparked commands,
  * dead letters.
  */
@@ -626,6 +765,12 @@ projector_write(FoldResult *fr, int norders)
 		}
 	}
 
+	if (rebuild_mode)
+	{
+		projector_write_rebuilt(fr, norders);
+		goto parked;
+	}
+
 	/* new rows first in the arrays, known rows after them */
 	for (int pass = 0; pass < 2; pass++)
 	{
@@ -666,6 +811,7 @@ projector_write(FoldResult *fr, int norders)
 						   values, SPI_OK_UPDATE);
 	}
 
+parked:
 	if (park != NIL)
 	{
 		int			np = list_length(park);
@@ -951,7 +1097,7 @@ projector_range(CqrsRecord *records, int lo, int hi, CqrsApplyStats *stats,
 		CurrentResourceOwner = oldowner;
 		cqrs_project_forget();
 
-		if (!projector_blames_command(edata->sqlerrcode))
+		if (rebuild_mode || !projector_blames_command(edata->sqlerrcode))
 			ReThrowError(edata);
 
 		memset(&local, 0, sizeof(local));
@@ -998,7 +1144,7 @@ cqrs_project(CqrsRecord *records, int nrecords, CqrsApplyStats *stats)
 	errcallback.previous = error_context_stack;
 	error_context_stack = &errcallback;
 
-	projector_range(records, 0, nrecords, stats, true);
+	projector_range(records, 0, nrecords, stats, !rebuild_mode);
 
 	error_context_stack = errcallback.previous;
 	current_record = NULL;
@@ -1047,6 +1193,33 @@ cqrs_load_offset(const char *slot_name)
 }
 
 /*
+ * Copy a record and what it points to into the current memory context.
+ */
+static void
+projector_copy_record(CqrsRecord *dst, const CqrsRecord *src)
+{
+	*dst = *src;
+	dst->command_type = src->command_type ? pstrdup(src->command_type) : NULL;
+	dst->aggregate_id = src->aggregate_id ? pstrdup(src->aggregate_id) : NULL;
+	dst->traceparent = src->traceparent ? pstrdup(src->traceparent) : NULL;
+	if (src->payload)
+	{
+		dst->payload = palloc(VARSIZE(src->payload));
+		memcpy(dst->payload, src->payload, VARSIZE(src->payload));
+	}
+}
+
+/*
+ * Switch the fold of this process into (or out of) rebuild mode; see
+ * rebuild_mode.
+ */
+void
+cqrs_project_rebuild_mode(bool on)
+{
+	rebuild_mode = on;
+}
+
+/*
  * Fold the whole command log into the read model, in the current
  * transaction: the catch-up after a slot is created (first start, or a
  * lost slot).  Commands already applied are skipped by the version rule,
@@ -1063,8 +1236,11 @@ cqrs_project_log(CqrsApplyStats *stats)
 	SPIPlanPtr	plan;
 	Portal		portal;
 	int64		total = 0;
-	MemoryContext chunk_context;
+	MemoryContext chunk_context[2];
+	int			cur = 0;
 	MemoryContext oldcontext;
+	CqrsRecord *carry = NULL;
+	int			ncarry = 0;
 
 	plan = SPI_prepare(sql, 0, NULL);
 	if (plan == NULL)
@@ -1072,53 +1248,80 @@ cqrs_project_log(CqrsApplyStats *stats)
 			 sql, SPI_result_code_string(SPI_result));
 	/* read-write: a snapshot taken now, after the caller's locks */
 	portal = SPI_cursor_open("cqrs_catch_up", plan, NULL, NULL, false);
-	chunk_context = AllocSetContextCreate(CurrentMemoryContext,
-										  "cqrs catch-up chunk",
-										  ALLOCSET_DEFAULT_SIZES);
+	for (int i = 0; i < 2; i++)
+		chunk_context[i] = AllocSetContextCreate(CurrentMemoryContext,
+												 "cqrs catch-up chunk",
+												 ALLOCSET_DEFAULT_SIZES);
 
 	for (;;)
 	{
 		CqrsRecord *records;
 		int			n;
+		int			fetched;
+		int			upto;
 
 		SPI_cursor_fetch(portal, true, 50000);
-		n = (int) SPI_processed;
-		if (n == 0)
+		n = fetched = (int) SPI_processed;
+		total += fetched;
+		if (n == 0 && ncarry == 0)
 			break;
 
-		oldcontext = MemoryContextSwitchTo(chunk_context);
-		records = palloc0(sizeof(CqrsRecord) * n);
+		oldcontext = MemoryContextSwitchTo(chunk_context[cur]);
+		records = palloc0(sizeof(CqrsRecord) * (ncarry + n));
+		for (int i = 0; i < ncarry; i++)
+			projector_copy_record(&records[i], &carry[i]);
 		for (int i = 0; i < n; i++)
 		{
+			CqrsRecord *rec = &records[ncarry + i];
 			HeapTuple	tup = SPI_tuptable->vals[i];
 			TupleDesc	desc = SPI_tuptable->tupdesc;
 			bool		isnull;
 			Datum		d;
 
 			d = SPI_getbinval(tup, desc, 1, &isnull);
-			records[i].log_id = isnull ? 0 : DatumGetInt64(d);
+			rec->log_id = isnull ? 0 : DatumGetInt64(d);
 			d = SPI_getbinval(tup, desc, 2, &isnull);
 			if (!isnull)
-				memcpy(&records[i].command_id, DatumGetUUIDP(d),
-					   sizeof(pg_uuid_t));
-			records[i].command_type = SPI_getvalue(tup, desc, 3);
-			records[i].aggregate_id = SPI_getvalue(tup, desc, 4);
+				memcpy(&rec->command_id, DatumGetUUIDP(d), sizeof(pg_uuid_t));
+			rec->command_type = SPI_getvalue(tup, desc, 3);
+			rec->aggregate_id = SPI_getvalue(tup, desc, 4);
 			d = SPI_getbinval(tup, desc, 5, &isnull);
-			records[i].sequence_id = isnull ? 0 : DatumGetInt64(d);
+			rec->sequence_id = isnull ? 0 : DatumGetInt64(d);
 			d = SPI_getbinval(tup, desc, 6, &isnull);
-			records[i].payload = isnull ? NULL : DatumGetJsonbPCopy(d);
-			records[i].traceparent = SPI_getvalue(tup, desc, 7);
+			rec->payload = isnull ? NULL : DatumGetJsonbPCopy(d);
+			rec->traceparent = SPI_getvalue(tup, desc, 7);
 		}
 		SPI_freetuptable(SPI_tuptable);
-		cqrs_project(records, n, stats);
-		MemoryContextSwitchTo(oldcontext);
-		MemoryContextReset(chunk_context);
-		total += n;
-	}
+		n += ncarry;
 
+		/*
+		 * A rebuild folds every order from nothing, so an order's commands
+		 * must all be in one chunk: hold back the last order, whose next
+		 * commands may be in the next fetch (all of the chunk, when it is
+		 * one order).
+		 */
+		upto = n;
+		if (rebuild_mode && fetched > 0)
+		{
+			while (upto > 0 &&
+				   strcmp(records[upto - 1].aggregate_id,
+						  records[n - 1].aggregate_id) == 0)
+				upto--;
+		}
+		if (upto > 0)
+			cqrs_project(&records[0], upto, stats);
+		carry = &records[upto];
+		ncarry = n - upto;
+		MemoryContextSwitchTo(oldcontext);
+
+		/* the carried records live in this chunk's context: keep it */
+		cur = 1 - cur;
+		MemoryContextReset(chunk_context[cur]);
+	}
 	SPI_cursor_close(portal);
 	SPI_freeplan(plan);
-	MemoryContextDelete(chunk_context);
+	for (int i = 0; i < 2; i++)
+		MemoryContextDelete(chunk_context[i]);
 	return total;
 }
 

@@ -20,6 +20,8 @@
 #include "executor/spi.h"
 #include "miscadmin.h"
 #include "utils/builtins.h"
+#include "utils/memutils.h"
+#include "utils/resowner.h"
 #include "utils/jsonb.h"
 #include "utils/timestamp.h"
 #include "utils/uuid.h"
@@ -241,35 +243,103 @@ skip_parked(PG_FUNCTION_ARGS)
 }
 
 /*
+ * The fast rebuild: fold every order's whole history from nothing and
+ * write only the rows that differ from the table (and delete those the log
+ * no longer makes).  Throws on any error, for the caller to fall back.
+ */
+static int64
+rebuild_differences(CqrsApplyStats *stats)
+{
+	volatile int64 n = 0;
+
+	cqrs_project_rebuild_mode(true);
+	PG_TRY();
+	{
+		n = cqrs_project_log(stats);
+		if (SPI_execute("DELETE FROM cqrs.read_model AS r"
+						" WHERE NOT EXISTS (SELECT FROM cqrs.command_log AS l"
+						" WHERE l.aggregate_id OPERATOR(pg_catalog.=) r.order_id)",
+						false, 0) != SPI_OK_DELETE)
+			elog(ERROR, "could not delete the rows of orders not in the log");
+	}
+	PG_FINALLY();
+	{
+		cqrs_project_rebuild_mode(false);
+	}
+	PG_END_TRY();
+	return n;
+}
+
+/*
  * cqrs.rebuild() RETURNS bigint
  *
  * Replay the whole command log into the read model, in one transaction:
- * every row is deleted and the projector's fold of the log inserted in
- * its place, so readers keep seeing the current rows (MVCC, no lock they
- * would wait for) until the new ones commit, all at once.  Commands keep
- * being accepted; the projector holds still meanwhile and afterwards
- * catches up, skipping by the version rule what the replay already
- * applied.  Parked commands and dead letters are derived anew from the
- * log too, so that each says what the replay made of its command.
- * Returns the number of commands replayed.
+ * every order is folded anew from its commands with the projector's fold,
+ * and the rows that differ are written, so readers keep seeing the current
+ * rows (MVCC, no lock they would wait for) until the new ones commit, all
+ * at once.  Should the fold fail on a command (a constraint of the read
+ * model refusing it, say), the rebuild starts over the way that isolates
+ * such commands: every row deleted and the log folded into the empty
+ * table, the failing commands dead-lettered.  Commands keep being
+ * accepted; the projector holds still meanwhile and afterwards catches
+ * up, skipping by the version rule what the replay already applied.
+ * Parked commands and dead letters are derived anew from the log too, so
+ * that each says what the replay made of its command.  Returns the number
+ * of commands replayed.
  */
 Datum
 rebuild(PG_FUNCTION_ARGS)
 {
 	RepairScope scope;
 	CqrsApplyStats stats;
-	int64		n;
+	MemoryContext context = CurrentMemoryContext;
+	ResourceOwner owner = CurrentResourceOwner;
+	volatile int64 n = 0;
+	volatile bool fast = true;
 
 	repair_begin(&scope, "cqrs.rebuild()");
 
-	if (SPI_execute("DELETE FROM cqrs.read_model", false, 0) != SPI_OK_DELETE ||
-		SPI_execute("DELETE FROM cqrs.parked", false, 0) != SPI_OK_DELETE ||
+	if (SPI_execute("DELETE FROM cqrs.parked", false, 0) != SPI_OK_DELETE ||
 		SPI_execute("DELETE FROM cqrs.dead_letter", false, 0) != SPI_OK_DELETE)
-		elog(ERROR, "could not empty the read model");
+		elog(ERROR, "could not empty cqrs.parked and cqrs.dead_letter");
 	cqrs_project_forget();
 
 	memset(&stats, 0, sizeof(stats));
-	n = cqrs_project_log(&stats);
+	BeginInternalSubTransaction(NULL);
+	MemoryContextSwitchTo(context);
+	PG_TRY();
+	{
+		n = rebuild_differences(&stats);
+		ReleaseCurrentSubTransaction();
+		MemoryContextSwitchTo(context);
+		CurrentResourceOwner = owner;
+	}
+	PG_CATCH();
+	{
+		ErrorData  *edata;
+
+		MemoryContextSwitchTo(context);
+		edata = CopyErrorData();
+		FlushErrorState();
+		RollbackAndReleaseCurrentSubTransaction();
+		MemoryContextSwitchTo(context);
+		CurrentResourceOwner = owner;
+		cqrs_project_forget();
+		ereport(LOG,
+				(errmsg("cqrs.rebuild() rewrites the whole read model: %s",
+						edata->message)));
+		FreeErrorData(edata);
+		fast = false;
+	}
+	PG_END_TRY();
+
+	if (!fast)
+	{
+		memset(&stats, 0, sizeof(stats));
+		if (SPI_execute("DELETE FROM cqrs.read_model", false, 0) != SPI_OK_DELETE)
+			elog(ERROR, "could not empty the read model");
+		n = cqrs_project_log(&stats);
+	}
 
 	repair_end(&scope);
 

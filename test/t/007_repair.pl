@@ -136,6 +136,22 @@ is(sql(q{SELECT state FROM cqrs.status}), 'running', 'the projector runs on afte
 like(slurp_file($node->logfile), qr/LOG:  cqrs.rebuild\(\) replayed \d+ commands/,
 	'the rebuild is logged');
 
+# A row the read model now refuses: the rebuild falls back to rewriting
+# every row, and the refused command is dead-lettered as the projector
+# would have done.
+sql(q{UPDATE cqrs.read_model SET status = 'shipped' WHERE order_id = 'g-1'});
+sql(q{ALTER TABLE cqrs.read_model ADD CONSTRAINT regress_rb CHECK (order_id <> 'g-1' OR status <> 'created') NOT VALID});
+cmp_ok(sql(q{SELECT cqrs.rebuild()}), '>', 100, 'a rebuild with a refused command still completes');
+like(slurp_file($node->logfile), qr/LOG:  cqrs.rebuild\(\) rewrites the whole read model: new row for relation "read_model" violates check constraint "regress_rb"/,
+	'after saying why it rewrites everything');
+like(sql(q{SELECT reason FROM cqrs.dead_letter WHERE aggregate_id = 'g-1' AND sequence_id = 1}),
+	qr/regress_rb/, 'the refused command is dead-lettered');
+is(sql(q{SELECT string_agg(order_id || ' ' || problem, ',') FROM cqrs.verify()}),
+	'g-1 missing from the read model', 'and everything else is the fold of the log');
+sql(q{ALTER TABLE cqrs.read_model DROP CONSTRAINT regress_rb});
+sql(q{SELECT cqrs.rebuild()});
+is(sql(q{SELECT count(*) FROM cqrs.verify()}), '0', 'the next rebuild repairs that order too');
+
 # Rebuilding in REPEATABLE READ would fold a stale snapshot: refused.
 ($ret, $stdout, $stderr) = $node->psql('postgres',
 	q{BEGIN ISOLATION LEVEL REPEATABLE READ; SELECT cqrs.rebuild(); COMMIT});
