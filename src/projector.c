@@ -565,6 +565,23 @@ projector_write_dead(List *dead)
 	return (int64) SPI_processed;
 }
 
+/* Read-model rows as a relation "u", from arrays of their columns $1-$5. */
+#define ROW_ARRAYS_SQL \
+	"ROWS FROM (pg_catalog.unnest($1::pg_catalog.text[])," \
+	" pg_catalog.unnest($2::pg_catalog.text[])," \
+	" pg_catalog.unnest($3::pg_catalog.numeric[])," \
+	" pg_catalog.unnest($4::pg_catalog.text[])," \
+	" pg_catalog.unnest($5::pg_catalog.int8[]))" \
+	" AS u(order_id, user_id, total_amount, status, version)"
+
+/* New read-model rows. */
+static const char *const insert_sql =
+	"INSERT INTO cqrs.read_model"
+	" (order_id, user_id, total_amount, status, version, updated_at)"
+	" SELECT u.order_id, u.user_id, u.total_amount, u.status, u.version,"
+	" pg_catalog.now()"
+	" FROM " ROW_ARRAYS_SQL;
+
 /*
  * Rebuild: write the rows the fold of the whole history made, where they
  * differ from the table: insert new ones, update changed ones (every
@@ -573,30 +590,13 @@ projector_write_dead(List *dead)
 static void
 projector_write_rebuilt(FoldResult *fr, int norders)
 {
-	static SPIPlanPtr rebuild_insert_plan = NULL;
 	static SPIPlanPtr rebuild_update_plan = NULL;
 	static SPIPlanPtr rebuild_delete_plan = NULL;
-	static const char *insert_sql =
-		"INSERT INTO cqrs.read_model"
-		" (order_id, user_id, total_amount, status, version, updated_at)"
-		" SELECT u.order_id, u.user_id, u.total_amount, u.status, u.version,"
-		" pg_catalog.now()"
-		" FROM ROWS FROM (pg_catalog.unnest($1::pg_catalog.text[]),"
-		" pg_catalog.unnest($2::pg_catalog.text[]),"
-		" pg_catalog.unnest($3::pg_catalog.numeric[]),"
-		" pg_catalog.unnest($4::pg_catalog.text[]),"
-		" pg_catalog.unnest($5::pg_catalog.int8[]))"
-		" AS u(order_id, user_id, total_amount, status, version)";
 	static const char *update_sql =
 		"UPDATE cqrs.read_model AS r SET user_id = u.user_id,"
 		" total_amount = u.total_amount, status = u.status,"
 		" version = u.version, updated_at = pg_catalog.now()"
-		" FROM ROWS FROM (pg_catalog.unnest($1::pg_catalog.text[]),"
-		" pg_catalog.unnest($2::pg_catalog.text[]),"
-		" pg_catalog.unnest($3::pg_catalog.numeric[]),"
-		" pg_catalog.unnest($4::pg_catalog.text[]),"
-		" pg_catalog.unnest($5::pg_catalog.int8[]))"
-		" AS u(order_id, user_id, total_amount, status, version)"
+		" FROM " ROW_ARRAYS_SQL
 		" WHERE r.order_id OPERATOR(pg_catalog.=) u.order_id";
 	static const char *delete_sql =
 		"DELETE FROM cqrs.read_model"
@@ -662,7 +662,7 @@ projector_write_rebuilt(FoldResult *fr, int norders)
 		values[3] = projector_array(d[w], NULL, n[w], TEXTOID);
 		values[4] = projector_array(e[w], NULL, n[w], INT8OID);
 		if (w == 0)
-			projector_exec(cqrs_keep_plan(&rebuild_insert_plan, insert_sql, 5, row_types),
+			projector_exec(cqrs_keep_plan(&insert_plan, insert_sql, 5, row_types),
 						   values, SPI_OK_INSERT);
 		else
 			projector_exec(cqrs_keep_plan(&rebuild_update_plan, update_sql, 5, row_types),
@@ -691,26 +691,10 @@ projector_write(FoldResult *fr, int norders)
 	 * needed), known rows plain updates.  A row someone else inserted
 	 * meanwhile makes the insert fail, and that command is dead-lettered.
 	 */
-	static const char *insert_sql =
-		"INSERT INTO cqrs.read_model"
-		" (order_id, user_id, total_amount, status, version, updated_at)"
-		" SELECT u.order_id, u.user_id, u.total_amount, u.status, u.version,"
-		" pg_catalog.now()"
-		" FROM ROWS FROM (pg_catalog.unnest($1::pg_catalog.text[]),"
-		" pg_catalog.unnest($2::pg_catalog.text[]),"
-		" pg_catalog.unnest($3::pg_catalog.numeric[]),"
-		" pg_catalog.unnest($4::pg_catalog.text[]),"
-		" pg_catalog.unnest($5::pg_catalog.int8[]))"
-		" AS u(order_id, user_id, total_amount, status, version)";
 	static const char *update_sql =
 		"UPDATE cqrs.read_model AS r SET status = u.status,"
 		" version = u.version, updated_at = pg_catalog.now()"
-		" FROM ROWS FROM (pg_catalog.unnest($1::pg_catalog.text[]),"
-		" pg_catalog.unnest($2::pg_catalog.text[]),"
-		" pg_catalog.unnest($3::pg_catalog.numeric[]),"
-		" pg_catalog.unnest($4::pg_catalog.text[]),"
-		" pg_catalog.unnest($5::pg_catalog.int8[]))"
-		" AS u(order_id, user_id, total_amount, status, version)"
+		" FROM " ROW_ARRAYS_SQL
 		" WHERE r.order_id OPERATOR(pg_catalog.=) u.order_id"
 		" AND r.version OPERATOR(pg_catalog.<) u.version";
 	static const char *park_sql =
