@@ -491,12 +491,84 @@ fold_record(FoldResult *fr, OrderState *o, CqrsRecord *rec)
 }
 
 /*
+ * The array parameters of one set-based statement, filled row by row:
+ * column c of the statement is the array of values[c].
+ */
+#define BATCH_MAX_COLS 8
+
+typedef struct Batch
+{
+	int			ncols;
+	int			nrows;
+	Oid			types[BATCH_MAX_COLS];	/* element types */
+	Datum	   *values[BATCH_MAX_COLS];
+	bool	   *nulls[BATCH_MAX_COLS];
+} Batch;
+
+static void
+batch_init(Batch *b, int capacity, int ncols, const Oid *types)
+{
+	Assert(ncols <= BATCH_MAX_COLS);
+	b->ncols = ncols;
+	b->nrows = 0;
+	for (int c = 0; c < ncols; c++)
+	{
+		b->types[c] = types[c];
+		b->values[c] = palloc(sizeof(Datum) * Max(capacity, 1));
+		b->nulls[c] = palloc0(sizeof(bool) * Max(capacity, 1));
+	}
+}
+
+/* Set column c of the row being added. */
+static inline void
+batch_put(Batch *b, int c, Datum value)
+{
+	b->values[c][b->nrows] = value;
+}
+
+/* Set text column c of the row being added; NULL makes it null. */
+static inline void
+batch_put_text(Batch *b, int c, const char *s)
+{
+	if (s != NULL)
+		b->values[c][b->nrows] = CStringGetTextDatum(s);
+	else
+		b->nulls[c][b->nrows] = true;
+}
+
+/*
+ * Run sql (kept in *plan) with the arrays as its parameters, unless the
+ * batch is empty; returns the number of rows processed.
+ */
+static uint64
+batch_exec(Batch *b, SPIPlanPtr *plan, const char *sql, int expected)
+{
+	Datum		values[BATCH_MAX_COLS];
+
+	if (b->nrows == 0)
+		return 0;
+	if (*plan == NULL)
+	{
+		Oid			argtypes[BATCH_MAX_COLS];
+
+		for (int c = 0; c < b->ncols; c++)
+			argtypes[c] = get_array_type(b->types[c]);
+		(void) cqrs_keep_plan(plan, sql, b->ncols, argtypes);
+	}
+	for (int c = 0; c < b->ncols; c++)
+		values[c] = projector_array(b->values[c], b->nulls[c], b->nrows,
+									b->types[c]);
+	projector_exec(*plan, values, expected);
+	return SPI_processed;
+}
+
+/*
  * Insert dead letters; returns how many were new.
  */
 static int64
 projector_write_dead(List *dead)
 {
-	static const char *dead_sql =
+	static const char *sql =
 		"INSERT INTO cqrs.dead_letter (command_id, command_type, aggregate_id,"
 		" sequence_id, reason, traceparent)"
 		" SELECT * FROM ROWS FROM (pg_catalog.unnest($1::pg_catalog.uuid[]),"
@@ -506,197 +578,90 @@ projector_write_dead(List *dead)
 		" pg_catalog.unnest($5::pg_catalog.text[]),"
 		" pg_catalog.unnest($6::pg_catalog.text[]))"
 		" ON CONFLICT (command_id) DO NOTHING";
-	Oid			dead_types[6] = {UUIDARRAYOID, TEXTARRAYOID, TEXTARRAYOID, INT8ARRAYOID, TEXTARRAYOID, TEXTARRAYOID};
-	int			nd = list_length(dead);
-	int			i = 0;
-	Datum		values[6];
-	Datum	   *a,
-			   *b,
-			   *c,
-			   *d,
-			   *e,
-			   *f;
-	bool	   *bnull,
-			   *cnull,
-			   *fnull;
+	static const Oid types[6] = {UUIDOID, TEXTOID, TEXTOID, INT8OID, TEXTOID, TEXTOID};
+	Batch		b;
 	ListCell   *lc;
 
-	if (nd == 0)
-		return 0;
-	a = palloc(sizeof(Datum) * nd);
-	b = palloc(sizeof(Datum) * nd);
-	c = palloc(sizeof(Datum) * nd);
-	d = palloc(sizeof(Datum) * nd);
-	e = palloc(sizeof(Datum) * nd);
-	f = palloc(sizeof(Datum) * nd);
-	bnull = palloc0(sizeof(bool) * nd);
-	cnull = palloc0(sizeof(bool) * nd);
-	fnull = palloc0(sizeof(bool) * nd);
-
+	batch_init(&b, list_length(dead), 6, types);
 	foreach(lc, dead)
 	{
 		DeadLetter *dl = lfirst(lc);
 
-		a[i] = UUIDPGetDatum(&dl->rec->command_id);
-		if (dl->rec->command_type)
-			b[i] = CStringGetTextDatum(dl->rec->command_type);
-		else
-			bnull[i] = true;
-		if (dl->rec->aggregate_id)
-			c[i] = CStringGetTextDatum(dl->rec->aggregate_id);
-		else
-			cnull[i] = true;
-		d[i] = Int64GetDatum(dl->rec->sequence_id);
-		e[i] = CStringGetTextDatum(dl->reason);
-		if (dl->rec->traceparent)
-			f[i] = CStringGetTextDatum(dl->rec->traceparent);
-		else
-			fnull[i] = true;
-		i++;
+		batch_put(&b, 0, UUIDPGetDatum(&dl->rec->command_id));
+		batch_put_text(&b, 1, dl->rec->command_type);
+		batch_put_text(&b, 2, dl->rec->aggregate_id);
+		batch_put(&b, 3, Int64GetDatum(dl->rec->sequence_id));
+		batch_put_text(&b, 4, dl->reason);
+		batch_put_text(&b, 5, dl->rec->traceparent);
+		b.nrows++;
 	}
-	values[0] = projector_array(a, NULL, nd, UUIDOID);
-	values[1] = projector_array(b, bnull, nd, TEXTOID);
-	values[2] = projector_array(c, cnull, nd, TEXTOID);
-	values[3] = projector_array(d, NULL, nd, INT8OID);
-	values[4] = projector_array(e, NULL, nd, TEXTOID);
-	values[5] = projector_array(f, fnull, nd, TEXTOID);
-	projector_exec(cqrs_keep_plan(&dead_plan, dead_sql, 6, dead_types),
-				   values, SPI_OK_INSERT);
-	return (int64) SPI_processed;
+	return (int64) batch_exec(&b, &dead_plan, sql, SPI_OK_INSERT);
 }
 
-/* Read-model rows as a relation "u", from arrays of their columns $1-$5. */
-#define ROW_ARRAYS_SQL \
-	"ROWS FROM (pg_catalog.unnest($1::pg_catalog.text[])," \
-	" pg_catalog.unnest($2::pg_catalog.text[])," \
-	" pg_catalog.unnest($3::pg_catalog.numeric[])," \
-	" pg_catalog.unnest($4::pg_catalog.text[])," \
-	" pg_catalog.unnest($5::pg_catalog.int8[]))" \
-	" AS u(order_id, user_id, total_amount, status, version)"
-
-/* New read-model rows. */
-static const char *const insert_sql =
-	"INSERT INTO cqrs.read_model"
-	" (order_id, user_id, total_amount, status, version, updated_at)"
-	" SELECT u.order_id, u.user_id, u.total_amount, u.status, u.version,"
-	" pg_catalog.now()"
-	" FROM " ROW_ARRAYS_SQL;
-
-/*
- * Rebuild: write the rows the fold of the whole history made, where they
- * differ from the table: insert new ones, update changed ones (every
- * column, whatever the version), delete rows the log no longer makes.
- */
+/* Add the order's read-model row to a batch of rows. */
 static void
-projector_write_rebuilt(FoldResult *fr, int norders)
+batch_put_order(Batch *b, OrderState *o)
 {
-	static SPIPlanPtr rebuild_update_plan = NULL;
-	static SPIPlanPtr rebuild_delete_plan = NULL;
-	static const char *update_sql =
-		"UPDATE cqrs.read_model AS r SET user_id = u.user_id,"
-		" total_amount = u.total_amount, status = u.status,"
-		" version = u.version, updated_at = pg_catalog.now()"
-		" FROM " ROW_ARRAYS_SQL
-		" WHERE r.order_id OPERATOR(pg_catalog.=) u.order_id";
-	static const char *delete_sql =
-		"DELETE FROM cqrs.read_model"
-		" WHERE order_id OPERATOR(pg_catalog.=) ANY ($1::pg_catalog.text[])";
-	Oid			row_types[5] = {TEXTARRAYOID, TEXTARRAYOID, NUMERICARRAYOID, TEXTARRAYOID, INT8ARRAYOID};
-	Oid			delete_types[1] = {TEXTARRAYOID};
-	int			cap = norders + 1;
-	Datum	   *a[2],
-			   *b[2],
-			   *c[2],
-			   *d[2],
-			   *e[2];
-	int			n[2] = {0, 0};
-	Datum	   *gone = palloc(sizeof(Datum) * cap);
-	int			ngone = 0;
-	HASH_SEQ_STATUS seq;
-	OrderState *o;
+	batch_put_text(b, 0, o->order_id);
+	batch_put_text(b, 1, o->user_id);
+	batch_put(b, 2, o->total_amount);
+	batch_put_text(b, 3, status_names[o->status]);
+	batch_put(b, 4, Int64GetDatum(o->version));
+	b->nrows++;
+}
 
-	for (int w = 0; w < 2; w++)
-	{
-		a[w] = palloc(sizeof(Datum) * cap);
-		b[w] = palloc(sizeof(Datum) * cap);
-		c[w] = palloc(sizeof(Datum) * cap);
-		d[w] = palloc(sizeof(Datum) * cap);
-		e[w] = palloc(sizeof(Datum) * cap);
-	}
-
-	hash_seq_init(&seq, fr->orders);
-	while ((o = hash_seq_search(&seq)) != NULL)
-	{
-		int			w;
-
-		if (!o->exists)
-		{
-			if (o->stored)
-				gone[ngone++] = CStringGetTextDatum(o->order_id);
-			continue;
-		}
-		if (o->stored &&
-			o->old_version == o->version && o->old_status == o->status &&
-			strcmp(o->old_user_id, o->user_id) == 0 &&
-			DatumGetBool(DirectFunctionCall2(numeric_eq, o->old_amount,
-											 o->total_amount)))
-			continue;
-		w = o->stored ? 1 : 0;
-		a[w][n[w]] = CStringGetTextDatum(o->order_id);
-		b[w][n[w]] = CStringGetTextDatum(o->user_id);
-		c[w][n[w]] = o->total_amount;
-		d[w][n[w]] = CStringGetTextDatum(status_names[o->status]);
-		e[w][n[w]] = Int64GetDatum(o->version);
-		n[w]++;
-	}
-
-	for (int w = 0; w < 2; w++)
-	{
-		Datum		values[5];
-
-		if (n[w] == 0)
-			continue;
-		values[0] = projector_array(a[w], NULL, n[w], TEXTOID);
-		values[1] = projector_array(b[w], NULL, n[w], TEXTOID);
-		values[2] = projector_array(c[w], NULL, n[w], NUMERICOID);
-		values[3] = projector_array(d[w], NULL, n[w], TEXTOID);
-		values[4] = projector_array(e[w], NULL, n[w], INT8OID);
-		if (w == 0)
-			projector_exec(cqrs_keep_plan(&insert_plan, insert_sql, 5, row_types),
-						   values, SPI_OK_INSERT);
-		else
-			projector_exec(cqrs_keep_plan(&rebuild_update_plan, update_sql, 5, row_types),
-						   values, SPI_OK_UPDATE);
-	}
-	if (ngone > 0)
-	{
-		Datum		values[1];
-
-		values[0] = projector_array(gone, NULL, ngone, TEXTOID);
-		projector_exec(cqrs_keep_plan(&rebuild_delete_plan, delete_sql, 1, delete_types),
-					   values, SPI_OK_DELETE);
-	}
+/* Is the folded row the row the table had (rebuild)? */
+static bool
+order_unchanged(OrderState *o)
+{
+	return o->stored &&
+		o->old_version == o->version && o->old_status == o->status &&
+		strcmp(o->old_user_id, o->user_id) == 0 &&
+		DatumGetBool(DirectFunctionCall2(numeric_eq, o->old_amount,
+										 o->total_amount));
 }
 
 /*
  * Write the fold back: read-model rows, parked and unparked commands,
  * dead letters.
+ *
+ * Only the projector writes the read model, and the batch loaded every row
+ * it touches: new rows are plain inserts (no speculative insertion
+ * needed), known rows plain updates that never move a row backwards.  A
+ * row someone else inserted meanwhile makes the insert fail, and that
+ * command is dead-lettered.  A rebuild writes the rows that differ from
+ * the table, every column, and deletes those its fold did not make.
  */
 static void
 projector_write(FoldResult *fr, int norders)
 {
-	/*
-	 * Only the projector writes the read model, and the batch loaded every
-	 * row it touches: new rows are plain inserts (no speculative insertion
-	 * needed), known rows plain updates.  A row someone else inserted
-	 * meanwhile makes the insert fail, and that command is dead-lettered.
-	 */
+	/* Read-model rows as a relation "u", from the arrays $1-$5. */
+#define ROW_ARRAYS_SQL \
+	" FROM ROWS FROM (pg_catalog.unnest($1::pg_catalog.text[])," \
+	" pg_catalog.unnest($2::pg_catalog.text[])," \
+	" pg_catalog.unnest($3::pg_catalog.numeric[])," \
+	" pg_catalog.unnest($4::pg_catalog.text[])," \
+	" pg_catalog.unnest($5::pg_catalog.int8[]))" \
+	" AS u(order_id, user_id, total_amount, status, version)"
+	static const char *insert_sql =
+		"INSERT INTO cqrs.read_model"
+		" (order_id, user_id, total_amount, status, version, updated_at)"
+		" SELECT u.order_id, u.user_id, u.total_amount, u.status, u.version,"
+		" pg_catalog.now()" ROW_ARRAYS_SQL;
 	static const char *update_sql =
 		"UPDATE cqrs.read_model AS r SET status = u.status,"
-		" version = u.version, updated_at = pg_catalog.now()"
-		" FROM " ROW_ARRAYS_SQL
+		" version = u.version, updated_at = pg_catalog.now()" ROW_ARRAYS_SQL
 		" WHERE r.order_id OPERATOR(pg_catalog.=) u.order_id"
 		" AND r.version OPERATOR(pg_catalog.<) u.version";
+	static const char *rebuild_update_sql =
+		"UPDATE cqrs.read_model AS r SET user_id = u.user_id,"
+		" total_amount = u.total_amount, status = u.status,"
+		" version = u.version, updated_at = pg_catalog.now()" ROW_ARRAYS_SQL
+		" WHERE r.order_id OPERATOR(pg_catalog.=) u.order_id";
+#undef ROW_ARRAYS_SQL
+	static const char *delete_sql =
+		"DELETE FROM cqrs.read_model"
+		" WHERE order_id OPERATOR(pg_catalog.=) ANY ($1::pg_catalog.text[])";
 	static const char *park_sql =
 		"INSERT INTO cqrs.parked (aggregate_id, sequence_id, command_id,"
 		" waiting_for, log_id, command_type, payload, traceparent)"
@@ -716,24 +681,30 @@ projector_write(FoldResult *fr, int norders)
 		" AS u(aggregate_id, sequence_id)"
 		" WHERE p.aggregate_id OPERATOR(pg_catalog.=) u.aggregate_id"
 		" AND p.sequence_id OPERATOR(pg_catalog.=) u.sequence_id";
-	Oid			row_types[5] = {TEXTARRAYOID, TEXTARRAYOID, NUMERICARRAYOID, TEXTARRAYOID, INT8ARRAYOID};
-	Oid			park_types[8] = {TEXTARRAYOID, INT8ARRAYOID, UUIDARRAYOID, INT8ARRAYOID, INT8ARRAYOID, TEXTARRAYOID, JSONBARRAYOID, TEXTARRAYOID};
-	Oid			unpark_types[2] = {TEXTARRAYOID, INT8ARRAYOID};
-	int			cap = norders + 1;
-	int			ninsert = 0;
-	Datum	   *a = palloc(sizeof(Datum) * cap);
-	Datum	   *b = palloc(sizeof(Datum) * cap);
-	Datum	   *c = palloc(sizeof(Datum) * cap);
-	Datum	   *d = palloc(sizeof(Datum) * cap);
-	Datum	   *e = palloc(sizeof(Datum) * cap);
+	static SPIPlanPtr rebuild_update_plan = NULL;
+	static SPIPlanPtr delete_plan = NULL;
+	static const Oid row_types[5] = {TEXTOID, TEXTOID, NUMERICOID, TEXTOID, INT8OID};
+	static const Oid park_types[8] = {TEXTOID, INT8OID, UUIDOID, INT8OID, INT8OID, TEXTOID, JSONBOID, TEXTOID};
+	static const Oid key_types[2] = {TEXTOID, INT8OID};
+	Batch		inserts,
+				updates,
+				gone,
+				park,
+				unpark;
+	int			nparked = 0;
 	HASH_SEQ_STATUS seq;
 	OrderState *o;
-	int			n = 0;
-	int			nparked = 0;
-	int			nunparked = 0;
-	List	   *park = NIL;
-	List	   *unpark = NIL;
 	ListCell   *lc;
+
+	hash_seq_init(&seq, fr->orders);
+	while ((o = hash_seq_search(&seq)) != NULL)
+		nparked += list_length(o->parked);
+
+	batch_init(&inserts, norders, 5, row_types);
+	batch_init(&updates, norders, 5, row_types);
+	batch_init(&gone, norders, 1, row_types);
+	batch_init(&park, nparked, 8, park_types);
+	batch_init(&unpark, nparked, 2, key_types);
 
 	hash_seq_init(&seq, fr->orders);
 	while ((o = hash_seq_search(&seq)) != NULL)
@@ -741,134 +712,57 @@ projector_write(FoldResult *fr, int norders)
 		foreach(lc, o->parked)
 		{
 			ParkedCommand *pc = lfirst(lc);
+			CqrsRecord *rec = pc->rec;
 
 			if (pc->drained && pc->stored)
-				unpark = lappend(unpark, pc);
+			{
+				batch_put_text(&unpark, 0, rec->aggregate_id);
+				batch_put(&unpark, 1, Int64GetDatum(rec->sequence_id));
+				unpark.nrows++;
+			}
 			else if (!pc->drained && !pc->stored)
-				park = lappend(park, pc);
+			{
+				batch_put_text(&park, 0, rec->aggregate_id);
+				batch_put(&park, 1, Int64GetDatum(rec->sequence_id));
+				batch_put(&park, 2, UUIDPGetDatum(&rec->command_id));
+				batch_put(&park, 3, Int64GetDatum(o->version + 1));
+				batch_put(&park, 4, Int64GetDatum(rec->log_id));
+				batch_put_text(&park, 5, rec->command_type);
+				if (rec->payload)
+					batch_put(&park, 6, JsonbPGetDatum(rec->payload));
+				else
+					park.nulls[6][park.nrows] = true;
+				batch_put_text(&park, 7, rec->traceparent);
+				park.nrows++;
+			}
 		}
+
+		if (rebuild_mode)
+		{
+			if (!o->exists)
+			{
+				if (o->stored)
+				{
+					batch_put_text(&gone, 0, o->order_id);
+					gone.nrows++;
+				}
+			}
+			else if (!order_unchanged(o))
+				batch_put_order(o->stored ? &updates : &inserts, o);
+		}
+		else if (o->dirty && o->exists)
+			batch_put_order(o->stored ? &updates : &inserts, o);
 	}
 
+	batch_exec(&inserts, &insert_plan, insert_sql, SPI_OK_INSERT);
 	if (rebuild_mode)
-	{
-		projector_write_rebuilt(fr, norders);
-		goto parked;
-	}
-
-	/* new rows first in the arrays, known rows after them */
-	for (int pass = 0; pass < 2; pass++)
-	{
-		hash_seq_init(&seq, fr->orders);
-		while ((o = hash_seq_search(&seq)) != NULL)
-		{
-			if (!o->dirty || !o->exists || o->stored != (pass == 1))
-				continue;
-			a[n] = CStringGetTextDatum(o->order_id);
-			b[n] = CStringGetTextDatum(o->user_id);
-			c[n] = o->total_amount;
-			d[n] = CStringGetTextDatum(status_names[o->status]);
-			e[n] = Int64GetDatum(o->version);
-			n++;
-		}
-		if (pass == 0)
-			ninsert = n;
-	}
-
-	for (int pass = 0; pass < 2; pass++)
-	{
-		int			first = pass == 0 ? 0 : ninsert;
-		int			count = pass == 0 ? ninsert : n - ninsert;
-		Datum		values[5];
-
-		if (count == 0)
-			continue;
-		values[0] = projector_array(a + first, NULL, count, TEXTOID);
-		values[1] = projector_array(b + first, NULL, count, TEXTOID);
-		values[2] = projector_array(c + first, NULL, count, NUMERICOID);
-		values[3] = projector_array(d + first, NULL, count, TEXTOID);
-		values[4] = projector_array(e + first, NULL, count, INT8OID);
-		if (pass == 0)
-			projector_exec(cqrs_keep_plan(&insert_plan, insert_sql, 5, row_types),
-						   values, SPI_OK_INSERT);
-		else
-			projector_exec(cqrs_keep_plan(&update_plan, update_sql, 5, row_types),
-						   values, SPI_OK_UPDATE);
-	}
-
-parked:
-	if (park != NIL)
-	{
-		int			np = list_length(park);
-		Datum		values[8];
-		Datum	   *f = palloc(sizeof(Datum) * np);
-		Datum	   *g = palloc(sizeof(Datum) * np);
-		bool	   *gnull = palloc0(sizeof(bool) * np);
-		Datum	   *h = palloc(sizeof(Datum) * np);
-		bool	   *hnull = palloc0(sizeof(bool) * np);
-		Datum	   *t = palloc(sizeof(Datum) * np);
-		bool	   *tnull = palloc0(sizeof(bool) * np);
-		Datum	   *pa = palloc(sizeof(Datum) * np);
-		Datum	   *pb = palloc(sizeof(Datum) * np);
-		Datum	   *pc_ = palloc(sizeof(Datum) * np);
-		Datum	   *pd = palloc(sizeof(Datum) * np);
-
-		foreach(lc, park)
-		{
-			ParkedCommand *pc = lfirst(lc);
-			OrderState *po = hash_search(fr->orders, &pc->rec->aggregate_id,
-										 HASH_FIND, NULL);
-
-			pa[nparked] = CStringGetTextDatum(pc->rec->aggregate_id);
-			pb[nparked] = Int64GetDatum(pc->rec->sequence_id);
-			pc_[nparked] = UUIDPGetDatum(&pc->rec->command_id);
-			pd[nparked] = Int64GetDatum(po->version + 1);
-			f[nparked] = Int64GetDatum(pc->rec->log_id);
-			if (pc->rec->command_type)
-				g[nparked] = CStringGetTextDatum(pc->rec->command_type);
-			else
-				gnull[nparked] = true;
-			if (pc->rec->payload)
-				h[nparked] = JsonbPGetDatum(pc->rec->payload);
-			else
-				hnull[nparked] = true;
-			if (pc->rec->traceparent)
-				t[nparked] = CStringGetTextDatum(pc->rec->traceparent);
-			else
-				tnull[nparked] = true;
-			nparked++;
-		}
-		values[0] = projector_array(pa, NULL, np, TEXTOID);
-		values[1] = projector_array(pb, NULL, np, INT8OID);
-		values[2] = projector_array(pc_, NULL, np, UUIDOID);
-		values[3] = projector_array(pd, NULL, np, INT8OID);
-		values[4] = projector_array(f, NULL, np, INT8OID);
-		values[5] = projector_array(g, gnull, np, TEXTOID);
-		values[6] = projector_array(h, hnull, np, JSONBOID);
-		values[7] = projector_array(t, tnull, np, TEXTOID);
-		projector_exec(cqrs_keep_plan(&park_plan, park_sql, 8, park_types),
-					   values, SPI_OK_INSERT);
-	}
-
-	if (unpark != NIL)
-	{
-		int			nu = list_length(unpark);
-		Datum		values[2];
-		Datum	   *ua = palloc(sizeof(Datum) * nu);
-		Datum	   *ub = palloc(sizeof(Datum) * nu);
-
-		foreach(lc, unpark)
-		{
-			ParkedCommand *pc = lfirst(lc);
-
-			ua[nunparked] = CStringGetTextDatum(pc->rec->aggregate_id);
-			ub[nunparked] = Int64GetDatum(pc->rec->sequence_id);
-			nunparked++;
-		}
-		values[0] = projector_array(ua, NULL, nu, TEXTOID);
-		values[1] = projector_array(ub, NULL, nu, INT8OID);
-		projector_exec(cqrs_keep_plan(&unpark_plan, unpark_sql, 2, unpark_types),
-					   values, SPI_OK_DELETE);
-	}
+		batch_exec(&updates, &rebuild_update_plan, rebuild_update_sql,
+				   SPI_OK_UPDATE);
+	else
+		batch_exec(&updates, &update_plan, update_sql, SPI_OK_UPDATE);
+	batch_exec(&gone, &delete_plan, delete_sql, SPI_OK_DELETE);
+	batch_exec(&park, &park_plan, park_sql, SPI_OK_INSERT);
+	batch_exec(&unpark, &unpark_plan, unpark_sql, SPI_OK_DELETE);
 
 	fr->stats.dead += projector_write_dead(fr->dead);
 }
