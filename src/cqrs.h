@@ -182,6 +182,7 @@ extern void cqrs_save_offset(const char *slot_name, XLogRecPtr lsn);
 extern XLogRecPtr cqrs_load_offset(const char *slot_name);
 extern int64 cqrs_project_log(CqrsApplyStats *stats);
 extern void cqrs_project_rebuild_mode(bool on);
+extern bool cqrs_blames_command(int sqlerrcode);
 extern bool cqrs_lock_projection(bool wait);
 
 /* worker.c */
@@ -189,6 +190,7 @@ extern PGDLLEXPORT void cqrs_worker_main(Datum main_arg);
 
 /* spi.c */
 extern void cqrs_become_owner(void);
+extern ErrorData *cqrs_try_subtransaction(void (*fn) (void *arg), void *arg);
 extern struct _SPI_plan *cqrs_keep_plan(struct _SPI_plan **cache,
 										const char *sql, int nargs,
 										Oid *argtypes);

@@ -26,7 +26,7 @@
  * transaction.
  *
  * Errors: the batch runs in a subtransaction.  An error a command can be
- * to blame for (see projector_blames_command) splits the batch in halves
+ * to blame for (see cqrs_blames_command) splits the batch in halves
  * until the one command that fails alone is found; it is dead-lettered
  * with the error text.  Any other error is re-thrown for the caller to
  * retry the whole batch with backoff.
@@ -193,6 +193,18 @@ projector_array(Datum *elems, bool *nulls, int n, Oid elemtype)
 	return PointerGetDatum(construct_md_array(elems, nulls, 1, dims, lbs,
 											  elemtype, typlen, typbyval,
 											  typalign));
+}
+
+/* Add the counts of "from" to "to". */
+static void
+stats_add(CqrsApplyStats *to, const CqrsApplyStats *from)
+{
+	to->applied += from->applied;
+	to->skipped += from->skipped;
+	to->parked += from->parked;
+	to->unparked += from->unparked;
+	to->dead += from->dead;
+	to->poisoned += from->poisoned;
 }
 
 /* Hash support: keys are pointers to NUL-terminated order ids. */
@@ -866,11 +878,7 @@ projector_fold(CqrsRecord *records, int lo, int hi, CqrsApplyStats *stats,
 
 	projector_write(&fr, norders);
 
-	stats->applied += fr.stats.applied;
-	stats->skipped += fr.stats.skipped;
-	stats->parked += fr.stats.parked;
-	stats->unparked += fr.stats.unparked;
-	stats->dead += fr.stats.dead;
+	stats_add(stats, &fr.stats);
 
 	if (fr.stats.parked > 0)
 		parked_known = 1;
@@ -886,8 +894,8 @@ projector_fold(CqrsRecord *records, int lo, int hi, CqrsApplyStats *stats,
  * missing or inaccessible objects) is the pipeline's, and the whole batch
  * is retried with backoff instead of dead-lettering good commands.
  */
-static bool
-projector_blames_command(int sqlerrcode)
+bool
+cqrs_blames_command(int sqlerrcode)
 {
 	switch (ERRCODE_TO_CATEGORY(sqlerrcode))
 	{
@@ -942,40 +950,40 @@ projector_poison(CqrsRecord *rec, const char *message, CqrsApplyStats *stats)
  * Apply records[lo, hi) in a subtransaction; on a non-transient error,
  * split until the failing command is alone, and dead-letter it.
  */
+typedef struct FoldArgs
+{
+	CqrsRecord *records;
+	int			lo;
+	int			hi;
+	bool		trust_creates;
+	CqrsApplyStats *stats;
+} FoldArgs;
+
+static void
+projector_fold_args(void *arg)
+{
+	FoldArgs   *a = arg;
+
+	projector_fold(a->records, a->lo, a->hi, a->stats, a->trust_creates);
+}
+
 static void
 projector_range(CqrsRecord *records, int lo, int hi, CqrsApplyStats *stats,
 				bool trust_creates)
 {
-	MemoryContext oldcontext = CurrentMemoryContext;
-	ResourceOwner oldowner = CurrentResourceOwner;
 	CqrsApplyStats local;
+	/* a range of one is not split, so it must not trust either */
+	FoldArgs	args = {records, lo, hi, trust_creates && hi - lo > 1, &local};
+	ErrorData  *edata;
 
 	memset(&local, 0, sizeof(local));
 	current_batch_size = hi - lo;
 
-	BeginInternalSubTransaction(NULL);
-	MemoryContextSwitchTo(oldcontext);
-	PG_TRY();
+	edata = cqrs_try_subtransaction(projector_fold_args, &args);
+	if (edata != NULL)
 	{
-		/* a range of one is not split, so it must not trust either */
-		projector_fold(records, lo, hi, &local, trust_creates && hi - lo > 1);
-		ReleaseCurrentSubTransaction();
-		MemoryContextSwitchTo(oldcontext);
-		CurrentResourceOwner = oldowner;
-	}
-	PG_CATCH();
-	{
-		ErrorData  *edata;
-
-		MemoryContextSwitchTo(oldcontext);
-		edata = CopyErrorData();
-		FlushErrorState();
-		RollbackAndReleaseCurrentSubTransaction();
-		MemoryContextSwitchTo(oldcontext);
-		CurrentResourceOwner = oldowner;
 		cqrs_project_forget();
-
-		if (rebuild_mode || !projector_blames_command(edata->sqlerrcode))
+		if (rebuild_mode || !cqrs_blames_command(edata->sqlerrcode))
 			ReThrowError(edata);
 
 		memset(&local, 0, sizeof(local));
@@ -990,19 +998,11 @@ projector_range(CqrsRecord *records, int lo, int hi, CqrsApplyStats *stats,
 			int			mid = lo + (hi - lo) / 2;
 
 			/* the halves look every row up (see projector_fold) */
-
 			projector_range(records, lo, mid, &local, false);
 			projector_range(records, mid, hi, &local, false);
 		}
 	}
-	PG_END_TRY();
-
-	stats->applied += local.applied;
-	stats->skipped += local.skipped;
-	stats->parked += local.parked;
-	stats->unparked += local.unparked;
-	stats->dead += local.dead;
-	stats->poisoned += local.poisoned;
+	stats_add(stats, &local);
 }
 
 /*

@@ -20,8 +20,6 @@
 #include "executor/spi.h"
 #include "miscadmin.h"
 #include "utils/builtins.h"
-#include "utils/memutils.h"
-#include "utils/resowner.h"
 #include "utils/jsonb.h"
 #include "utils/timestamp.h"
 #include "utils/uuid.h"
@@ -242,32 +240,29 @@ skip_parked(PG_FUNCTION_ARGS)
 	PG_RETURN_BOOL(n > 0);
 }
 
-/*
- * The fast rebuild: fold every order's whole history from nothing and
- * write only the rows that differ from the table (and delete those the log
- * no longer makes).  Throws on any error, for the caller to fall back.
- */
-static int64
-rebuild_differences(CqrsApplyStats *stats)
+/* What the fast rebuild reads and counts. */
+typedef struct RebuildArgs
 {
-	volatile int64 n = 0;
+	CqrsApplyStats *stats;
+	int64		nread;
+} RebuildArgs;
 
-	cqrs_project_rebuild_mode(true);
-	PG_TRY();
-	{
-		n = cqrs_project_log(stats);
-		if (SPI_execute("DELETE FROM cqrs.read_model AS r"
-						" WHERE NOT EXISTS (SELECT FROM cqrs.command_log AS l"
-						" WHERE l.aggregate_id OPERATOR(pg_catalog.=) r.order_id)",
-						false, 0) != SPI_OK_DELETE)
-			elog(ERROR, "could not delete the rows of orders not in the log");
-	}
-	PG_FINALLY();
-	{
-		cqrs_project_rebuild_mode(false);
-	}
-	PG_END_TRY();
-	return n;
+/*
+ * The fast rebuild, run in rebuild mode: fold every order's whole history
+ * from nothing and write only the rows that differ from the table, then
+ * delete the rows of orders the log does not have.
+ */
+static void
+rebuild_differences(void *arg)
+{
+	RebuildArgs *a = arg;
+
+	a->nread = cqrs_project_log(a->stats);
+	if (SPI_execute("DELETE FROM cqrs.read_model AS r"
+					" WHERE NOT EXISTS (SELECT FROM cqrs.command_log AS l"
+					" WHERE l.aggregate_id OPERATOR(pg_catalog.=) r.order_id)",
+					false, 0) != SPI_OK_DELETE)
+		elog(ERROR, "could not delete the rows of orders not in the log");
 }
 
 /*
@@ -292,10 +287,8 @@ rebuild(PG_FUNCTION_ARGS)
 {
 	RepairScope scope;
 	CqrsApplyStats stats;
-	MemoryContext context = CurrentMemoryContext;
-	ResourceOwner owner = CurrentResourceOwner;
-	volatile int64 n = 0;
-	volatile bool fast = true;
+	RebuildArgs args = {&stats, 0};
+	ErrorData  *edata;
 
 	repair_begin(&scope, "cqrs.rebuild()");
 
@@ -305,46 +298,30 @@ rebuild(PG_FUNCTION_ARGS)
 	cqrs_project_forget();
 
 	memset(&stats, 0, sizeof(stats));
-	BeginInternalSubTransaction(NULL);
-	MemoryContextSwitchTo(context);
-	PG_TRY();
+	cqrs_project_rebuild_mode(true);
+	edata = cqrs_try_subtransaction(rebuild_differences, &args);
+	cqrs_project_rebuild_mode(false);
+	if (edata != NULL)
 	{
-		n = rebuild_differences(&stats);
-		ReleaseCurrentSubTransaction();
-		MemoryContextSwitchTo(context);
-		CurrentResourceOwner = owner;
-	}
-	PG_CATCH();
-	{
-		ErrorData  *edata;
-
-		MemoryContextSwitchTo(context);
-		edata = CopyErrorData();
-		FlushErrorState();
-		RollbackAndReleaseCurrentSubTransaction();
-		MemoryContextSwitchTo(context);
-		CurrentResourceOwner = owner;
+		/* only what a command can be to blame for; a cancel is a cancel */
+		if (!cqrs_blames_command(edata->sqlerrcode))
+			ReThrowError(edata);
 		cqrs_project_forget();
 		ereport(LOG,
 				(errmsg("cqrs.rebuild() rewrites the whole read model: %s",
 						edata->message)));
 		FreeErrorData(edata);
-		fast = false;
-	}
-	PG_END_TRY();
 
-	if (!fast)
-	{
 		memset(&stats, 0, sizeof(stats));
 		if (SPI_execute("DELETE FROM cqrs.read_model", false, 0) != SPI_OK_DELETE)
 			elog(ERROR, "could not empty the read model");
-		n = cqrs_project_log(&stats);
+		args.nread = cqrs_project_log(&stats);
 	}
 
 	repair_end(&scope);
 
 	ereport(LOG,
 			(errmsg("cqrs.rebuild() replayed " INT64_FORMAT " commands: " INT64_FORMAT " applied, " INT64_FORMAT " parked, " INT64_FORMAT " dead-lettered",
-					n, stats.applied, stats.parked, stats.dead)));
-	PG_RETURN_INT64(n);
+					args.nread, stats.applied, stats.parked, stats.dead)));
+	PG_RETURN_INT64(args.nread);
 }
