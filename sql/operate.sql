@@ -35,6 +35,8 @@ INSERT INTO cqrs.dead_letter (command_id, reason)
 VALUES ('d0000000-0000-4000-8000-000000000002', 'regress');
 SELECT cqrs.wait_for('d0000000-0000-4000-8000-000000000002', '1 hour');
 SELECT cqrs.wait_for(NULL, '1 hour') IS NULL AS strict;
+-- a timeout of centuries is just long (no overflow into a negative one)
+SELECT cqrs.wait_for('d0000000-0000-4000-8000-000000000001', '300000 years');
 SELECT cqrs.wait_for('d0000000-0000-4000-8000-000000000001', '-1 s');
 \echo :SQLSTATE
 BEGIN ISOLATION LEVEL REPEATABLE READ;

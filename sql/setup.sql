@@ -76,3 +76,12 @@ SELECT pg_describe_object(d.classid, d.objid, 0) AS without_comment
    AND d.deptype = 'e'
    AND obj_description(d.objid, d.classid::regclass::text) IS NULL
  ORDER BY 1;
+
+-- Order and user ids compare by bytes (the "C" collation) everywhere.
+SELECT c.relname || '.' || a.attname AS id_column, co.collname
+  FROM pg_attribute a
+  JOIN pg_class c ON c.oid = a.attrelid
+  JOIN pg_collation co ON co.oid = a.attcollation
+ WHERE c.relnamespace = 'cqrs'::regnamespace AND c.relkind = 'r'
+   AND a.attname IN ('aggregate_id', 'order_id', 'user_id')
+ ORDER BY 1;

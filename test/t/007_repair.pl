@@ -135,6 +135,11 @@ is($node->safe_psql('postgres', q{SELECT count(*) > 0 FROM cqrs.read_model},
 is(sql(q{SELECT state FROM cqrs.status}), 'running', 'the projector runs on after the rebuild');
 like(slurp_file($node->logfile), qr/LOG:  cqrs.rebuild\(\) replayed \d+ commands/,
 	'the rebuild is logged');
+# Meanwhile the projector retried its batch with backoff: every commit of
+# the writers set its latch, and a backoff that woke on it would have
+# retried hundreds of times.
+my $retries = () = slurp_file($node->logfile) =~ /could not apply a batch of \d+ commands: cqrs.rebuild\(\) or a repair function is running/g;
+cmp_ok($retries, '<', 30, "the projector backed off while the rebuild ran ($retries retries)");
 
 # A row the read model now refuses: the rebuild falls back to rewriting
 # every row, and the refused command is dead-lettered as the projector
