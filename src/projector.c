@@ -273,31 +273,31 @@ projector_load_rows(HTAB *orders, int norders)
 		char	   *order_id = SPI_getvalue(tup, desc, 1);
 		char	   *status = SPI_getvalue(tup, desc, 4);
 		bool		isnull;
+		char	   *user_id = SPI_getvalue(tup, desc, 2);
+		Datum		amount = datumCopy(SPI_getbinval(tup, desc, 3, &isnull),
+									   false, -1);
+		OrderStatus st = strcmp(status, "shipped") == 0 ? STATUS_SHIPPED :
+			strcmp(status, "cancelled") == 0 ? STATUS_CANCELLED : STATUS_CREATED;
+		int64		version = DatumGetInt64(SPI_getbinval(tup, desc, 5, &isnull));
 
 		o = hash_search(orders, &order_id, HASH_FIND, NULL);
 		if (o == NULL)
 			continue;
-		o->exists = true;
 		o->stored = true;
-		o->user_id = SPI_getvalue(tup, desc, 2);
-		o->total_amount = datumCopy(SPI_getbinval(tup, desc, 3, &isnull),
-									false, -1);
-		o->status = strcmp(status, "shipped") == 0 ? STATUS_SHIPPED :
-			strcmp(status, "cancelled") == 0 ? STATUS_CANCELLED : STATUS_CREATED;
-		o->version = DatumGetInt64(SPI_getbinval(tup, desc, 5, &isnull));
 		if (rebuild_mode)
 		{
-			/* keep the row for comparison; fold from nothing */
-			o->old_user_id = o->user_id;
-			o->old_amount = o->total_amount;
-			o->old_status = o->status;
-			o->old_version = o->version;
-			o->exists = false;
-			o->user_id = NULL;
-			o->total_amount = (Datum) 0;
-			o->status = STATUS_CREATED;
-			o->version = 0;
+			/* the fold starts from nothing; the row is for comparison */
+			o->old_user_id = user_id;
+			o->old_amount = amount;
+			o->old_status = st;
+			o->old_version = version;
+			continue;
 		}
+		o->exists = true;
+		o->user_id = user_id;
+		o->total_amount = amount;
+		o->status = st;
+		o->version = version;
 	}
 }
 
