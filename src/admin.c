@@ -237,24 +237,17 @@ admin_set_paused(bool paused)
 		" changed_at = pg_catalog.now(), changed_by = $2";
 	Oid			argtypes[2] = {BOOLOID, NAMEOID};
 	Datum		values[2];
-	Oid			save_userid;
-	int			save_sec_context;
-	int			ret;
+	CqrsOwnerScope scope;
 
 	values[0] = BoolGetDatum(paused);
 	values[1] = DirectFunctionCall1(namein,
 									CStringGetDatum(GetUserNameFromId(GetUserId(), false)));
 
-	GetUserIdAndSecContext(&save_userid, &save_sec_context);
-	cqrs_become_owner();
-	if (SPI_connect() != SPI_OK_CONNECT)
-		elog(ERROR, "SPI_connect failed");
-	ret = SPI_execute_plan(cqrs_keep_plan(&plan, sql, 2, argtypes),
-						   values, NULL, false, 0);
-	if (ret != SPI_OK_UPDATE || SPI_processed != 1)
+	cqrs_spi_connect_as_owner(&scope);
+	if (cqrs_exec(cqrs_keep_plan(&plan, sql, 2, argtypes), values, NULL, 0,
+				  SPI_OK_UPDATE) != 1)
 		elog(ERROR, "cqrs.projector_state must hold exactly one row");
-	SPI_finish();
-	SetUserIdAndSecContext(save_userid, save_sec_context);
+	cqrs_spi_finish(&scope);
 
 	if (!control_callback_registered)
 	{
@@ -357,9 +350,8 @@ admin_command_done(void *arg)
 	bool		done;
 
 	/* read-write mode: every call sees what committed since the last */
-	if (SPI_execute_plan(cqrs_keep_plan(&plan, sql, 1, argtypes), values,
-						 NULL, false, 1) != SPI_OK_SELECT)
-		elog(ERROR, "could not look up the command");
+	(void) cqrs_exec(cqrs_keep_plan(&plan, sql, 1, argtypes), values, NULL, 1,
+					 SPI_OK_SELECT);
 	done = DatumGetBool(SPI_getbinval(SPI_tuptable->vals[0],
 									  SPI_tuptable->tupdesc, 1, &isnull));
 	/* called over and over in one SPI connection: free as we go */
@@ -378,8 +370,7 @@ wait_for(PG_FUNCTION_ARGS)
 {
 	pg_uuid_t  *command_id = PG_GETARG_UUID_P(0);
 	long		timeout_ms = admin_timeout_ms(PG_GETARG_INTERVAL_P(1));
-	Oid			save_userid;
-	int			save_sec_context;
+	CqrsOwnerScope scope;
 	bool		result;
 
 	if (IsolationUsesXactSnapshot())
@@ -389,14 +380,10 @@ wait_for(PG_FUNCTION_ARGS)
 						IsolationIsSerializable() ? "SERIALIZABLE" : "REPEATABLE READ"),
 				 errhint("Call it in a READ COMMITTED transaction.")));
 
-	GetUserIdAndSecContext(&save_userid, &save_sec_context);
-	cqrs_become_owner();
-	if (SPI_connect() != SPI_OK_CONNECT)
-		elog(ERROR, "SPI_connect failed");
+	cqrs_spi_connect_as_owner(&scope);
 	result = admin_wait(admin_command_done, command_id, timeout_ms,
 						RecoveryInProgress() ? CQRS_STANDBY_POLL_MS : 1000);
-	SPI_finish();
-	SetUserIdAndSecContext(save_userid, save_sec_context);
+	cqrs_spi_finish(&scope);
 
 	PG_RETURN_BOOL(result);
 }
@@ -460,21 +447,16 @@ typedef struct MetricSink
 static int64
 admin_parked_count(void)
 {
-	Oid			save_userid;
-	int			save_sec_context;
+	CqrsOwnerScope scope;
 	bool		isnull;
 	int64		n;
 
-	GetUserIdAndSecContext(&save_userid, &save_sec_context);
-	cqrs_become_owner();
-	if (SPI_connect() != SPI_OK_CONNECT)
-		elog(ERROR, "SPI_connect failed");
+	cqrs_spi_connect_as_owner(&scope);
 	if (SPI_execute("SELECT pg_catalog.count(*) FROM cqrs.parked", true, 1) != SPI_OK_SELECT)
 		elog(ERROR, "could not count cqrs.parked");
 	n = DatumGetInt64(SPI_getbinval(SPI_tuptable->vals[0],
 									SPI_tuptable->tupdesc, 1, &isnull));
-	SPI_finish();
-	SetUserIdAndSecContext(save_userid, save_sec_context);
+	cqrs_spi_finish(&scope);
 	return n;
 }
 

@@ -270,12 +270,7 @@ cmd_json_put_text(JsonbParseState **state, const char *key, text *t)
 static bool
 cmd_exec(SPIPlanPtr plan, Datum *values, const char *nulls, int expected)
 {
-	int			ret = SPI_execute_plan(plan, values, nulls, false, 1);
-
-	if (ret != expected)
-		elog(ERROR, "SPI_execute_plan returned %s",
-			 SPI_result_code_string(ret));
-	return SPI_processed == 1;
+	return cqrs_exec(plan, values, nulls, 1, expected) == 1;
 }
 
 /* Column attno of the single result row, which must not be NULL. */
@@ -559,16 +554,10 @@ cmd_check_lag(void)
 static void
 cmd_append(CqrsCommand *cmd, CqrsReceipt *receipt)
 {
-	Oid			save_userid;
-	int			save_sec_context;
+	CqrsOwnerScope scope;
 
 	cmd_check_lag();
-
-	GetUserIdAndSecContext(&save_userid, &save_sec_context);
-	cqrs_become_owner();
-
-	if (SPI_connect() != SPI_OK_CONNECT)
-		elog(ERROR, "SPI_connect failed");
+	cqrs_spi_connect_as_owner(&scope);
 
 	cmd_lock_key(&cmd->command_id, sizeof(pg_uuid_t), CQRS_COMMAND_LOCK_SPACE);
 	cmd_lock_key(VARDATA_ANY(cmd->order_id), VARSIZE_ANY_EXHDR(cmd->order_id),
@@ -589,8 +578,7 @@ cmd_append(CqrsCommand *cmd, CqrsReceipt *receipt)
 		appended[cmd->type]++;
 	}
 
-	SPI_finish();
-	SetUserIdAndSecContext(save_userid, save_sec_context);
+	cqrs_spi_finish(&scope);
 }
 
 /*

@@ -189,7 +189,18 @@ extern bool cqrs_lock_projection(bool wait);
 extern PGDLLEXPORT void cqrs_worker_main(Datum main_arg);
 
 /* spi.c */
-extern void cqrs_become_owner(void);
+struct _SPI_plan;
+
+typedef struct CqrsOwnerScope
+{
+	Oid			save_userid;
+	int			save_sec_context;
+} CqrsOwnerScope;
+
+extern void cqrs_spi_connect_as_owner(CqrsOwnerScope *scope);
+extern void cqrs_spi_finish(CqrsOwnerScope *scope);
+extern uint64 cqrs_exec(struct _SPI_plan *plan, Datum *values,
+						const char *nulls, long tcount, int expected);
 extern ErrorData *cqrs_try_subtransaction(void (*fn) (void *arg), void *arg);
 extern struct _SPI_plan *cqrs_keep_plan(struct _SPI_plan **cache,
 										const char *sql, int nargs,

@@ -165,19 +165,6 @@ projector_error_context(void *arg)
 }
 
 /*
- * Execute a kept plan; ERROR unless it returns the expected code.
- */
-static void
-projector_exec(SPIPlanPtr plan, Datum *values, int expected)
-{
-	int			ret = SPI_execute_plan(plan, values, NULL, false, 0);
-
-	if (ret != expected)
-		elog(ERROR, "SPI_execute_plan returned %s",
-			 SPI_result_code_string(ret));
-}
-
-/*
  * Build a one-dimensional array of n datums of type elemtype.
  */
 static Datum
@@ -263,8 +250,8 @@ projector_load_rows(HTAB *orders, int norders)
 	values[0] = projector_order_keys(orders, norders, true, &nkeys);
 	if (nkeys == 0)
 		return;
-	projector_exec(cqrs_keep_plan(&load_rows_plan, sql, 1, argtypes),
-				   values, SPI_OK_SELECT);
+	(void) cqrs_exec(cqrs_keep_plan(&load_rows_plan, sql, 1, argtypes),
+						 values, NULL, 0, SPI_OK_SELECT);
 
 	for (uint64 i = 0; i < SPI_processed; i++)
 	{
@@ -318,8 +305,8 @@ projector_load_parked(HTAB *orders, int norders)
 	int			nkeys;
 
 	values[0] = projector_order_keys(orders, norders, false, &nkeys);
-	projector_exec(cqrs_keep_plan(&load_parked_plan, sql, 1, argtypes),
-				   values, SPI_OK_SELECT);
+	(void) cqrs_exec(cqrs_keep_plan(&load_parked_plan, sql, 1, argtypes),
+						 values, NULL, 0, SPI_OK_SELECT);
 
 	for (uint64 i = 0; i < SPI_processed; i++)
 	{
@@ -570,8 +557,7 @@ batch_exec(Batch *b, SPIPlanPtr *plan, const char *sql, int expected)
 	for (int c = 0; c < b->ncols; c++)
 		values[c] = projector_array(b->values[c], b->nulls[c], b->nrows,
 									b->types[c]);
-	projector_exec(*plan, values, expected);
-	return SPI_processed;
+	return cqrs_exec(*plan, values, NULL, 0, expected);
 }
 
 /*
@@ -788,8 +774,8 @@ projector_parked_exists(void)
 	static const char *sql = "SELECT EXISTS (SELECT FROM cqrs.parked)";
 	bool		isnull;
 
-	projector_exec(cqrs_keep_plan(&parked_exists_plan, sql, 0, NULL),
-				   NULL, SPI_OK_SELECT);
+	(void) cqrs_exec(cqrs_keep_plan(&parked_exists_plan, sql, 0, NULL),
+						 NULL, NULL, 0, SPI_OK_SELECT);
 	return DatumGetBool(SPI_getbinval(SPI_tuptable->vals[0],
 									  SPI_tuptable->tupdesc, 1, &isnull));
 }
@@ -941,8 +927,8 @@ projector_poison(CqrsRecord *rec, const char *message, CqrsApplyStats *stats)
 
 		values[0] = CStringGetTextDatum(rec->aggregate_id);
 		values[1] = Int64GetDatum(rec->sequence_id);
-		projector_exec(cqrs_keep_plan(&bump_plan, bump_sql, 2, bump_types),
-					   values, SPI_OK_UPDATE);
+		(void) cqrs_exec(cqrs_keep_plan(&bump_plan, bump_sql, 2, bump_types),
+							 values, NULL, 0, SPI_OK_UPDATE);
 	}
 }
 
@@ -1044,8 +1030,8 @@ cqrs_save_offset(const char *slot_name, XLogRecPtr lsn)
 
 	values[0] = CStringGetTextDatum(slot_name);
 	values[1] = LSNGetDatum(lsn);
-	projector_exec(cqrs_keep_plan(&offset_plan, sql, 2, argtypes),
-				   values, SPI_OK_INSERT);
+	(void) cqrs_exec(cqrs_keep_plan(&offset_plan, sql, 2, argtypes),
+						 values, NULL, 0, SPI_OK_INSERT);
 }
 
 /*
@@ -1062,8 +1048,8 @@ cqrs_load_offset(const char *slot_name)
 	bool		isnull;
 
 	values[0] = CStringGetTextDatum(slot_name);
-	projector_exec(cqrs_keep_plan(&load_offset_plan, sql, 1, argtypes),
-				   values, SPI_OK_SELECT);
+	(void) cqrs_exec(cqrs_keep_plan(&load_offset_plan, sql, 1, argtypes),
+						 values, NULL, 0, SPI_OK_SELECT);
 	if (SPI_processed == 0)
 		return InvalidXLogRecPtr;
 	return DatumGetLSN(SPI_getbinval(SPI_tuptable->vals[0],

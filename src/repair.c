@@ -31,14 +31,8 @@ PG_FUNCTION_INFO_V1(skip_parked);
 PG_FUNCTION_INFO_V1(rebuild);
 
 /* A repair function's identity switch and SPI connection. */
-typedef struct RepairScope
-{
-	Oid			save_userid;
-	int			save_sec_context;
-} RepairScope;
-
 static void
-repair_begin(RepairScope *scope, const char *name)
+repair_begin(CqrsOwnerScope *scope, const char *name)
 {
 	/* the read model moves under us: each statement needs a new snapshot */
 	if (IsolationUsesXactSnapshot())
@@ -47,37 +41,12 @@ repair_begin(RepairScope *scope, const char *name)
 				 errmsg("%s cannot run in a %s transaction", name,
 						IsolationIsSerializable() ? "SERIALIZABLE" : "REPEATABLE READ"),
 				 errhint("Call it in a READ COMMITTED transaction.")));
-	GetUserIdAndSecContext(&scope->save_userid, &scope->save_sec_context);
-	cqrs_become_owner();
-	if (SPI_connect() != SPI_OK_CONNECT)
-		elog(ERROR, "SPI_connect failed");
+	cqrs_spi_connect_as_owner(scope);
 	(void) cqrs_lock_projection(true);
 	/* this session folds now: the projector must not trust its cache */
 	cqrs_project_forget();
 	if (cqrs_shared != NULL)
 		pg_atomic_fetch_add_u64(&cqrs_shared->repair_generation, 1);
-}
-
-static void
-repair_end(RepairScope *scope)
-{
-	SPI_finish();
-	SetUserIdAndSecContext(scope->save_userid, scope->save_sec_context);
-}
-
-/*
- * Run a kept plan; ERROR unless it returns the expected code.
- */
-static void
-repair_exec(SPIPlanPtr *cache, const char *sql, int nargs, Oid *argtypes,
-			Datum *values, int expected)
-{
-	int			ret;
-
-	ret = SPI_execute_plan(cqrs_keep_plan(cache, sql, nargs, argtypes),
-						   values, NULL, false, 0);
-	if (ret != expected)
-		elog(ERROR, "SPI_execute_plan returned %s", SPI_result_code_string(ret));
 }
 
 /* Column attno of the first result row, which must not be NULL. */
@@ -126,7 +95,7 @@ retry_dead_letter(PG_FUNCTION_ARGS)
 	Oid			find_types[1] = {UUIDOID};
 	Oid			rewind_types[2] = {TEXTOID, INT8OID};
 	Datum		values[2];
-	RepairScope scope;
+	CqrsOwnerScope scope;
 	CqrsRecord	rec;
 	CqrsApplyStats stats;
 	bool		isnull;
@@ -135,10 +104,11 @@ retry_dead_letter(PG_FUNCTION_ARGS)
 	repair_begin(&scope, "cqrs.retry_dead_letter()");
 
 	values[0] = UUIDPGetDatum(command_id);
-	repair_exec(&find_plan, find_sql, 1, find_types, values, SPI_OK_SELECT);
+	(void) cqrs_exec(cqrs_keep_plan(&find_plan, find_sql, 1, find_types),
+						 values, NULL, 0, SPI_OK_SELECT);
 	if (SPI_processed == 0)
 	{
-		repair_end(&scope);
+		cqrs_spi_finish(&scope);
 		PG_RETURN_BOOL(false);
 	}
 
@@ -181,16 +151,17 @@ retry_dead_letter(PG_FUNCTION_ARGS)
 	{
 		values[0] = CStringGetTextDatum(rec.aggregate_id);
 		values[1] = Int64GetDatum(rec.sequence_id - 1);
-		repair_exec(&rewind_plan, rewind_sql, 2, rewind_types, values,
-					SPI_OK_UPDATE);
+		(void) cqrs_exec(cqrs_keep_plan(&rewind_plan, rewind_sql, 2, rewind_types),
+						 values, NULL, 0, SPI_OK_UPDATE);
 	}
 	values[0] = UUIDPGetDatum(command_id);
-	repair_exec(&forget_plan, forget_sql, 1, find_types, values, SPI_OK_DELETE);
+	(void) cqrs_exec(cqrs_keep_plan(&forget_plan, forget_sql, 1, find_types),
+						 values, NULL, 0, SPI_OK_DELETE);
 
 	memset(&stats, 0, sizeof(stats));
 	cqrs_project(&rec, 1, &stats);
 
-	repair_end(&scope);
+	cqrs_spi_finish(&scope);
 	PG_RETURN_BOOL(stats.dead == 0);
 }
 
@@ -220,16 +191,17 @@ skip_parked(PG_FUNCTION_ARGS)
 		" failed_at = excluded.failed_at";
 	Oid			types[2] = {UUIDOID, TEXTOID};
 	Datum		values[2];
-	RepairScope scope;
+	CqrsOwnerScope scope;
 	uint64		n;
 
 	values[0] = UUIDPGetDatum(PG_GETARG_UUID_P(0));
 	values[1] = CStringGetTextDatum(GetUserNameFromId(GetUserId(), false));
 
 	repair_begin(&scope, "cqrs.skip_parked()");
-	repair_exec(&plan, sql, 2, types, values, SPI_OK_INSERT);
+	(void) cqrs_exec(cqrs_keep_plan(&plan, sql, 2, types),
+						 values, NULL, 0, SPI_OK_INSERT);
 	n = SPI_processed;
-	repair_end(&scope);
+	cqrs_spi_finish(&scope);
 
 	if (n > 0 && cqrs_shared != NULL)
 	{
@@ -285,7 +257,7 @@ rebuild_differences(void *arg)
 Datum
 rebuild(PG_FUNCTION_ARGS)
 {
-	RepairScope scope;
+	CqrsOwnerScope scope;
 	CqrsApplyStats stats;
 	RebuildArgs args = {&stats, 0};
 	ErrorData  *edata;
@@ -318,7 +290,7 @@ rebuild(PG_FUNCTION_ARGS)
 		args.nread = cqrs_project_log(&stats);
 	}
 
-	repair_end(&scope);
+	cqrs_spi_finish(&scope);
 
 	ereport(LOG,
 			(errmsg("cqrs.rebuild() replayed " INT64_FORMAT " commands: " INT64_FORMAT " applied, " INT64_FORMAT " parked, " INT64_FORMAT " dead-lettered",

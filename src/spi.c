@@ -48,21 +48,20 @@ cqrs_keep_plan(SPIPlanPtr *cache, const char *sql, int nargs, Oid *argtypes)
 }
 
 /*
- * Switch to the owner of cqrs.command_log, who owns every object of the
- * extension: the command functions append, and the administration
+ * Connect to SPI as the owner of cqrs.command_log, who owns every object
+ * of the extension: the command functions append, and the administration
  * functions read and repair, as that owner (as RI triggers run as the
- * table owner), so their callers need EXECUTE only.  The caller restores
- * its identity, or transaction abort does on error.
+ * table owner), so their callers need EXECUTE only.  The caller's identity
+ * is kept in *scope for cqrs_spi_finish(); transaction abort restores it
+ * on error.
  */
 void
-cqrs_become_owner(void)
+cqrs_spi_connect_as_owner(CqrsOwnerScope *scope)
 {
 	Oid			nspid = get_namespace_oid("cqrs", false);
 	Oid			relid = get_relname_relid("command_log", nspid);
 	HeapTuple	tuple;
 	Oid			owner;
-	Oid			save_userid;
-	int			save_sec_context;
 
 	if (!OidIsValid(relid))
 		ereport(ERROR,
@@ -75,11 +74,40 @@ cqrs_become_owner(void)
 	owner = ((Form_pg_class) GETSTRUCT(tuple))->relowner;
 	ReleaseSysCache(tuple);
 
-	GetUserIdAndSecContext(&save_userid, &save_sec_context);
+	GetUserIdAndSecContext(&scope->save_userid, &scope->save_sec_context);
 	SetUserIdAndSecContext(owner,
-						   save_sec_context |
+						   scope->save_sec_context |
 						   SECURITY_LOCAL_USERID_CHANGE |
 						   SECURITY_NOFORCE_RLS);
+	if (SPI_connect() != SPI_OK_CONNECT)
+		elog(ERROR, "SPI_connect failed");
+}
+
+/*
+ * Disconnect from SPI and become the caller again.
+ */
+void
+cqrs_spi_finish(CqrsOwnerScope *scope)
+{
+	SPI_finish();
+	SetUserIdAndSecContext(scope->save_userid, scope->save_sec_context);
+}
+
+/*
+ * Run a kept plan (nulls as SPI_execute_plan() takes them, or NULL),
+ * reading at most tcount rows (0: all); ERROR unless it returns the
+ * expected code.  Returns the number of rows processed.
+ */
+uint64
+cqrs_exec(SPIPlanPtr plan, Datum *values, const char *nulls, long tcount,
+		  int expected)
+{
+	int			ret = SPI_execute_plan(plan, values, nulls, false, tcount);
+
+	if (ret != expected)
+		elog(ERROR, "SPI_execute_plan returned %s",
+			 SPI_result_code_string(ret));
+	return SPI_processed;
 }
 
 /*
