@@ -8,6 +8,8 @@
 #ifndef CQRS_H
 #define CQRS_H
 
+#include "access/htup.h"
+#include "access/tupdesc.h"
 #include "access/xlogdefs.h"
 #include "datatype/timestamp.h"
 #include "port/atomics.h"
@@ -182,6 +184,7 @@ extern void cqrs_save_offset(const char *slot_name, XLogRecPtr lsn);
 extern XLogRecPtr cqrs_load_offset(const char *slot_name);
 extern int64 cqrs_project_log(CqrsApplyStats *stats);
 extern void cqrs_project_rebuild_mode(bool on);
+extern void cqrs_project_rebuild_prune(void);
 extern bool cqrs_blames_command(int sqlerrcode);
 extern bool cqrs_lock_projection(bool wait);
 
@@ -199,6 +202,7 @@ typedef struct CqrsOwnerScope
 
 extern void cqrs_spi_connect_as_owner(CqrsOwnerScope *scope);
 extern void cqrs_spi_finish(CqrsOwnerScope *scope);
+extern char *cqrs_spi_text(HeapTuple tuple, TupleDesc desc, int col);
 extern uint64 cqrs_exec(struct _SPI_plan *plan, Datum *values,
 						const char *nulls, long tcount, int expected);
 extern ErrorData *cqrs_try_subtransaction(void (*fn) (void *arg), void *arg);

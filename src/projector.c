@@ -118,6 +118,7 @@ static SPIPlanPtr dead_plan = NULL;
 static SPIPlanPtr bump_plan = NULL;
 static SPIPlanPtr offset_plan = NULL;
 static SPIPlanPtr load_offset_plan = NULL;
+static SPIPlanPtr rebuild_prune_plan = NULL;
 
 /*
  * Whether cqrs.parked has rows: -1 unknown, 0 empty, 1 not empty.  Only
@@ -134,6 +135,17 @@ static int	parked_known = -1;
  * thrown, for the rebuild to fall back to rewriting everything.
  */
 static bool rebuild_mode = false;
+
+/*
+ * Rebuild: the command_ids of every dead letter the replay derived so far
+ * (allocated in rebuild_context), for cqrs_project_rebuild_prune().
+ */
+static MemoryContext rebuild_context = NULL;
+static pg_uuid_t *rebuild_dead = NULL;
+static int64 rebuild_ndead = 0;
+static int64 rebuild_dead_size = 0;
+/* Rebuild: how many orders the replay made a row for. */
+static int64 rebuild_nrows = 0;
 
 /* The command being applied, for the error context. */
 static CqrsRecord *current_record = NULL;
@@ -257,10 +269,10 @@ projector_load_rows(HTAB *orders, int norders)
 	{
 		HeapTuple	tup = SPI_tuptable->vals[i];
 		TupleDesc	desc = SPI_tuptable->tupdesc;
-		char	   *order_id = SPI_getvalue(tup, desc, 1);
-		char	   *status = SPI_getvalue(tup, desc, 4);
+		char	   *order_id = cqrs_spi_text(tup, desc, 1);
+		char	   *status = cqrs_spi_text(tup, desc, 4);
 		bool		isnull;
-		char	   *user_id = SPI_getvalue(tup, desc, 2);
+		char	   *user_id = cqrs_spi_text(tup, desc, 2);
 		Datum		amount = datumCopy(SPI_getbinval(tup, desc, 3, &isnull),
 									   false, -1);
 		OrderStatus st = strcmp(status, "shipped") == 0 ? STATUS_SHIPPED :
@@ -317,17 +329,17 @@ projector_load_parked(HTAB *orders, int norders)
 		bool		isnull;
 		Datum		d;
 
-		rec->aggregate_id = SPI_getvalue(tup, desc, 1);
+		rec->aggregate_id = cqrs_spi_text(tup, desc, 1);
 		rec->sequence_id = DatumGetInt64(SPI_getbinval(tup, desc, 2, &isnull));
 		memcpy(&rec->command_id,
 			   DatumGetUUIDP(SPI_getbinval(tup, desc, 3, &isnull)),
 			   sizeof(pg_uuid_t));
 		d = SPI_getbinval(tup, desc, 4, &isnull);
 		rec->log_id = isnull ? 0 : DatumGetInt64(d);
-		rec->command_type = SPI_getvalue(tup, desc, 5);
+		rec->command_type = cqrs_spi_text(tup, desc, 5);
 		d = SPI_getbinval(tup, desc, 6, &isnull);
 		rec->payload = isnull ? NULL : DatumGetJsonbPCopy(d);
-		rec->traceparent = SPI_getvalue(tup, desc, 7);
+		rec->traceparent = cqrs_spi_text(tup, desc, 7);
 
 		o = hash_search(orders, &rec->aggregate_id, HASH_FIND, NULL);
 		if (o == NULL)
@@ -596,6 +608,153 @@ projector_write_dead(List *dead)
 	return (int64) batch_exec(&b, &dead_plan, sql, SPI_OK_INSERT);
 }
 
+/* A dead letter in the table, by command_id. */
+typedef struct StoredDeadLetter
+{
+	pg_uuid_t	command_id;		/* hash key */
+	char	   *reason;
+} StoredDeadLetter;
+
+/*
+ * Rebuild: write only the derived dead letters the table does not have
+ * with the same reason (a dead letter kept keeps its failed_at), and
+ * remember every derived command_id for cqrs_project_rebuild_prune().
+ * Returns how many dead letters were derived.
+ */
+static int64
+projector_write_dead_rebuild(List *dead)
+{
+	static const char *load_sql =
+		"SELECT command_id, reason FROM cqrs.dead_letter"
+		" WHERE command_id OPERATOR(pg_catalog.=) ANY ($1::pg_catalog.uuid[])";
+	static const char *write_sql =
+		"INSERT INTO cqrs.dead_letter (command_id, command_type, aggregate_id,"
+		" sequence_id, reason, traceparent)"
+		" SELECT * FROM ROWS FROM (pg_catalog.unnest($1::pg_catalog.uuid[]),"
+		" pg_catalog.unnest($2::pg_catalog.text[]),"
+		" pg_catalog.unnest($3::pg_catalog.text[]),"
+		" pg_catalog.unnest($4::pg_catalog.int8[]),"
+		" pg_catalog.unnest($5::pg_catalog.text[]),"
+		" pg_catalog.unnest($6::pg_catalog.text[]))"
+		" ON CONFLICT (command_id) DO UPDATE SET"
+		" command_type = excluded.command_type,"
+		" aggregate_id = excluded.aggregate_id,"
+		" sequence_id = excluded.sequence_id, reason = excluded.reason,"
+		" traceparent = excluded.traceparent, failed_at = excluded.failed_at";
+	static SPIPlanPtr load_plan = NULL;
+	static SPIPlanPtr write_plan = NULL;
+	static const Oid uuid_type[1] = {UUIDOID};
+	static const Oid types[6] = {UUIDOID, TEXTOID, TEXTOID, INT8OID, TEXTOID, TEXTOID};
+	int			ndead = list_length(dead);
+	Batch		ids;
+	Batch		b;
+	HASHCTL		hctl;
+	HTAB	   *stored;
+	ListCell   *lc;
+
+	if (ndead == 0)
+		return 0;
+
+	/* remember them all, and look up those the table has */
+	if (rebuild_ndead + ndead > rebuild_dead_size)
+	{
+		int64		size = Max(rebuild_dead_size * 2, rebuild_ndead + ndead + 1024);
+
+		rebuild_dead = rebuild_dead == NULL ?
+			MemoryContextAllocHuge(rebuild_context, sizeof(pg_uuid_t) * size) :
+			repalloc_huge(rebuild_dead, sizeof(pg_uuid_t) * size);
+		rebuild_dead_size = size;
+	}
+	batch_init(&ids, ndead, 1, uuid_type);
+	foreach(lc, dead)
+	{
+		DeadLetter *dl = lfirst(lc);
+
+		rebuild_dead[rebuild_ndead++] = dl->rec->command_id;
+		batch_put(&ids, 0, UUIDPGetDatum(&dl->rec->command_id));
+		ids.nrows++;
+	}
+	batch_exec(&ids, &load_plan, load_sql, SPI_OK_SELECT);
+
+	hctl.keysize = sizeof(pg_uuid_t);
+	hctl.entrysize = sizeof(StoredDeadLetter);
+	hctl.hcxt = CurrentMemoryContext;
+	stored = hash_create("cqrs stored dead letters", Max(16, SPI_processed),
+						 &hctl, HASH_ELEM | HASH_BLOBS | HASH_CONTEXT);
+	for (uint64 i = 0; i < SPI_processed; i++)
+	{
+		HeapTuple	tup = SPI_tuptable->vals[i];
+		bool		isnull;
+		Datum		id = SPI_getbinval(tup, SPI_tuptable->tupdesc, 1, &isnull);
+		StoredDeadLetter *sdl;
+
+		sdl = hash_search(stored, DatumGetUUIDP(id), HASH_ENTER, NULL);
+		sdl->reason = cqrs_spi_text(tup, SPI_tuptable->tupdesc, 2);
+	}
+
+	batch_init(&b, ndead, 6, types);
+	foreach(lc, dead)
+	{
+		DeadLetter *dl = lfirst(lc);
+		StoredDeadLetter *sdl;
+
+		sdl = hash_search(stored, &dl->rec->command_id, HASH_FIND, NULL);
+		if (sdl != NULL && sdl->reason != NULL &&
+			strcmp(sdl->reason, dl->reason) == 0)
+			continue;
+		batch_put(&b, 0, UUIDPGetDatum(&dl->rec->command_id));
+		batch_put_text(&b, 1, dl->rec->command_type);
+		batch_put_text(&b, 2, dl->rec->aggregate_id);
+		batch_put(&b, 3, Int64GetDatum(dl->rec->sequence_id));
+		batch_put_text(&b, 4, dl->reason);
+		batch_put_text(&b, 5, dl->rec->traceparent);
+		b.nrows++;
+	}
+	batch_exec(&b, &write_plan, write_sql, SPI_OK_INSERT);
+	return ndead;
+}
+
+/*
+ * Rebuild: delete the dead letters the replay did not derive (a command
+ * a later fix made valid, or one skipped with cqrs.skip_parked() that is
+ * parked again), and the rows of orders the log does not have, if the
+ * read model has more rows than the replay made.  Call after the whole
+ * log was replayed in rebuild mode.
+ */
+void
+cqrs_project_rebuild_prune(void)
+{
+	static const char *sql =
+		"DELETE FROM cqrs.dead_letter AS d WHERE NOT EXISTS"
+		" (SELECT FROM pg_catalog.unnest($1::pg_catalog.uuid[]) AS u(id)"
+		" WHERE u.id OPERATOR(pg_catalog.=) d.command_id)";
+	Oid			argtypes[1] = {UUIDARRAYOID};
+	Datum		values[1];
+	Datum	   *elems;
+	bool		isnull;
+
+	Assert(rebuild_mode);
+	elems = palloc(sizeof(Datum) * Max(rebuild_ndead, 1));
+	for (int64 i = 0; i < rebuild_ndead; i++)
+		elems[i] = UUIDPGetDatum(&rebuild_dead[i]);
+	values[0] = projector_array(elems, NULL, (int) rebuild_ndead, UUIDOID);
+	(void) cqrs_exec(cqrs_keep_plan(&rebuild_prune_plan, sql, 1, argtypes),
+					 values, NULL, 0, SPI_OK_DELETE);
+
+	/* read-write: a snapshot that sees the replay's own writes */
+	if (SPI_execute("SELECT pg_catalog.count(*) FROM cqrs.read_model",
+					false, 0) != SPI_OK_SELECT)
+		elog(ERROR, "could not count the rows of cqrs.read_model");
+	if (DatumGetInt64(SPI_getbinval(SPI_tuptable->vals[0],
+									SPI_tuptable->tupdesc, 1, &isnull)) >
+		rebuild_nrows &&
+		SPI_execute("DELETE FROM cqrs.read_model AS r"
+					" WHERE NOT EXISTS (SELECT FROM cqrs.command_log AS l"
+					" WHERE l.aggregate_id OPERATOR(pg_catalog.=) r.order_id)",
+					false, 0) != SPI_OK_DELETE)
+		elog(ERROR, "could not delete the rows of orders not in the log");
+}
+
 /* Add the order's read-model row to a batch of rows. */
 static void
 batch_put_order(Batch *b, OrderState *o)
@@ -737,6 +896,8 @@ projector_write(FoldResult *fr, int norders)
 
 		if (rebuild_mode)
 		{
+			if (o->exists)
+				rebuild_nrows++;
 			if (!o->exists)
 			{
 				if (o->stored)
@@ -762,7 +923,10 @@ projector_write(FoldResult *fr, int norders)
 	batch_exec(&park, &park_plan, park_sql, SPI_OK_INSERT);
 	batch_exec(&unpark, &unpark_plan, unpark_sql, SPI_OK_DELETE);
 
-	fr->stats.dead += projector_write_dead(fr->dead);
+	if (rebuild_mode)
+		fr->stats.dead += projector_write_dead_rebuild(fr->dead);
+	else
+		fr->stats.dead += projector_write_dead(fr->dead);
 }
 
 /*
@@ -1081,6 +1245,11 @@ void
 cqrs_project_rebuild_mode(bool on)
 {
 	rebuild_mode = on;
+	rebuild_context = CurrentMemoryContext;
+	rebuild_dead = NULL;
+	rebuild_ndead = 0;
+	rebuild_dead_size = 0;
+	rebuild_nrows = 0;
 }
 
 /*
@@ -1147,13 +1316,13 @@ cqrs_project_log(CqrsApplyStats *stats)
 			d = SPI_getbinval(tup, desc, 2, &isnull);
 			if (!isnull)
 				memcpy(&rec->command_id, DatumGetUUIDP(d), sizeof(pg_uuid_t));
-			rec->command_type = SPI_getvalue(tup, desc, 3);
-			rec->aggregate_id = SPI_getvalue(tup, desc, 4);
+			rec->command_type = cqrs_spi_text(tup, desc, 3);
+			rec->aggregate_id = cqrs_spi_text(tup, desc, 4);
 			d = SPI_getbinval(tup, desc, 5, &isnull);
 			rec->sequence_id = isnull ? 0 : DatumGetInt64(d);
 			d = SPI_getbinval(tup, desc, 6, &isnull);
 			rec->payload = isnull ? NULL : DatumGetJsonbPCopy(d);
-			rec->traceparent = SPI_getvalue(tup, desc, 7);
+			rec->traceparent = cqrs_spi_text(tup, desc, 7);
 		}
 		SPI_freetuptable(SPI_tuptable);
 		n += ncarry;

@@ -120,7 +120,7 @@ retry_dead_letter(PG_FUNCTION_ARGS)
 	rec.sequence_id = DatumGetInt64(repair_result(4));
 	rec.payload = DatumGetJsonbPCopy(repair_result(5));
 	rec.commit_time = GetCurrentTimestamp();
-	rec.traceparent = SPI_getvalue(SPI_tuptable->vals[0], SPI_tuptable->tupdesc, 7);
+	rec.traceparent = cqrs_spi_text(SPI_tuptable->vals[0], SPI_tuptable->tupdesc, 7);
 	version = SPI_getbinval(SPI_tuptable->vals[0], SPI_tuptable->tupdesc, 6,
 							&isnull);
 
@@ -221,8 +221,9 @@ typedef struct RebuildArgs
 
 /*
  * The fast rebuild, run in rebuild mode: fold every order's whole history
- * from nothing and write only the rows that differ from the table, then
- * delete the rows of orders the log does not have.
+ * from nothing and write only the rows and dead letters that differ from
+ * the tables, then delete the dead letters the replay did not derive and
+ * the rows of orders the log does not have.
  */
 static void
 rebuild_differences(void *arg)
@@ -230,11 +231,7 @@ rebuild_differences(void *arg)
 	RebuildArgs *a = arg;
 
 	a->nread = cqrs_project_log(a->stats);
-	if (SPI_execute("DELETE FROM cqrs.read_model AS r"
-					" WHERE NOT EXISTS (SELECT FROM cqrs.command_log AS l"
-					" WHERE l.aggregate_id OPERATOR(pg_catalog.=) r.order_id)",
-					false, 0) != SPI_OK_DELETE)
-		elog(ERROR, "could not delete the rows of orders not in the log");
+	cqrs_project_rebuild_prune();
 }
 
 /*
@@ -251,8 +248,9 @@ rebuild_differences(void *arg)
  * accepted; the projector holds still meanwhile and afterwards catches
  * up, skipping by the version rule what the replay already applied.
  * Parked commands and dead letters are derived anew from the log too, so
- * that each says what the replay made of its command.  Returns the number
- * of commands replayed.
+ * that each says what the replay made of its command (a dead letter the
+ * replay derives again with the same reason is kept as it is).  Returns
+ * the number of commands replayed.
  */
 Datum
 rebuild(PG_FUNCTION_ARGS)
@@ -264,9 +262,8 @@ rebuild(PG_FUNCTION_ARGS)
 
 	repair_begin(&scope, "cqrs.rebuild()");
 
-	if (SPI_execute("DELETE FROM cqrs.parked", false, 0) != SPI_OK_DELETE ||
-		SPI_execute("DELETE FROM cqrs.dead_letter", false, 0) != SPI_OK_DELETE)
-		elog(ERROR, "could not empty cqrs.parked and cqrs.dead_letter");
+	if (SPI_execute("DELETE FROM cqrs.parked", false, 0) != SPI_OK_DELETE)
+		elog(ERROR, "could not empty cqrs.parked");
 	cqrs_project_forget();
 
 	memset(&stats, 0, sizeof(stats));
@@ -285,8 +282,9 @@ rebuild(PG_FUNCTION_ARGS)
 		FreeErrorData(edata);
 
 		memset(&stats, 0, sizeof(stats));
-		if (SPI_execute("DELETE FROM cqrs.read_model", false, 0) != SPI_OK_DELETE)
-			elog(ERROR, "could not empty the read model");
+		if (SPI_execute("DELETE FROM cqrs.read_model", false, 0) != SPI_OK_DELETE ||
+			SPI_execute("DELETE FROM cqrs.dead_letter", false, 0) != SPI_OK_DELETE)
+			elog(ERROR, "could not empty the read model and cqrs.dead_letter");
 		args.nread = cqrs_project_log(&stats);
 	}
 

@@ -19,8 +19,10 @@
 #include "access/xact.h"
 #include "catalog/namespace.h"
 #include "catalog/pg_class.h"
+#include "catalog/pg_type.h"
 #include "executor/spi.h"
 #include "miscadmin.h"
+#include "utils/builtins.h"
 #include "utils/lsyscache.h"
 #include "utils/resowner.h"
 #include "utils/syscache.h"
@@ -141,4 +143,20 @@ cqrs_try_subtransaction(void (*fn) (void *arg), void *arg)
 	MemoryContextSwitchTo(context);
 	CurrentResourceOwner = owner;
 	return edata;
+}
+
+/*
+ * Column col (1-based) of a row SPI returned, a text column, as a C
+ * string in the current memory context; NULL when it is null.  Cheaper
+ * than SPI_getvalue(), which looks the type's output function up for
+ * every value.
+ */
+char *
+cqrs_spi_text(HeapTuple tuple, TupleDesc desc, int col)
+{
+	bool		isnull;
+	Datum		value = SPI_getbinval(tuple, desc, col, &isnull);
+
+	Assert(TupleDescAttr(desc, col - 1)->atttypid == TEXTOID);
+	return isnull ? NULL : TextDatumGetCString(value);
 }

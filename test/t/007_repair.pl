@@ -96,11 +96,14 @@ like(sql(qq{SELECT reason FROM cqrs.dead_letter WHERE command_id = '$late'}),
 	'the dead letter says who skipped it and what it waited for');
 is(sql(qq{SELECT cqrs.skip_parked('$late')}), 'f', 'a command not parked is not skipped');
 
-# A read model damaged by hand: one row changed, one deleted.
+# A read model damaged by hand: one row changed, one deleted, one added.
 sql(q{UPDATE cqrs.read_model SET status = 'shipped' WHERE order_id = 'g-1'});
 sql(q{DELETE FROM cqrs.read_model WHERE order_id = 't-1'});
-cmp_ok(sql(q{SELECT count(*) FROM cqrs.verify()}), '>=', 2,
+sql(q{INSERT INTO cqrs.read_model (order_id, user_id, total_amount, status, version) VALUES ('ghost', 'u', 1, 'created', 1)});
+cmp_ok(sql(q{SELECT count(*) FROM cqrs.verify()}), '>=', 3,
 	'verify() sees the damage (and the repairs that departed from the log)');
+
+my $bad_failed_at = sql(qq{SELECT failed_at FROM cqrs.dead_letter WHERE command_id = '$bad'});
 
 # cqrs.rebuild() under load: writers keep submitting, readers keep reading.
 sql(q{CREATE ROLE regress_reader LOGIN IN ROLE cqrs_reader});
@@ -133,6 +136,11 @@ is(sql(q{SELECT 'cqrs.read_model'::regclass::oid}), $model_oid,
 is($node->safe_psql('postgres', q{SELECT count(*) > 0 FROM cqrs.read_model},
 	extra_params => [ '-U', 'regress_reader' ]), 't', 'readers keep their privilege');
 is(sql(q{SELECT state FROM cqrs.status}), 'running', 'the projector runs on after the rebuild');
+is(sql(qq{SELECT failed_at FROM cqrs.dead_letter WHERE command_id = '$bad'}), $bad_failed_at,
+	'a dead letter the replay derives again is kept as it was');
+is(sql(qq{SELECT count(*) FROM cqrs.dead_letter WHERE command_id = '$late'}) .
+	sql(qq{SELECT count(*) FROM cqrs.parked WHERE command_id = '$late'}), '01',
+	'the skipped command waits for its predecessor again, no longer dead-lettered');
 like(slurp_file($node->logfile), qr/LOG:  cqrs.rebuild\(\) replayed \d+ commands/,
 	'the rebuild is logged');
 # Meanwhile the projector retried its batch with backoff: every commit of
@@ -156,6 +164,8 @@ is(sql(q{SELECT string_agg(order_id || ' ' || problem, ',') FROM cqrs.verify()})
 sql(q{ALTER TABLE cqrs.read_model DROP CONSTRAINT regress_rb});
 sql(q{SELECT cqrs.rebuild()});
 is(sql(q{SELECT count(*) FROM cqrs.verify()}), '0', 'the next rebuild repairs that order too');
+is(sql(q{SELECT count(*) FROM cqrs.dead_letter WHERE aggregate_id = 'g-1' AND sequence_id = 1}),
+	'0', 'and deletes the dead letter of the command it now applies');
 
 # Rebuilding in REPEATABLE READ would fold a stale snapshot: refused.
 ($ret, $stdout, $stderr) = $node->psql('postgres',
