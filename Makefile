@@ -13,11 +13,20 @@ OBJS = \
 	src/worker.o \
 	src/admin.o \
 	src/repair.o \
-	src/spi.o
+	src/spi.o \
+	src/redis.o
 DATA = cqrs--0.1.0.sql
 PGFILEDESC = "cqrs - command log, projection and read model inside PostgreSQL"
 
 PG_CPPFLAGS = -I$(srcdir)/src
+
+# Redis write-through needs hiredis, found with pkg-config; WITH_HIREDIS=no
+# builds without it (cqrs.status.redis then says "unavailable").
+WITH_HIREDIS ?= $(shell pkg-config --exists hiredis 2>/dev/null && echo yes || echo no)
+ifeq ($(WITH_HIREDIS),yes)
+PG_CPPFLAGS += -DUSE_HIREDIS $(filter -I%,$(shell pkg-config --cflags hiredis))
+SHLIB_LINK += $(shell pkg-config --libs hiredis)
+endif
 # The warning set the code is kept clean under; CI adds -Werror.
 PG_CFLAGS = -Wall -Wextra -Wno-unused-parameter $(CQRS_CFLAGS)
 

@@ -152,6 +152,20 @@ INSERT INTO cqrs.projector_state DEFAULT VALUES;
 COMMENT ON TABLE cqrs.projector_state IS
 	'One row: whether projection is paused (cqrs.pause(), cqrs.resume()), since when and by whom';
 
+-- Orders whose Redis key must be rewritten from the read model: recorded
+-- in the transaction that changes the row when the projector cannot write
+-- it through itself (Redis down, or a repair in another session), and
+-- drained by the projector once Redis answers.
+CREATE TABLE cqrs.redis_backlog (
+	id bigint GENERATED ALWAYS AS IDENTITY,
+	order_id text COLLATE pg_catalog."C" NOT NULL,
+	queued_at timestamptz NOT NULL DEFAULT pg_catalog.now(),
+	CONSTRAINT redis_backlog_pkey PRIMARY KEY (id)
+);
+COMMENT ON TABLE cqrs.redis_backlog IS
+	'Orders whose Redis key the projector still has to write (cqrs.redis_url), oldest first';
+COMMENT ON SEQUENCE cqrs.redis_backlog_id_seq IS 'Generates redis_backlog.id: the order in which entries were recorded';
+
 CREATE TYPE cqrs.receipt AS (
 	command_id uuid,
 	log_id bigint,

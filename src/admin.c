@@ -142,7 +142,7 @@ worker_status(PG_FUNCTION_ARGS)
 	values[9] = Int64GetDatum((int64) snap.batches_total);
 	for (int i = 4; i <= 9; i++)
 		nulls[i] = false;
-	values[10] = CStringGetTextDatum("disabled");
+	values[10] = CStringGetTextDatum(cqrs_redis_state_name());
 	nulls[10] = false;
 	if (snap.last_error[0] != '\0')
 	{
@@ -443,17 +443,17 @@ typedef struct MetricSink
 	StringInfo	buf;			/* cqrs.prometheus() */
 } MetricSink;
 
-/* The number of rows in cqrs.parked, read as the extension's owner. */
+/* The count query returns, run as the extension's owner. */
 static int64
-admin_parked_count(void)
+admin_count(const char *query)
 {
 	CqrsOwnerScope scope;
 	bool		isnull;
 	int64		n;
 
 	cqrs_spi_connect_as_owner(&scope);
-	if (SPI_execute("SELECT pg_catalog.count(*) FROM cqrs.parked", true, 1) != SPI_OK_SELECT)
-		elog(ERROR, "could not count cqrs.parked");
+	if (SPI_execute(query, true, 1) != SPI_OK_SELECT)
+		elog(ERROR, "could not run \"%s\"", query);
 	n = DatumGetInt64(SPI_getbinval(SPI_tuptable->vals[0],
 									SPI_tuptable->tupdesc, 1, &isnull));
 	cqrs_spi_finish(&scope);
@@ -505,7 +505,7 @@ admin_collect(MetricSink *sink)
 	sink->family(sink, "cqrs_parked", "gauge",
 				 "Commands waiting in cqrs.parked for a missing predecessor.");
 	sink->sample(sink, "cqrs_parked", NULL, NULL,
-				 (double) admin_parked_count());
+				 (double) admin_count("SELECT pg_catalog.count(*) FROM cqrs.parked"));
 
 	sink->family(sink, "cqrs_projection_lag_seconds", "gauge",
 				 "How long the oldest command not yet in the read model has waited since its commit (0 when none waits).");
@@ -540,8 +540,31 @@ admin_collect(MetricSink *sink)
 				 (double) cumulative);
 
 	sink->family(sink, "cqrs_cache_hit_ratio", "gauge",
-				 "Share of Redis reads that found their key (NaN while no Redis is configured).");
-	sink->sample(sink, "cqrs_cache_hit_ratio", NULL, NULL, get_float8_nan());
+				 "Share of the reads Redis served that found their key, from Redis's keyspace_hits and keyspace_misses (NaN until known).");
+	sink->sample(sink, "cqrs_cache_hit_ratio", NULL, NULL,
+				 snap.redis_hits + snap.redis_misses > 0 ?
+				 (double) snap.redis_hits / (double) (snap.redis_hits + snap.redis_misses) :
+				 get_float8_nan());
+
+	sink->family(sink, "cqrs_redis_connected", "gauge",
+				 "1 while the projector writes through to Redis (cqrs.redis_url).");
+	sink->sample(sink, "cqrs_redis_connected", NULL, NULL,
+				 strcmp(cqrs_redis_state_name(), "connected") == 0 ? 1 : 0);
+
+	sink->family(sink, "cqrs_redis_writes_total", "counter",
+				 "Redis keys the projector wrote since the server started.");
+	sink->sample(sink, "cqrs_redis_writes_total", NULL, NULL,
+				 (double) snap.redis_writes_total);
+
+	sink->family(sink, "cqrs_redis_errors_total", "counter",
+				 "Failed Redis connections, commands and pipelines since the server started.");
+	sink->sample(sink, "cqrs_redis_errors_total", NULL, NULL,
+				 (double) snap.redis_errors_total);
+
+	sink->family(sink, "cqrs_redis_backlog", "gauge",
+				 "Orders whose Redis key the projector still has to write (rows in cqrs.redis_backlog).");
+	sink->sample(sink, "cqrs_redis_backlog", NULL, NULL,
+				 (double) admin_count("SELECT pg_catalog.count(*) FROM cqrs.redis_backlog"));
 
 	sink->family(sink, "cqrs_paused", "gauge",
 				 "1 while projection is paused with cqrs.pause().");

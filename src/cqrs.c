@@ -205,6 +205,36 @@ cqrs_define_settings(void)
 							0, 0, MAX_KILOBYTES,
 							PGC_SIGHUP, GUC_UNIT_KB,
 							NULL, NULL, NULL);
+	DefineCustomStringVariable("cqrs.redis_url",
+							   "Redis the projector writes changed orders through to.",
+							   "redis://[[user]:password@]host[:port][/db]; empty turns write-through off. "
+							   "Only superusers can see it: it may hold a password.",
+							   &cqrs_redis_url,
+							   "",
+							   PGC_SIGHUP, GUC_SUPERUSER_ONLY,
+							   cqrs_redis_check_url, NULL, NULL);
+	DefineCustomIntVariable("cqrs.redis_ttl",
+							"Time to live of the Redis keys the projector writes.",
+							NULL,
+							&cqrs_redis_ttl,
+							300, 1, INT_MAX / 1000,
+							PGC_SIGHUP, GUC_UNIT_S,
+							NULL, NULL, NULL);
+	DefineCustomIntVariable("cqrs.redis_ttl_jitter",
+							"Most the time to live of a Redis key differs from cqrs.redis_ttl, either way.",
+							"Spreads the expiry of keys written together.",
+							&cqrs_redis_ttl_jitter,
+							30, 0, INT_MAX / 1000,
+							PGC_SIGHUP, GUC_UNIT_S,
+							NULL, NULL, NULL);
+	DefineCustomIntVariable("cqrs.redis_timeout",
+							"How long the projector waits for Redis to connect or answer.",
+							"Past it, Redis counts as down: projection goes on and the changed "
+							"orders wait in cqrs.redis_backlog.",
+							&cqrs_redis_timeout,
+							200, 1, 60 * 1000,
+							PGC_SIGHUP, GUC_UNIT_MS,
+							NULL, NULL, NULL);
 
 	MarkGUCPrefixReserved("cqrs");
 }

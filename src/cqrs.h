@@ -16,6 +16,7 @@
 #include "storage/condition_variable.h"
 #include "storage/latch.h"
 #include "storage/spin.h"
+#include "utils/guc.h"
 #include "utils/jsonb.h"
 #include "utils/uuid.h"
 
@@ -45,6 +46,10 @@ extern int	cqrs_backoff_base;
 extern int	cqrs_backoff_max;
 extern int	cqrs_max_lag;
 extern char *cqrs_traceparent;
+extern char *cqrs_redis_url;
+extern int	cqrs_redis_ttl;
+extern int	cqrs_redis_ttl_jitter;
+extern int	cqrs_redis_timeout;
 
 /* What the projector is doing, as cqrs.status reports it. */
 typedef enum CqrsState
@@ -120,6 +125,13 @@ typedef struct CqrsShared
 	/* counted by the command functions, without the spinlock */
 	pg_atomic_uint64 commands_total[CQRS_COMMAND_TYPES];
 	pg_atomic_uint64 command_errors[CQRS_ERROR_KINDS];
+	/* Redis write-through (redis.c) */
+	bool		redis_connected;
+	bool		redis_backlog_hint;	/* a session committed backlog entries */
+	uint64		redis_writes_total; /* keys the projector wrote */
+	uint64		redis_errors_total;
+	uint64		redis_hits;		/* Redis's keyspace_hits, keyspace_misses */
+	uint64		redis_misses;
 } CqrsShared;
 
 extern CqrsShared *cqrs_shared;
@@ -187,6 +199,23 @@ extern void cqrs_project_rebuild_mode(bool on);
 extern void cqrs_project_rebuild_prune(void);
 extern bool cqrs_blames_command(int sqlerrcode);
 extern bool cqrs_lock_projection(bool wait);
+
+/* redis.c */
+extern bool cqrs_redis_check_url(char **newval, void **extra, GucSource source);
+extern const char *cqrs_redis_state_name(void);
+extern void cqrs_redis_stale(const char *order_id);
+extern void cqrs_redis_flush_stale(void);
+extern void cqrs_redis_stale_all(void);
+extern bool cqrs_redis_tick(void);
+extern bool cqrs_redis_drain(int limit);
+extern void cqrs_redis_batch_begin(void);
+extern void cqrs_redis_row(const char *order_id, const char *user_id,
+						   Datum amount, const char *status, int64 version);
+extern int	cqrs_redis_mark(void);
+extern void cqrs_redis_forget(int mark);
+extern bool cqrs_redis_batch_done(void);
+extern void cqrs_redis_batch_abort(void);
+extern void cqrs_redis_backlog_failed(void);
 
 /* worker.c */
 extern PGDLLEXPORT void cqrs_worker_main(Datum main_arg);

@@ -746,16 +746,25 @@ cqrs_project_rebuild_prune(void)
 					false, 0) != SPI_OK_SELECT)
 		elog(ERROR, "could not count the rows of cqrs.read_model");
 	if (DatumGetInt64(SPI_getbinval(SPI_tuptable->vals[0],
-									SPI_tuptable->tupdesc, 1, &isnull)) >
-		rebuild_nrows &&
-		SPI_execute("DELETE FROM cqrs.read_model AS r"
+									SPI_tuptable->tupdesc, 1, &isnull)) <=
+		rebuild_nrows)
+		return;
+	if (SPI_execute("DELETE FROM cqrs.read_model AS r"
 					" WHERE NOT EXISTS (SELECT FROM cqrs.command_log AS l"
-					" WHERE l.aggregate_id OPERATOR(pg_catalog.=) r.order_id)",
-					false, 0) != SPI_OK_DELETE)
+					" WHERE l.aggregate_id OPERATOR(pg_catalog.=) r.order_id)"
+					" RETURNING r.order_id",
+					false, 0) != SPI_OK_DELETE_RETURNING)
 		elog(ERROR, "could not delete the rows of orders not in the log");
+	for (uint64 i = 0; i < SPI_processed; i++)
+		cqrs_redis_stale(cqrs_spi_text(SPI_tuptable->vals[i],
+									   SPI_tuptable->tupdesc, 1));
+	cqrs_redis_flush_stale();
 }
 
-/* Add the order's read-model row to a batch of rows. */
+/*
+ * Add the order's read-model row to a batch of rows, and to what goes to
+ * Redis once the batch commits.
+ */
 static void
 batch_put_order(Batch *b, OrderState *o)
 {
@@ -765,6 +774,8 @@ batch_put_order(Batch *b, OrderState *o)
 	batch_put_text(b, 3, status_names[o->status]);
 	batch_put(b, 4, Int64GetDatum(o->version));
 	b->nrows++;
+	cqrs_redis_row(o->order_id, o->user_id, o->total_amount,
+				   status_names[o->status], o->version);
 }
 
 /* Is the folded row the row the table had (rebuild)? */
@@ -904,6 +915,7 @@ projector_write(FoldResult *fr, int norders)
 				{
 					batch_put_text(&gone, 0, o->order_id);
 					gone.nrows++;
+					cqrs_redis_stale(o->order_id);
 				}
 			}
 			else if (!order_unchanged(o))
@@ -927,6 +939,7 @@ projector_write(FoldResult *fr, int norders)
 		fr->stats.dead += projector_write_dead_rebuild(fr->dead);
 	else
 		fr->stats.dead += projector_write_dead(fr->dead);
+	cqrs_redis_flush_stale();
 }
 
 /*
@@ -1093,6 +1106,11 @@ projector_poison(CqrsRecord *rec, const char *message, CqrsApplyStats *stats)
 		values[1] = Int64GetDatum(rec->sequence_id);
 		(void) cqrs_exec(cqrs_keep_plan(&bump_plan, bump_sql, 2, bump_types),
 							 values, NULL, 0, SPI_OK_UPDATE);
+		if (SPI_processed > 0)
+		{
+			cqrs_redis_stale(rec->aggregate_id);
+			cqrs_redis_flush_stale();
+		}
 	}
 }
 
@@ -1125,6 +1143,7 @@ projector_range(CqrsRecord *records, int lo, int hi, CqrsApplyStats *stats,
 	/* a range of one is not split, so it must not trust either */
 	FoldArgs	args = {records, lo, hi, trust_creates && hi - lo > 1, &local};
 	ErrorData  *edata;
+	int			redis_mark = cqrs_redis_mark();
 
 	memset(&local, 0, sizeof(local));
 	current_batch_size = hi - lo;
@@ -1133,6 +1152,7 @@ projector_range(CqrsRecord *records, int lo, int hi, CqrsApplyStats *stats,
 	if (edata != NULL)
 	{
 		cqrs_project_forget();
+		cqrs_redis_forget(redis_mark);
 		if (rebuild_mode || !cqrs_blames_command(edata->sqlerrcode))
 			ReThrowError(edata);
 

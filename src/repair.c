@@ -282,6 +282,7 @@ rebuild(PG_FUNCTION_ARGS)
 		FreeErrorData(edata);
 
 		memset(&stats, 0, sizeof(stats));
+		cqrs_redis_stale_all();
 		if (SPI_execute("DELETE FROM cqrs.read_model", false, 0) != SPI_OK_DELETE ||
 			SPI_execute("DELETE FROM cqrs.dead_letter", false, 0) != SPI_OK_DELETE)
 			elog(ERROR, "could not empty the read model and cqrs.dead_letter");

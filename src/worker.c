@@ -497,12 +497,20 @@ worker_apply(CqrsQueue *queue, XLogRecPtr skip_upto, CqrsApplyStats *stats)
 	volatile long delay = 0;
 	CqrsRecord *records = queue->records;
 	int			n = 0;
+	List	   *volatile redelivered = NIL;
+	ListCell   *lc;
 
-	/* drop what an earlier run applied already */
+	/*
+	 * Drop what an earlier run applied already.  Its Redis writes may not
+	 * have happened (the slot is confirmed after them, but a crash can
+	 * come between): those orders go to the Redis backlog.
+	 */
 	for (int i = 0; i < queue->nrecords; i++)
 	{
 		if (queue->records[i].commit_lsn > skip_upto)
 			records[n++] = queue->records[i];
+		else if (queue->records[i].aggregate_id != NULL)
+			redelivered = lappend(redelivered, queue->records[i].aggregate_id);
 	}
 
 	for (;;)
@@ -520,6 +528,10 @@ worker_apply(CqrsQueue *queue, XLogRecPtr skip_upto, CqrsApplyStats *stats)
 						 errmsg("cqrs.rebuild() or a repair function is running"),
 						 errdetail("The projector waits for it to finish.")));
 
+			cqrs_redis_batch_begin();
+			foreach(lc, redelivered)
+				cqrs_redis_stale((char *) lfirst(lc));
+			cqrs_redis_flush_stale();
 			cqrs_project(records, n, stats);
 			if (stats->poisoned > CQRS_MAX_POISON_PER_BATCH)
 				ereport(ERROR,
@@ -544,6 +556,7 @@ worker_apply(CqrsQueue *queue, XLogRecPtr skip_upto, CqrsApplyStats *stats)
 			FlushErrorState();
 			AbortCurrentTransaction();
 			cqrs_project_forget();
+			cqrs_redis_batch_abort();
 			replorigin_session_origin_lsn = InvalidXLogRecPtr;
 
 			delay = worker_backoff(attempt);
@@ -572,6 +585,17 @@ worker_apply(CqrsQueue *queue, XLogRecPtr skip_upto, CqrsApplyStats *stats)
 		worker_set_state(CQRS_STATE_RUNNING);
 	replorigin_session_origin_lsn = InvalidXLogRecPtr;
 	worker_record_lag(records, n, GetCurrentTimestamp());
+
+	/*
+	 * Write the batch through to Redis, or put its orders in the Redis
+	 * backlog, before anything confirms the slot past the batch.
+	 */
+	if (!cqrs_redis_batch_done())
+	{
+		worker_begin();
+		cqrs_redis_backlog_failed();
+		worker_commit();
+	}
 	return true;
 }
 
@@ -677,6 +701,25 @@ worker_hold_while_paused(Oid extension)
 }
 
 /*
+ * Redis's turn: reconnect when due, and write one chunk of the backlog.
+ * Returns whether more of the backlog is waiting.
+ */
+static bool
+worker_redis(void)
+{
+	bool		more;
+
+	if (!cqrs_redis_tick())
+		return false;
+	pgstat_report_activity(STATE_RUNNING, "writing the Redis backlog");
+	worker_begin();
+	more = cqrs_redis_drain(cqrs_batch_size_max);
+	worker_commit();
+	pgstat_report_activity(STATE_IDLE, NULL);
+	return more;
+}
+
+/*
  * Confirm the slot up to "upto", the end of the last applied batch, once
  * that batch's commit record ("commit_end") is on disk; with "flush", make
  * it so first.  Until then the slot keeps the batch's commands, so a crash
@@ -767,6 +810,7 @@ worker_stream(void)
 		XLogRecPtr	end_of_wal;
 		XLogRecPtr	wake_lsn;
 		bool		caught_up;
+		bool		redis_busy;
 		TimestampTz started;
 
 		CHECK_FOR_INTERRUPTS();
@@ -784,6 +828,8 @@ worker_stream(void)
 			}
 			continue;
 		}
+
+		redis_busy = worker_redis();
 
 		/* commands committed with synchronous_commit = off: flush them */
 		SpinLockAcquire(&cqrs_shared->mutex);
@@ -913,6 +959,8 @@ worker_stream(void)
 		worker_set_state(CQRS_STATE_RUNNING);
 		cqrs_set_applied(ctx->reader->EndRecPtr, true);
 
+		if (redis_busy)
+			continue;
 		pgstat_report_activity(STATE_IDLE, NULL);
 		worker_wait(cqrs_poll_interval);
 		if (worker_extension_oid() != extension)

@@ -1,0 +1,1002 @@
+/*-------------------------------------------------------------------------
+ *
+ * redis.c
+ *		Optional write-through of the read model to Redis (hiredis), for
+ *		applications that read cache-aside.
+ *
+ * Key order:<order_id>, value the JSON of the read-model row, TTL
+ * cqrs.redis_ttl plus or minus up to cqrs.redis_ttl_jitter.  A Lua script
+ * sets a key only when it does not hold a newer version, so neither a
+ * stale fill by a client nor a late write of ours can move it backwards.
+ *
+ * Who writes what:
+ *
+ * - The projector, when connected, keeps the rows each batch writes and,
+ *   once the batch has committed, sends them in one pipeline.
+ * - Any other change of the read model (a batch while Redis is down or
+ *   before it first answered, repairs and rebuilds in other sessions, a
+ *   row deleted, a poison command's version bump) records the order in
+ *   cqrs.redis_backlog, in the transaction that changes the row.  The
+ *   projector drains the backlog whenever Redis answers: it reads the rows
+ *   as they are then, writes them (or deletes the key of a row that is
+ *   gone) and deletes the backlog entries it wrote.
+ * - A pipeline that fails after its batch committed puts the batch's
+ *   orders in the backlog before the projector goes on.
+ * - The projector confirms its slot only after that (worker.c), so a
+ *   crash between a batch's commit and its Redis write makes the batch's
+ *   commands come again; they are recognised as applied, and their orders
+ *   go to the backlog.
+ * So every change of the read model reaches Redis, or waits in a table
+ * that is exactly as durable as the change itself.
+ *
+ * Faults never stall projection: every Redis call has the timeout
+ * cqrs.redis_timeout; the first failure marks Redis down, and until a
+ * reconnection succeeds (tried with exponential backoff between
+ * cqrs.backoff_base and cqrs.backoff_max) batches record their orders in
+ * the backlog instead of waiting for Redis.
+ *
+ * Built without hiredis (make WITH_HIREDIS=no), everything here but the
+ * settings is a no-op and cqrs.status.redis says "unavailable".
+ *
+ *-------------------------------------------------------------------------
+ */
+#include "postgres.h"
+
+#include <math.h>
+#include <sys/time.h>
+
+#include "access/xact.h"
+#include "catalog/pg_type.h"
+#include "common/jsonapi.h"
+#include "common/pg_prng.h"
+#include "executor/spi.h"
+#include "lib/stringinfo.h"
+#include "miscadmin.h"
+#include "nodes/pg_list.h"
+#include "utils/array.h"
+#include "utils/datetime.h"
+#include "utils/builtins.h"
+#include "utils/guc.h"
+#include "utils/json.h"
+#include "utils/lsyscache.h"
+#include "utils/memutils.h"
+#include "utils/timestamp.h"
+
+#ifdef USE_HIREDIS
+#include <hiredis.h>
+#endif
+
+#include "cqrs.h"
+
+char	   *cqrs_redis_url = NULL;
+int			cqrs_redis_ttl = 300;
+int			cqrs_redis_ttl_jitter = 30;
+int			cqrs_redis_timeout = 200;
+
+/* A parsed cqrs.redis_url. */
+typedef struct RedisTarget
+{
+	char		host[256];
+	int			port;
+	char		user[128];
+	char		password[256];
+	int			db;
+} RedisTarget;
+
+/* Copy url[0, len) to dst (size dstlen), decoding %XX; false if bad. */
+static bool
+redis_url_part(char *dst, size_t dstlen, const char *src, size_t len)
+{
+	size_t		n = 0;
+
+	for (size_t i = 0; i < len; i++)
+	{
+		char		c = src[i];
+
+		if (c == '%')
+		{
+			char		hex[3];
+			char	   *end;
+
+			if (i + 2 >= len)
+				return false;
+			hex[0] = src[i + 1];
+			hex[1] = src[i + 2];
+			hex[2] = '\0';
+			c = (char) strtol(hex, &end, 16);
+			if (*end != '\0' || c == '\0')
+				return false;
+			i += 2;
+		}
+		if (n + 1 >= dstlen)
+			return false;
+		dst[n++] = c;
+	}
+	dst[n] = '\0';
+	return true;
+}
+
+/*
+ * Parse redis://[[user]:password@]host[:port][/db].  On failure, returns
+ * false with *problem saying what is wrong, never quoting the URL (it may
+ * hold a password).
+ */
+static bool
+redis_parse_url(const char *url, RedisTarget *t, const char **problem)
+{
+	const char *p;
+	const char *at;
+	const char *host_end;
+	char	   *end;
+	long		v;
+
+	memset(t, 0, sizeof(*t));
+	t->port = 6379;
+	if (strncmp(url, "redis://", 8) != 0)
+	{
+		*problem = "It must start with redis://.";
+		return false;
+	}
+	p = url + 8;
+	at = strrchr(p, '@');
+	if (at != NULL)
+	{
+		const char *colon = memchr(p, ':', at - p);
+
+		if (colon == NULL)
+		{
+			*problem = "The part before @ must be :password or user:password.";
+			return false;
+		}
+		if (!redis_url_part(t->user, sizeof(t->user), p, colon - p) ||
+			!redis_url_part(t->password, sizeof(t->password), colon + 1,
+							at - colon - 1))
+		{
+			*problem = "The user name or password is too long or badly percent-encoded.";
+			return false;
+		}
+		p = at + 1;
+	}
+
+	if (*p == '[')
+	{
+		host_end = strchr(p, ']');
+		if (host_end == NULL)
+		{
+			*problem = "An IPv6 address must end with ].";
+			return false;
+		}
+		if (!redis_url_part(t->host, sizeof(t->host), p + 1, host_end - p - 1))
+		{
+			*problem = "The host name is too long.";
+			return false;
+		}
+		p = host_end + 1;
+	}
+	else
+	{
+		host_end = p + strcspn(p, ":/");
+		if (!redis_url_part(t->host, sizeof(t->host), p, host_end - p))
+		{
+			*problem = "The host name is too long.";
+			return false;
+		}
+		p = host_end;
+	}
+	if (t->host[0] == '\0')
+	{
+		*problem = "It names no host.";
+		return false;
+	}
+
+	if (*p == ':')
+	{
+		errno = 0;
+		v = strtol(p + 1, &end, 10);
+		if (end == p + 1 || errno != 0 || v < 1 || v > 65535)
+		{
+			*problem = "The port must be a number from 1 to 65535.";
+			return false;
+		}
+		t->port = (int) v;
+		p = end;
+	}
+	if (*p == '/' && p[1] != '\0')
+	{
+		errno = 0;
+		v = strtol(p + 1, &end, 10);
+		if (end == p + 1 || errno != 0 || v < 0 || v > INT_MAX || *end != '\0')
+		{
+			*problem = "The database must be a number.";
+			return false;
+		}
+		t->db = (int) v;
+		p = end;
+	}
+	else if (*p == '/')
+		p++;
+	if (*p != '\0')
+	{
+		*problem = "Only a port and a database number may follow the host.";
+		return false;
+	}
+	return true;
+}
+
+/*
+ * check_hook of cqrs.redis_url: empty, or a URL redis_parse_url() takes.
+ */
+bool
+cqrs_redis_check_url(char **newval, void **extra, GucSource source)
+{
+	RedisTarget t;
+	const char *problem;
+
+	if (*newval == NULL || (*newval)[0] == '\0')
+		return true;
+	if (redis_parse_url(*newval, &t, &problem))
+		return true;
+	GUC_check_errmsg("invalid value for parameter \"cqrs.redis_url\"");
+	GUC_check_errdetail("%s", problem);
+	GUC_check_errhint("The form is redis://[[user]:password@]host[:port][/db].");
+	return false;
+}
+
+/* Is write-through configured (and built)? */
+static inline bool
+redis_configured(void)
+{
+#ifdef USE_HIREDIS
+	return cqrs_redis_url != NULL && cqrs_redis_url[0] != '\0';
+#else
+	return false;
+#endif
+}
+
+/*
+ * What cqrs.status.redis says: unavailable (built without hiredis),
+ * disabled (cqrs.redis_url empty), connected or down.
+ */
+const char *
+cqrs_redis_state_name(void)
+{
+#ifdef USE_HIREDIS
+	bool		connected = false;
+
+	if (!redis_configured())
+		return "disabled";
+	if (cqrs_shared != NULL)
+	{
+		SpinLockAcquire(&cqrs_shared->mutex);
+		connected = cqrs_shared->redis_connected;
+		SpinLockRelease(&cqrs_shared->mutex);
+	}
+	return connected ? "connected" : "down";
+#else
+	return "unavailable";
+#endif
+}
+
+/*
+ * Orders whose key must be rewritten from the read model, to insert into
+ * cqrs.redis_backlog with the current transaction (redis_flush_stale()).
+ */
+static List *stale_orders = NIL;
+static bool backlog_written = false;
+static bool callback_registered = false;
+
+/* After commit, tell the projector there is backlog to drain. */
+static void
+redis_xact_callback(XactEvent event, void *arg)
+{
+	switch (event)
+	{
+		case XACT_EVENT_COMMIT:
+		case XACT_EVENT_PARALLEL_COMMIT:
+			if (backlog_written && cqrs_shared != NULL)
+			{
+				Latch	   *latch;
+
+				SpinLockAcquire(&cqrs_shared->mutex);
+				cqrs_shared->redis_backlog_hint = true;
+				latch = cqrs_shared->leader_latch;
+				SpinLockRelease(&cqrs_shared->mutex);
+				if (latch != NULL)
+					SetLatch(latch);
+			}
+			backlog_written = false;
+			stale_orders = NIL;
+			break;
+		case XACT_EVENT_ABORT:
+		case XACT_EVENT_PARALLEL_ABORT:
+		case XACT_EVENT_PREPARE:
+			backlog_written = false;
+			stale_orders = NIL;
+			break;
+		default:
+			break;
+	}
+}
+
+static void
+redis_register_callback(void)
+{
+	if (!callback_registered)
+	{
+		RegisterXactCallback(redis_xact_callback, NULL);
+		callback_registered = true;
+	}
+}
+
+/*
+ * The key of this order must be rewritten from the read model once the
+ * current transaction commits (a row deleted, a version bumped, a change
+ * made while Redis is down or outside the projector).
+ */
+void
+cqrs_redis_stale(const char *order_id)
+{
+	MemoryContext old;
+
+	if (!redis_configured())
+		return;
+	redis_register_callback();
+	/* not CurTransactionContext: a subtransaction may roll back first */
+	old = MemoryContextSwitchTo(TopTransactionContext);
+	stale_orders = lappend(stale_orders, pstrdup(order_id));
+	MemoryContextSwitchTo(old);
+}
+
+/*
+ * Insert the orders cqrs_redis_stale() collected into cqrs.redis_backlog,
+ * in the current transaction (SPI connected, as the extension's owner).
+ */
+void
+cqrs_redis_flush_stale(void)
+{
+	static SPIPlanPtr plan = NULL;
+	static const char *sql =
+		"INSERT INTO cqrs.redis_backlog (order_id)"
+		" SELECT pg_catalog.unnest($1::pg_catalog.text[])";
+	Oid			argtypes[1] = {TEXTARRAYOID};
+	Datum		values[1];
+	Datum	   *ids;
+	int			n = list_length(stale_orders);
+	int			i = 0;
+	ListCell   *lc;
+
+	if (n == 0)
+		return;
+	ids = palloc(sizeof(Datum) * n);
+	foreach(lc, stale_orders)
+		ids[i++] = CStringGetTextDatum((char *) lfirst(lc));
+	values[0] = PointerGetDatum(construct_array(ids, n, TEXTOID, -1, false,
+												TYPALIGN_INT));
+	stale_orders = NIL;
+	(void) cqrs_exec(cqrs_keep_plan(&plan, sql, 1, argtypes), values, NULL,
+					 0, SPI_OK_INSERT);
+	backlog_written = true;
+}
+
+/*
+ * Every order of the read model goes to the backlog (a rebuild about to
+ * rewrite the whole table); SPI connected, as the extension's owner.
+ */
+void
+cqrs_redis_stale_all(void)
+{
+	if (!redis_configured())
+		return;
+	redis_register_callback();
+	if (SPI_execute("INSERT INTO cqrs.redis_backlog (order_id)"
+					" SELECT order_id FROM cqrs.read_model",
+					false, 0) != SPI_OK_INSERT)
+		elog(ERROR, "could not fill cqrs.redis_backlog");
+	backlog_written = true;
+}
+
+#ifdef USE_HIREDIS
+
+/*
+ * The JSON of a read-model row, as the key's value: the columns
+ * order_id, user_id, total_amount, status, version, updated_at (UTC).
+ */
+static void
+redis_row_json(StringInfo buf, const char *order_id, const char *user_id,
+			   const char *amount, const char *status, int64 version,
+			   TimestampTz updated_at)
+{
+	char		ts[MAXDATELEN + 1];
+	int			utc = 0;
+
+	resetStringInfo(buf);
+	appendStringInfoString(buf, "{\"order_id\":");
+	escape_json(buf, order_id);
+	appendStringInfoString(buf, ",\"user_id\":");
+	escape_json(buf, user_id);
+	appendStringInfoString(buf, ",\"total_amount\":");
+	if (IsValidJsonNumber(amount, strlen(amount)))
+		appendStringInfoString(buf, amount);
+	else
+		escape_json(buf, amount);
+	appendStringInfoString(buf, ",\"status\":");
+	escape_json(buf, status);
+	appendStringInfo(buf, ",\"version\":" INT64_FORMAT ",\"updated_at\":",
+					 version);
+	JsonEncodeDateTime(ts, TimestampTzGetDatum(updated_at), TIMESTAMPTZOID,
+					   &utc);
+	escape_json(buf, ts);
+	appendStringInfoChar(buf, '}');
+}
+
+/*
+ * Set the key to the value unless it holds a newer version; returns 1 when
+ * it wrote, 0 when it kept the newer one.  The version is read from the
+ * stored JSON, wherever the writer put it.
+ */
+static const char redis_cas_script[] =
+"local cur = redis.call('GET', KEYS[1])\n"
+"if cur then\n"
+"  local v = tonumber(string.match(cur, '\"version\"%s*:%s*(%d+)'))\n"
+"  if v and v > tonumber(ARGV[2]) then return 0 end\n"
+"end\n"
+"redis.call('SET', KEYS[1], ARGV[1], 'EX', ARGV[3])\n"
+"return 1\n";
+
+/* One key to write after commit: a row's JSON, or a deletion. */
+typedef struct RedisWrite
+{
+	char	   *order_id;
+	char	   *json;			/* NULL: delete the key */
+	int64		version;
+} RedisWrite;
+
+static redisContext *redis = NULL;
+static char *redis_url_open = NULL;	/* the URL redis was opened for */
+static char redis_sha[41];
+static TimestampTz redis_retry_at = 0;
+static int	redis_failures = 0;
+static bool redis_was_up = false;
+static bool redis_drain_needed = true;
+static TimestampTz redis_stats_at = 0;
+
+/* The rows of the batch in progress, written after its commit. */
+static MemoryContext redis_context = NULL;
+static List *redis_pending = NIL;
+static bool redis_write_through = false;
+
+static void
+redis_set_connected(bool connected)
+{
+	SpinLockAcquire(&cqrs_shared->mutex);
+	cqrs_shared->redis_connected = connected;
+	SpinLockRelease(&cqrs_shared->mutex);
+}
+
+/* Where we write, for messages: never the password. */
+static const char *
+redis_where(void)
+{
+	static char where[300];
+	RedisTarget t;
+	const char *problem;
+
+	if (!redis_parse_url(cqrs_redis_url, &t, &problem))
+		return "Redis";
+	snprintf(where, sizeof(where), "Redis at %s:%d", t.host, t.port);
+	return where;
+}
+
+static void
+redis_close(void)
+{
+	if (redis != NULL)
+		redisFree(redis);
+	redis = NULL;
+	redis_write_through = false;
+	redis_set_connected(false);
+}
+
+/*
+ * Redis failed: count it, say so once, close, and schedule the next
+ * attempt with exponential backoff and jitter.
+ */
+static void
+redis_fail(const char *what)
+{
+	long		delay;
+
+	SpinLockAcquire(&cqrs_shared->mutex);
+	cqrs_shared->redis_errors_total++;
+	SpinLockRelease(&cqrs_shared->mutex);
+
+	if (redis_was_up || redis_failures == 0)
+		ereport(WARNING,
+				(errmsg("cqrs projector cannot write to %s: %s",
+						redis_where(), what),
+				 errdetail("Projection goes on; the orders it changes are kept in cqrs.redis_backlog and written once Redis answers again.")));
+	redis_was_up = false;
+	redis_close();
+
+	delay = cqrs_backoff_base;
+	for (int i = 0; i < redis_failures && delay < cqrs_backoff_max; i++)
+		delay *= 2;
+	delay = Min(delay, cqrs_backoff_max);
+	delay = delay / 2 + (long) pg_prng_uint64_range(&pg_global_prng_state, 0, delay / 2);
+	redis_retry_at = TimestampTzPlusMilliseconds(GetCurrentTimestamp(), delay);
+	redis_failures++;
+}
+
+/* The error of a failed call or reply, as text. */
+static const char *
+redis_error(redisReply *reply)
+{
+	if (reply != NULL && reply->type == REDIS_REPLY_ERROR)
+		return reply->str;
+	if (redis != NULL && redis->err)
+		return redis->errstr;
+	return "no reply";
+}
+
+/* Run one command; the reply, or NULL after redis_fail(). */
+static redisReply *
+redis_call(int argc, const char **argv, int expected_type)
+{
+	redisReply *reply;
+
+	reply = redisCommandArgv(redis, argc, argv, NULL);
+	if (reply == NULL || reply->type != expected_type)
+	{
+		char		what[256];
+
+		snprintf(what, sizeof(what), "%s: %s", argv[0], redis_error(reply));
+		if (reply != NULL)
+			freeReplyObject(reply);
+		redis_fail(what);
+		return NULL;
+	}
+	return reply;
+}
+
+/*
+ * Connect, authenticate, select the database and load the script.
+ */
+static bool
+redis_open(void)
+{
+	RedisTarget t;
+	const char *problem;
+	struct timeval tv;
+	redisReply *reply;
+
+	if (!redis_parse_url(cqrs_redis_url, &t, &problem))
+		return false;			/* the check hook prevents this */
+	tv.tv_sec = cqrs_redis_timeout / 1000;
+	tv.tv_usec = (cqrs_redis_timeout % 1000) * 1000;
+
+	redis = redisConnectWithTimeout(t.host, t.port, tv);
+	if (redis == NULL || redis->err)
+	{
+		redis_fail(redis ? redis->errstr : "out of memory");
+		return false;
+	}
+	if (redisSetTimeout(redis, tv) != REDIS_OK)
+	{
+		redis_fail("could not set the timeout");
+		return false;
+	}
+	if (t.password[0] != '\0')
+	{
+		const char *argv[3] = {"AUTH", t.user, t.password};
+
+		if (t.user[0] == '\0')
+			reply = redis_call(2, (const char *[]) {"AUTH", t.password}, REDIS_REPLY_STATUS);
+		else
+			reply = redis_call(3, argv, REDIS_REPLY_STATUS);
+		if (reply == NULL)
+			return false;
+		freeReplyObject(reply);
+	}
+	if (t.db != 0)
+	{
+		char		db[16];
+
+		snprintf(db, sizeof(db), "%d", t.db);
+		reply = redis_call(2, (const char *[]) {"SELECT", db}, REDIS_REPLY_STATUS);
+		if (reply == NULL)
+			return false;
+		freeReplyObject(reply);
+	}
+	reply = redis_call(3, (const char *[]) {"SCRIPT", "LOAD", redis_cas_script},
+					   REDIS_REPLY_STRING);
+	if (reply == NULL)
+		return false;
+	strlcpy(redis_sha, reply->str, sizeof(redis_sha));
+	freeReplyObject(reply);
+
+	ereport(LOG,
+			(errmsg("cqrs projector writes through to %s", redis_where())));
+	redis_failures = 0;
+	redis_was_up = true;
+	redis_drain_needed = true;
+	redis_stats_at = 0;
+	redis_set_connected(true);
+	return true;
+}
+
+/*
+ * Send the writes in one pipeline and read every reply.  False (after
+ * redis_fail()) if any failed; some may have been done.
+ */
+static bool
+redis_send(List *writes)
+{
+	ListCell   *lc;
+	const char *failed = NULL;
+	char		failure[256];
+	uint64		written = 0;
+	int			jitter = Min(cqrs_redis_ttl_jitter, cqrs_redis_ttl - 1);
+
+	foreach(lc, writes)
+	{
+		RedisWrite *w = lfirst(lc);
+		char		key[CQRS_MAX_ID_BYTES + 16];
+		int			rc;
+
+		snprintf(key, sizeof(key), "order:%s", w->order_id);
+		if (w->json == NULL)
+			rc = redisAppendCommandArgv(redis, 2, (const char *[]) {"DEL", key}, NULL);
+		else
+		{
+			char		version[32];
+			char		ttl[16];
+
+			snprintf(version, sizeof(version), INT64_FORMAT, w->version);
+			snprintf(ttl, sizeof(ttl), "%d", cqrs_redis_ttl - jitter +
+					 (int) pg_prng_uint64_range(&pg_global_prng_state, 0, 2 * jitter));
+			rc = redisAppendCommandArgv(redis, 7, (const char *[]) {
+				"EVALSHA", redis_sha, "1", key, w->json, version, ttl}, NULL);
+		}
+		if (rc != REDIS_OK)
+		{
+			redis_fail("out of memory");
+			return false;
+		}
+	}
+
+	foreach(lc, writes)
+	{
+		redisReply *reply = NULL;
+
+		if (redisGetReply(redis, (void **) &reply) != REDIS_OK)
+		{
+			snprintf(failure, sizeof(failure), "%s", redis_error(NULL));
+			redis_fail(failure);
+			return false;
+		}
+		if (reply->type == REDIS_REPLY_ERROR)
+		{
+			if (failed == NULL)
+			{
+				strlcpy(failure, reply->str, sizeof(failure));
+				failed = failure;
+			}
+		}
+		else if (reply->type == REDIS_REPLY_INTEGER && reply->integer == 1)
+			written++;
+		freeReplyObject(reply);
+	}
+	if (failed != NULL)
+	{
+		redis_fail(failed);
+		return false;
+	}
+
+	SpinLockAcquire(&cqrs_shared->mutex);
+	cqrs_shared->redis_writes_total += written;
+	SpinLockRelease(&cqrs_shared->mutex);
+	return true;
+}
+
+/* Read keyspace_hits and keyspace_misses from INFO stats. */
+static void
+redis_read_stats(void)
+{
+	redisReply *reply;
+	const char *p;
+	uint64		hits = 0;
+	uint64		misses = 0;
+
+	reply = redis_call(2, (const char *[]) {"INFO", "stats"}, REDIS_REPLY_STRING);
+	if (reply == NULL)
+		return;
+	if ((p = strstr(reply->str, "keyspace_hits:")) != NULL)
+		hits = strtoull(p + strlen("keyspace_hits:"), NULL, 10);
+	if ((p = strstr(reply->str, "keyspace_misses:")) != NULL)
+		misses = strtoull(p + strlen("keyspace_misses:"), NULL, 10);
+	freeReplyObject(reply);
+
+	SpinLockAcquire(&cqrs_shared->mutex);
+	cqrs_shared->redis_hits = hits;
+	cqrs_shared->redis_misses = misses;
+	SpinLockRelease(&cqrs_shared->mutex);
+}
+
+/*
+ * The projector's turn for Redis, once per loop: follow cqrs.redis_url,
+ * reconnect when the backoff allows, refresh the hit counters every
+ * second.  Returns true when the backlog should be drained now
+ * (cqrs_redis_drain(), in a transaction).
+ */
+bool
+cqrs_redis_tick(void)
+{
+	TimestampTz now;
+	bool		hint;
+
+	if (redis_url_open != NULL &&
+		(cqrs_redis_url == NULL || strcmp(redis_url_open, cqrs_redis_url) != 0))
+	{
+		redis_close();
+		pfree(redis_url_open);
+		redis_url_open = NULL;
+		redis_failures = 0;
+		redis_retry_at = 0;
+	}
+	if (!redis_configured())
+		return false;
+	if (redis_url_open == NULL)
+		redis_url_open = MemoryContextStrdup(TopMemoryContext, cqrs_redis_url);
+
+	now = GetCurrentTimestamp();
+	if (redis == NULL)
+	{
+		if (now < redis_retry_at || !redis_open())
+			return false;
+	}
+	if (now >= TimestampTzPlusMilliseconds(redis_stats_at, 1000))
+	{
+		redis_stats_at = now;
+		redis_read_stats();
+		if (redis == NULL)
+			return false;
+	}
+
+	SpinLockAcquire(&cqrs_shared->mutex);
+	hint = cqrs_shared->redis_backlog_hint;
+	cqrs_shared->redis_backlog_hint = false;
+	SpinLockRelease(&cqrs_shared->mutex);
+	if (hint)
+		redis_drain_needed = true;
+	return redis_drain_needed;
+}
+
+/*
+ * Write up to limit backlog entries to Redis from the read model as it is
+ * now, and delete them; in a transaction, SPI connected.  When fewer were
+ * left, the backlog is done until the next hint.  Returns whether more is
+ * waiting.
+ */
+bool
+cqrs_redis_drain(int limit)
+{
+	static SPIPlanPtr read_plan = NULL;
+	static SPIPlanPtr delete_plan = NULL;
+	static const char *read_sql =
+		"SELECT b.id, b.order_id, r.user_id, r.total_amount::pg_catalog.text,"
+		" r.status, r.version, r.updated_at"
+		" FROM (SELECT id, order_id FROM cqrs.redis_backlog"
+		"       ORDER BY id LIMIT $1) AS b"
+		" LEFT JOIN cqrs.read_model AS r"
+		" ON r.order_id OPERATOR(pg_catalog.=) b.order_id";
+	static const char *delete_sql =
+		"DELETE FROM cqrs.redis_backlog"
+		" WHERE id OPERATOR(pg_catalog.=) ANY ($1::pg_catalog.int8[])";
+	Oid			read_types[1] = {INT4OID};
+	Oid			delete_types[1] = {INT8ARRAYOID};
+	Datum		values[1];
+	Datum	   *ids;
+	List	   *writes = NIL;
+	StringInfoData json;
+	uint64		n;
+
+	if (redis == NULL)
+		return false;
+	values[0] = Int32GetDatum(limit);
+	n = cqrs_exec(cqrs_keep_plan(&read_plan, read_sql, 1, read_types),
+				  values, NULL, 0, SPI_OK_SELECT);
+	if (n < (uint64) limit)
+		redis_drain_needed = false;
+	if (n == 0)
+		return false;
+
+	initStringInfo(&json);
+	ids = palloc(sizeof(Datum) * n);
+	for (uint64 i = 0; i < n; i++)
+	{
+		HeapTuple	tup = SPI_tuptable->vals[i];
+		TupleDesc	desc = SPI_tuptable->tupdesc;
+		RedisWrite *w = palloc0(sizeof(RedisWrite));
+		bool		isnull;
+		Datum		version;
+
+		ids[i] = SPI_getbinval(tup, desc, 1, &isnull);
+		w->order_id = cqrs_spi_text(tup, desc, 2);
+		version = SPI_getbinval(tup, desc, 6, &isnull);
+		if (!isnull)
+		{
+			w->version = DatumGetInt64(version);
+			redis_row_json(&json, w->order_id, cqrs_spi_text(tup, desc, 3),
+						   cqrs_spi_text(tup, desc, 4),
+						   cqrs_spi_text(tup, desc, 5), w->version,
+						   DatumGetTimestampTz(SPI_getbinval(tup, desc, 7, &isnull)));
+			w->json = pstrdup(json.data);
+		}
+		writes = lappend(writes, w);
+	}
+	if (!redis_send(writes))
+	{
+		redis_drain_needed = true;
+		return false;
+	}
+	values[0] = PointerGetDatum(construct_array(ids, (int) n, INT8OID, 8,
+												FLOAT8PASSBYVAL, TYPALIGN_DOUBLE));
+	(void) cqrs_exec(cqrs_keep_plan(&delete_plan, delete_sql, 1, delete_types),
+					 values, NULL, 0, SPI_OK_DELETE);
+	return redis_drain_needed;
+}
+
+/*
+ * A projector batch begins: write its rows through after commit if Redis
+ * is connected, else record them in the backlog.
+ */
+void
+cqrs_redis_batch_begin(void)
+{
+	if (redis_context == NULL)
+		redis_context = AllocSetContextCreate(TopMemoryContext,
+											  "cqrs redis writes",
+											  ALLOCSET_DEFAULT_SIZES);
+	MemoryContextReset(redis_context);
+	redis_pending = NIL;
+	redis_write_through = redis_configured() && redis != NULL;
+}
+
+/*
+ * A row the current batch writes to the read model (updated_at is the
+ * transaction's start, as now() in the statements that write it).
+ */
+void
+cqrs_redis_row(const char *order_id, const char *user_id, Datum amount,
+			   const char *status, int64 version)
+{
+	MemoryContext old;
+	RedisWrite *w;
+	StringInfoData json;
+
+	if (!redis_configured())
+		return;
+	if (!redis_write_through)
+	{
+		cqrs_redis_stale(order_id);
+		return;
+	}
+	old = MemoryContextSwitchTo(redis_context);
+	w = palloc(sizeof(RedisWrite));
+	w->order_id = pstrdup(order_id);
+	w->version = version;
+	initStringInfo(&json);
+	redis_row_json(&json, order_id, user_id,
+				   DatumGetCString(DirectFunctionCall1(numeric_out, amount)),
+				   status, version, GetCurrentTransactionStartTimestamp());
+	w->json = json.data;
+	redis_pending = lappend(redis_pending, w);
+	MemoryContextSwitchTo(old);
+}
+
+/* How many rows the batch has noted so far (for cqrs_redis_forget()). */
+int
+cqrs_redis_mark(void)
+{
+	return list_length(redis_pending);
+}
+
+/* A subtransaction of the batch rolled back: forget what it noted. */
+void
+cqrs_redis_forget(int mark)
+{
+	if (list_length(redis_pending) > mark)
+		redis_pending = list_truncate(redis_pending, mark);
+}
+
+/*
+ * The batch committed: write its rows.  Returns false when that failed;
+ * the caller then records them with cqrs_redis_backlog_failed() in a new
+ * transaction before it goes on.
+ */
+bool
+cqrs_redis_batch_done(void)
+{
+	redis_write_through = false;
+	if (redis_pending == NIL)
+		return true;
+	if (redis == NULL || !redis_send(redis_pending))
+		return false;
+	redis_pending = NIL;
+	return true;
+}
+
+/* The batch rolled back: nothing to write. */
+void
+cqrs_redis_batch_abort(void)
+{
+	redis_write_through = false;
+	redis_pending = NIL;
+}
+
+/* Put the rows of a batch whose write failed in the backlog (SPI connected). */
+void
+cqrs_redis_backlog_failed(void)
+{
+	ListCell   *lc;
+
+	foreach(lc, redis_pending)
+		cqrs_redis_stale(((RedisWrite *) lfirst(lc))->order_id);
+	redis_pending = NIL;
+	cqrs_redis_flush_stale();
+	redis_drain_needed = true;
+}
+
+#else							/* !USE_HIREDIS */
+
+bool
+cqrs_redis_tick(void)
+{
+	return false;
+}
+
+bool
+cqrs_redis_drain(int limit)
+{
+	return false;
+}
+
+void
+cqrs_redis_batch_begin(void)
+{
+}
+
+void
+cqrs_redis_row(const char *order_id, const char *user_id, Datum amount,
+			   const char *status, int64 version)
+{
+}
+
+int
+cqrs_redis_mark(void)
+{
+	return 0;
+}
+
+void
+cqrs_redis_forget(int mark)
+{
+}
+
+bool
+cqrs_redis_batch_done(void)
+{
+	return true;
+}
+
+void
+cqrs_redis_batch_abort(void)
+{
+}
+
+void
+cqrs_redis_backlog_failed(void)
+{
+}
+
+#endif							/* USE_HIREDIS */
