@@ -449,6 +449,7 @@ typedef struct RedisWrite
 	char	   *order_id;
 	char	   *json;			/* NULL: delete the key */
 	int64		version;
+	bool		created;		/* the batch created the row (version 1) */
 } RedisWrite;
 
 static redisContext *redis = NULL;
@@ -654,8 +655,18 @@ redis_send(List *writes)
 			snprintf(version, sizeof(version), INT64_FORMAT, w->version);
 			snprintf(ttl, sizeof(ttl), "%d", cqrs_redis_ttl - jitter +
 					 (int) pg_prng_uint64_range(&pg_global_prng_state, 0, 2 * jitter));
-			rc = redisAppendCommandArgv(redis, 7, (const char *[]) {
-				"EVALSHA", redis_sha, "1", key, w->json, version, ttl}, NULL);
+
+			/*
+			 * Nothing is newer than a row just created: a key that exists
+			 * already is a client's fill of this very version.  So no
+			 * script, only "if absent".
+			 */
+			if (w->created)
+				rc = redisAppendCommandArgv(redis, 6, (const char *[]) {
+					"SET", key, w->json, "EX", ttl, "NX"}, NULL);
+			else
+				rc = redisAppendCommandArgv(redis, 7, (const char *[]) {
+					"EVALSHA", redis_sha, "1", key, w->json, version, ttl}, NULL);
 		}
 		if (rc != REDIS_OK)
 		{
@@ -682,7 +693,8 @@ redis_send(List *writes)
 				failed = failure;
 			}
 		}
-		else if (reply->type == REDIS_REPLY_INTEGER && reply->integer == 1)
+		else if ((reply->type == REDIS_REPLY_INTEGER && reply->integer == 1) ||
+				 reply->type == REDIS_REPLY_STATUS)
 			written++;
 		freeReplyObject(reply);
 	}
@@ -885,6 +897,7 @@ cqrs_redis_row(const char *order_id, const char *user_id, Datum amount,
 	w = palloc(sizeof(RedisWrite));
 	w->order_id = pstrdup(order_id);
 	w->version = version;
+	w->created = (version == 1);
 	initStringInfo(&json);
 	redis_row_json(&json, order_id, user_id,
 				   DatumGetCString(DirectFunctionCall1(numeric_out, amount)),

@@ -3,26 +3,39 @@
 #
 # Installs what is missing (as root, with apt), builds and installs cqrs,
 # starts a demo cluster with cqrs preloaded in /tmp/cqrs-demo (port 54320,
-# unix socket only), creates the extension and an application role, sends
-# commands through it (including a retry and rejected ones), shows the
-# command log, then the read model the projector made of it.  The cluster
-# keeps running so you can look around; "bash test/demo.sh stop" stops it.
+# unix socket only) and, when redis-server is installed, a Redis on
+# 127.0.0.1:54321 the projector writes through to; creates the extension
+# and an application role, sends commands through it (including a retry
+# and rejected ones), shows the command log, then the read model the
+# projector made of it and the same orders in Redis.  The cluster keeps
+# running so you can look around; "bash test/demo.sh stop" stops it.
 set -euo pipefail
 . "$(dirname "$0")/lib.sh"
 
 DEMO_DIR=${CQRS_DEMO_DIR:-/tmp/cqrs-demo}
 DEMO_PORT=${CQRS_DEMO_PORT:-54320}
 
+REDIS_DIR=$DEMO_DIR-redis
+REDIS_PORT=${CQRS_DEMO_REDIS_PORT:-54321}
+
 if [ "${1:-}" = stop ]; then
 	cqrs_cluster_stop "$DEMO_DIR"
+	cqrs_redis_stop "$REDIS_DIR"
 	cqrs_log "demo cluster in $DEMO_DIR stopped"
 	exit 0
 fi
 
 cqrs_install_deps
 cqrs_build_install
+redis_conf=()
+if cqrs_redis_start "$REDIS_DIR" "$REDIS_PORT"; then
+	cqrs_log "Redis on 127.0.0.1:$REDIS_PORT: the projector writes orders through to it"
+	redis_conf=("cqrs.redis_url = 'redis://127.0.0.1:$REDIS_PORT'")
+else
+	cqrs_log "no redis-server: the demo runs without Redis write-through"
+fi
 cqrs_log "starting the demo cluster in $DEMO_DIR (port $DEMO_PORT)"
-cqrs_cluster_start "$DEMO_DIR" "$DEMO_PORT"
+cqrs_cluster_start "$DEMO_DIR" "$DEMO_PORT" "${redis_conf[@]}"
 
 psql_demo() {
 	cqrs_as_pg "$("$PG_CONFIG" --bindir)/psql" -X -h "$DEMO_DIR" -p "$DEMO_PORT" \
@@ -94,10 +107,19 @@ done
 psql_demo -e <<'SQL'
 SELECT order_id, status, version FROM cqrs.read_model WHERE order_id = 'order-1001';
 SELECT command_type, aggregate_id, sequence_id, reason FROM cqrs.dead_letter;
-SELECT state, leader_pid, applied_lsn, lag_bytes, applied_total, parked, dead_letter
+SELECT state, leader_pid, applied_lsn, lag_bytes, applied_total, parked, dead_letter, redis
   FROM cqrs.status;
 SELECT count(*) AS differences FROM cqrs.verify();
 SQL
+
+if [ ${#redis_conf[@]} -gt 0 ]; then
+	cqrs_log "the same orders in Redis, for cache-aside reads (GET order:<id>)"
+	for id in order-1001 order-1002 order-1003; do
+		echo "GET order:$id"
+		redis-cli -p "$REDIS_PORT" GET "order:$id"
+	done
+	echo "keys written: $(redis-cli -p "$REDIS_PORT" --scan --pattern 'order:*' | wc -l)"
+fi
 
 cat <<EOF2
 
@@ -106,3 +128,6 @@ The demo cluster is running.  Connect with:
 Stop it with:
   bash test/demo.sh stop
 EOF2
+if [ ${#redis_conf[@]} -gt 0 ]; then
+	echo "Redis: redis-cli -p $REDIS_PORT"
+fi

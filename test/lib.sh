@@ -110,3 +110,36 @@ cqrs_cluster_stop() {
 	[ -f "$dir/data/postmaster.pid" ] || return 0
 	cqrs_as_pg "$("$PG_CONFIG" --bindir)/pg_ctl" -D "$dir/data" -m fast -w stop >/dev/null || true
 }
+
+# Start a throwaway redis-server in $1 on 127.0.0.1:$2, without
+# persistence, as the server user; stopped by cqrs_redis_stop.  Returns 1
+# when redis-server is not installed.
+cqrs_redis_start() {
+	local dir=$1 port=$2
+	command -v redis-server >/dev/null || return 1
+	cqrs_redis_stop "$dir"
+	mkdir -p "$dir"
+	[ "$(id -u)" -eq 0 ] && chown "$(cqrs_pg_user)": "$dir"
+	cqrs_as_pg redis-server --port "$port" --bind 127.0.0.1 --save '' \
+		--appendonly no --daemonize yes --pidfile "$dir/redis.pid" \
+		--dir "$dir" --logfile "$dir/redis.log" >/dev/null
+	for _ in $(seq 50); do
+		[ "$(redis-cli -p "$port" ping 2>/dev/null)" = PONG ] && return 0
+		sleep 0.1
+	done
+	cqrs_log "redis-server did not start: see $dir/redis.log"
+	return 1
+}
+
+# Stop the redis-server cqrs_redis_start started in $1, if it runs.
+cqrs_redis_stop() {
+	local dir=$1 pid
+	[ -f "$dir/redis.pid" ] || return 0
+	pid=$(cat "$dir/redis.pid")
+	kill "$pid" 2>/dev/null || true
+	for _ in $(seq 50); do
+		kill -0 "$pid" 2>/dev/null || break
+		sleep 0.1
+	done
+	rm -f "$dir/redis.pid"
+}

@@ -74,6 +74,20 @@ bench_run() {
 		awk '/^tps = / { printf "%.0f\n", $3 }'
 }
 
+# Wait until the query $1 returns true.
+wait_for() {
+	until [ "$(psql_bench -c "$1")" = t ]; do sleep 0.02; done
+}
+
+# Seconds until everything committed up to now is projected.
+catch_up() {
+	local lsn t0
+	lsn=$(psql_bench -c 'SELECT pg_current_wal_flush_lsn()')
+	t0=$(date +%s.%N)
+	wait_for "SELECT applied_lsn >= '$lsn' FROM cqrs.status"
+	awk -v a="$t0" -v b="$(date +%s.%N)" 'BEGIN { printf "%.2f", b - a }'
+}
+
 median() { sort -n | awk '{ v[NR] = $1 } END { print v[int((NR + 1) / 2)] }'; }
 ratio() { awk -v a="$1" -v b="$2" 'BEGIN { printf "%.2f", a / b }'; }
 verdict() { awk -v r="$1" -v t="$2" -v op="${3:->=}" 'BEGIN { ok = (op == "<=") ? r <= t : r >= t; print ok ? "met" : "MISSED" }'; }

@@ -38,19 +38,7 @@ CREATE TABLE bench.plain (LIKE cqrs.command_log INCLUDING ALL);
 CREATE TABLE bench.h0 AS SELECT * FROM cqrs.lag_histogram();
 SQL
 
-wait_for() {
-	until [ "$(psql_bench -c "$1")" = t ]; do sleep 0.02; done
-}
 wait_for "SELECT state = 'running' FROM cqrs.status"
-
-# Seconds until everything committed up to now is projected.
-catch_up() {
-	local lsn t0
-	lsn=$(psql_bench -c 'SELECT pg_current_wal_flush_lsn()')
-	t0=$(date +%s.%N)
-	wait_for "SELECT applied_lsn >= '$lsn' FROM cqrs.status"
-	awk -v a="$t0" -v b="$(date +%s.%N)" 'BEGIN { printf "%.2f", b - a }'
-}
 
 hist_mark() {
 	psql_bench -c 'TRUNCATE bench.h0; INSERT INTO bench.h0 SELECT * FROM cqrs.lag_histogram()'
