@@ -9,13 +9,13 @@
 # its own cluster and Redis.
 #
 #   bash test/bench/redis.sh
-#   DURATION=10 ROUNDS=5 CLIENTS=4 SYNC=off bash test/bench/redis.sh
+#   DURATION=10 ROUNDS=7 CLIENTS=4 SYNC=off bash test/bench/redis.sh
 set -euo pipefail
 . "$(dirname "$0")/../lib.sh"
 . "$(dirname "$0")/common.sh"
 
 DURATION=${DURATION:-10}
-ROUNDS=${ROUNDS:-5}
+ROUNDS=${ROUNDS:-7}
 CLIENTS=${CLIENTS:-4}
 SYNC=${SYNC:-off}
 REDIS_DIR=$BENCH_DIR-redis
