@@ -705,15 +705,17 @@ worker_hold_while_paused(Oid extension)
  * Returns whether more of the backlog is waiting.
  */
 static bool
-worker_redis(void)
+worker_redis(Oid extension)
 {
-	bool		more;
+	bool		more = false;
 
 	if (!cqrs_redis_tick())
 		return false;
 	pgstat_report_activity(STATE_RUNNING, "writing the Redis backlog");
 	worker_begin();
-	more = cqrs_redis_drain(cqrs_batch_size_max);
+	/* the extension, and its backlog table, may have been dropped */
+	if (get_extension_oid("cqrs", true) == extension)
+		more = cqrs_redis_drain(cqrs_batch_size_max);
 	worker_commit();
 	pgstat_report_activity(STATE_IDLE, NULL);
 	return more;
@@ -829,7 +831,7 @@ worker_stream(void)
 			continue;
 		}
 
-		redis_busy = worker_redis();
+		redis_busy = worker_redis(extension);
 
 		/* commands committed with synchronous_commit = off: flush them */
 		SpinLockAcquire(&cqrs_shared->mutex);
