@@ -47,7 +47,7 @@ TAP_TESTS = 1
 PROVE_TESTS = test/t/*.pl
 
 EXTRA_CLEAN = tmp_check tmp_check_regress tmp_check_iso results \
-	regression.diffs regression.out output_iso
+	regression.diffs regression.out output_iso tools/cqrs-load
 
 PG_CONFIG ?= pg_config
 PGXS := $(shell $(PG_CONFIG) --pgxs)
@@ -55,3 +55,23 @@ include $(PGXS)
 
 # Every module includes these; PGXS tracks no header dependencies itself.
 $(OBJS): src/cqrs.h src/compat.h
+
+# The load generator (libpq, hiredis when built with it, pthreads).
+LOAD_CFLAGS = -O2 -Wall -Wextra -Wno-unused-parameter -pthread \
+	-I$(shell $(PG_CONFIG) --includedir)
+LOAD_LIBS = -L$(shell $(PG_CONFIG) --libdir) -lpq -lm
+ifeq ($(WITH_HIREDIS),yes)
+LOAD_CFLAGS += -DUSE_HIREDIS $(filter -I%,$(shell pkg-config --cflags hiredis))
+LOAD_LIBS += $(shell pkg-config --libs hiredis)
+endif
+
+tools/cqrs-load: tools/cqrs-load.c
+	$(CC) $(LOAD_CFLAGS) $(CQRS_CFLAGS) -o $@ $< $(LOAD_LIBS)
+
+cqrs-load: tools/cqrs-load
+
+# The side-by-side benchmark suite: its own cluster and Redis, one table.
+bench: tools/cqrs-load
+	bash test/bench/suite.sh
+
+.PHONY: cqrs-load bench
