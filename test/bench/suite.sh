@@ -2,8 +2,9 @@
 # test/bench/suite.sh (make bench): cqrs side by side with what users would
 # build instead, measured in one run on a throwaway cluster and Redis:
 #
-#   append      pgbench, 4 clients, ROUNDS x DURATION s per variant and
-#               synchronous_commit setting (medians), the projector running:
+#   append      pgbench, 4 clients, ROUNDS rounds of the variants in turn,
+#               DURATION s each, per synchronous_commit setting (medians),
+#               the projector and its Redis write-through running:
 #               plain INSERT of the command log's row shape and unique keys;
 #               cqrs.submit_order(); an AFTER INSERT trigger that upserts a
 #               read table in the same transaction; the naive dual write
@@ -40,6 +41,7 @@ OUT=$BENCH_WORK/out
 mkdir -p "$OUT"
 chmod 777 "$OUT"
 
+cqrs_install_deps
 command -v gnuplot >/dev/null || {
 	[ "$(id -u)" -eq 0 ] && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends gnuplot-nox >/dev/null
 }
@@ -103,18 +105,19 @@ load() {
 }
 json() { grep -o "\"$2\": [-0-9.e+]*" "$1" | awk '{ print $2 }'; }
 
-cqrs_log "append: 4 variants x synchronous_commit on/off x $ROUNDS rounds of ${DURATION}s"
-declare -A rate
+cqrs_log "append: $ROUNDS rounds of the 4 variants in turn, ${DURATION}s each, synchronous_commit on and off"
+declare -A rate runs
 for sc in on off; do
-	for v in plain submit trigger dual; do
-		runs=()
-		for _ in $(seq "$ROUNDS"); do
+	for _ in $(seq "$ROUNDS"); do
+		for v in plain submit trigger dual; do
 			psql_bench -c CHECKPOINT
-			runs+=("$(bench_run "$v" "$sc")")
+			runs[$v.$sc]="${runs[$v.$sc]:-} $(bench_run "$v" "$sc")"
 			catch_up >/dev/null
 		done
-		rate[$v.$sc]=$(printf '%s\n' "${runs[@]}" | median)
-		echo "  $v sync=$sc: ${runs[*]}" >&2
+	done
+	for v in plain submit trigger dual; do
+		rate[$v.$sc]=$(printf '%s\n' ${runs[$v.$sc]} | median)
+		echo "  $v sync=$sc:${runs[$v.$sc]}" >&2
 	done
 done
 
@@ -160,7 +163,7 @@ echo "cqrs benchmark suite: $(nproc) cores, $(free -g | awk '/^Mem/ { print $2 }
 echo
 printf '%-52s %10s %10s\n' "append (rows/s, median of $ROUNDS x ${DURATION}s, $CLIENTS clients)" "sync on" "sync off"
 printf '%-52s %10s %10s\n' "  plain INSERT (the log's row shape and keys)" "${rate[plain.on]}" "${rate[plain.off]}"
-printf '%-52s %10s %10s\n' "  cqrs.submit_order(), projector running" "${rate[submit.on]}" "${rate[submit.off]}"
+printf '%-52s %10s %10s\n' "  cqrs.submit_order() (projector, Redis running)" "${rate[submit.on]}" "${rate[submit.off]}"
 printf '%-52s %10s %10s\n' "  AFTER INSERT trigger upserting a read table" "${rate[trigger.on]}" "${rate[trigger.off]}"
 printf '%-52s %10s %10s\n' "  dual write: append + upsert in one transaction" "${rate[dual.on]}" "${rate[dual.off]}"
 a=$(r "${rate[submit.on]}" "${rate[plain.on]}"); b=$(r "${rate[submit.off]}" "${rate[plain.off]}")
