@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # test/load-smoke.sh: build cqrs-load and run it for a few seconds against
 # a throwaway cluster and Redis (database only when Redis is missing),
-# checking that it wrote, read, measured the lag and reported no error, and
+# checking that it wrote, read, measured the lag and reported no error,
+# that its readers go on from the database when Redis goes away, and
 # that it refuses bad arguments and unreachable servers.  Part of CI; the
 # full benchmark (make bench) is not.
 set -euo pipefail
@@ -46,6 +47,15 @@ check "the read model has what was written" \
 	'[ "$(cqrs_as_pg "$("$PG_CONFIG" --bindir)/psql" -X -At -d "$conninfo" -c "SELECT count(*) = 0 FROM cqrs.verify()")" = t ]'
 if [ ${#redis[@]} -gt 0 ]; then
 	check "cache-aside reads hit Redis" 'awk -v r="$(json cache_hit_ratio)" "BEGIN { exit !(r > 0.5) }"'
+fi
+if [ ${#redis[@]} -gt 0 ]; then
+	# Redis gone in the middle of a run: the readers go on from the database
+	(sleep 1.5; cqrs_redis_stop "$DIR-redis") &
+	cqrs_as_pg "$LOAD" -d "$conninfo" "${redis[@]}" -T 4 -W 100 -R 300 -q --json "$WORK/down.json" --series "$WORK/down.csv" >/dev/null
+	wait
+	check "Redis down: reads go on from the database" \
+		'[ "$(awk -F, "NR == 5 { print \$3 }" "$WORK/down.csv")" -ge 200 ]'
+	check "Redis down: counted as redis errors" 'grep -q "\"redis\": [1-9]" "$WORK/down.json"'
 fi
 check "bad arguments: exit 2" '( "$LOAD" --writers=-1 2>/dev/null; [ $? -eq 2 ] )'
 check "unreachable database: exit 1 with a message" \
