@@ -617,23 +617,68 @@ worker_insert_end(void)
 }
 
 /*
- * page_read callback of the decoding context: read_local_xlog_page(),
- * except that WAL a record needs beyond the flushed end is flushed first
- * rather than waited for.  The flushed end can fall inside a record (the
- * WAL writer flushes whole pages), and nobody else might flush the rest
- * soon: a running-transactions record at the end of an idle server's WAL
- * would otherwise stall the projector.
+ * Is the projector under load (its last batch was busy)?  Then the WAL
+ * writer writes each page of WAL as it fills, and waiting a moment for it
+ * costs less than a flush of our own.
+ */
+static bool worker_busy = false;
+
+/*
+ * page_read callback of the decoding context: read_local_xlog_page(), but
+ * up to the end of the WAL written, not only flushed, and writing what a
+ * record needs beyond it rather than waiting for it.
+ *
+ * Written WAL is safe to project before it is flushed: the batch that
+ * applies it commits after it in the same WAL, so a crash that loses the
+ * commands loses the batch with them, and the slot is confirmed only once
+ * the batch's commit is flushed (worker_confirm()).  Reading it saves the
+ * flush that waiting for commands committed with synchronous_commit = off
+ * would otherwise cost every batch.
+ *
+ * The written end can fall inside a record, and nobody else might write
+ * the rest soon (a running-transactions record at the end of an idle
+ * server's WAL): under load we wait a few milliseconds for the WAL writer,
+ * otherwise, or then, we flush it ourselves.
  */
 static int
 worker_page_read(XLogReaderState *state, XLogRecPtr targetPagePtr,
 				 int reqLen, XLogRecPtr targetRecPtr, char *cur_page)
 {
 	XLogRecPtr	need = targetPagePtr + reqLen;
+	XLogRecPtr	upto = GetXLogWriteRecPtr();
+	TimeLineID	tli = GetWALInsertionTimeLine();
+	WALReadError errinfo;
+	int			count;
 
-	if (GetFlushRecPtr(NULL) < need)
+	for (int ms = 0; worker_busy && upto < need && ms < CQRS_BUSY_NAPTIME; ms++)
+	{
+		(void) WaitLatch(MyLatch, WL_TIMEOUT | WL_EXIT_ON_PM_DEATH, 1,
+						 PG_WAIT_EXTENSION);
+		upto = GetXLogWriteRecPtr();
+	}
+	if (upto < need)
+	{
 		XLogFlush(Min(need, worker_insert_end()));
-	return read_local_xlog_page(state, targetPagePtr, reqLen, targetRecPtr,
-								cur_page);
+		upto = GetXLogWriteRecPtr();
+	}
+
+	/* a page of an older timeline (after a promotion) ends at its switch */
+	XLogReadDetermineTimeline(state, targetPagePtr, reqLen, tli);
+	if (state->currTLI != tli)
+	{
+		upto = state->currTLIValidUntil;
+		tli = state->currTLI;
+	}
+
+	if (targetPagePtr + XLOG_BLCKSZ <= upto)
+		count = XLOG_BLCKSZ;
+	else if (need > upto)
+		return -1;
+	else
+		count = upto - targetPagePtr;
+	if (!WALRead(state, cur_page, targetPagePtr, XLOG_BLCKSZ, tli, &errinfo))
+		WALReadRaiseError(&errinfo);
+	return count;
 }
 
 /*
@@ -833,13 +878,29 @@ worker_stream(void)
 
 		redis_busy = worker_redis(extension);
 
-		/* commands committed with synchronous_commit = off: flush them */
+		/*
+		 * Read as far as WAL is written (see worker_page_read()).  Once all
+		 * of it is read, commands committed with synchronous_commit = off
+		 * may still wait in WAL buffers: under load, give the WAL writer a
+		 * moment to write them; otherwise, or if it did not, write them
+		 * out ourselves.
+		 */
 		SpinLockAcquire(&cqrs_shared->mutex);
 		wake_lsn = cqrs_shared->wake_lsn;
 		SpinLockRelease(&cqrs_shared->mutex);
-		if (GetFlushRecPtr(NULL) < wake_lsn)
+		end_of_wal = GetXLogWriteRecPtr();
+		if (end_of_wal < wake_lsn && !worker_busy)
+		{
 			XLogFlush(wake_lsn);
-		end_of_wal = GetFlushRecPtr(NULL);
+			end_of_wal = GetXLogWriteRecPtr();
+		}
+		else if (end_of_wal < wake_lsn && ctx->reader->EndRecPtr >= end_of_wal)
+		{
+			worker_busy = false;
+			(void) WaitLatch(MyLatch, WL_TIMEOUT | WL_EXIT_ON_PM_DEATH,
+							 CQRS_BUSY_NAPTIME, PG_WAIT_EXTENSION);
+			continue;
+		}
 		if (worker_confirm(unconfirmed, unconfirmed_commit, false))
 			unconfirmed = InvalidXLogRecPtr;
 
@@ -937,13 +998,15 @@ worker_stream(void)
 			 * load batches grow and their fixed cost (transaction, flush)
 			 * is shared.  A single command at light load is not held up.
 			 */
+			worker_busy = (nrecords >= CQRS_BUSY_BATCH);
 			if (caught_up && nrecords >= CQRS_BUSY_BATCH)
 				(void) WaitLatch(MyLatch, WL_TIMEOUT | WL_EXIT_ON_PM_DEATH,
 								 CQRS_BUSY_NAPTIME, PG_WAIT_EXTENSION);
 			continue;
 		}
 
-		if (!caught_up)
+		/* not caught up, or commands committed beyond what was written */
+		if (!caught_up || end_of_wal < wake_lsn)
 			continue;
 
 		/*
