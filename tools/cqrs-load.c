@@ -666,8 +666,19 @@ reader_main(void *arg)
 			sleep_s(0.001);
 			continue;
 		}
-		n = n < RING_SIZE ? n : RING_SIZE;
-		memcpy(id, ring[rand_r(&r->seed) % n], ID_LEN);
+		/*
+		 * Count back from the newest slot, leaving out the newest few: a
+		 * writer may still be filling them.
+		 */
+		{
+			uint64_t	avail = n < RING_SIZE ? n : RING_SIZE;
+			uint64_t	skip = (uint64_t) opt_writers * 2;
+			uint64_t	back = avail > skip ?
+				skip + (uint64_t) rand_r(&r->seed) % (avail - skip) :
+				(uint64_t) rand_r(&r->seed) % avail;
+
+			memcpy(id, ring[(n - 1 - back) % RING_SIZE], ID_LEN);
+		}
 		t0 = now_s();
 		if (reader_read(r, id))
 		{
