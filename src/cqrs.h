@@ -215,6 +215,7 @@ extern int	cqrs_redis_mark(void);
 extern void cqrs_redis_forget(int mark);
 extern bool cqrs_redis_batch_done(void);
 extern void cqrs_redis_batch_abort(void);
+extern bool cqrs_redis_batch_pending(void);
 extern void cqrs_redis_backlog_failed(void);
 
 /* worker.c */

@@ -947,6 +947,13 @@ cqrs_redis_batch_abort(void)
 	redis_pending = NIL;
 }
 
+/* Has the batch rows to write through? */
+bool
+cqrs_redis_batch_pending(void)
+{
+	return redis_pending != NIL;
+}
+
 /* Put the rows of a batch whose write failed in the backlog (SPI connected). */
 void
 cqrs_redis_backlog_failed(void)
@@ -1005,6 +1012,12 @@ cqrs_redis_batch_done(void)
 void
 cqrs_redis_batch_abort(void)
 {
+}
+
+bool
+cqrs_redis_batch_pending(void)
+{
+	return false;
 }
 
 void

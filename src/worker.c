@@ -588,8 +588,12 @@ worker_apply(CqrsQueue *queue, XLogRecPtr skip_upto, CqrsApplyStats *stats)
 
 	/*
 	 * Write the batch through to Redis, or put its orders in the Redis
-	 * backlog, before anything confirms the slot past the batch.
+	 * backlog, before anything confirms the slot past the batch.  Redis
+	 * must never hold a row the read model can still lose: the batch, and
+	 * the commands it read before they were flushed, go to disk first.
 	 */
+	if (cqrs_redis_batch_pending() && GetFlushRecPtr(NULL) < XactLastCommitEnd)
+		XLogFlush(XactLastCommitEnd);
 	if (!cqrs_redis_batch_done())
 	{
 		worker_begin();
