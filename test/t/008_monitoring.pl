@@ -11,6 +11,7 @@ use CqrsTest;
 use HTTP::Tiny;
 use PostgreSQL::Test::Utils;
 use Test::More;
+use Time::HiRes qw(sleep);
 
 my $exporter = '/usr/bin/prometheus-postgres-exporter';
 my $promtool = '/usr/bin/promtool';
