@@ -572,6 +572,31 @@ batch_exec(Batch *b, SPIPlanPtr *plan, const char *sql, int expected)
 	return cqrs_exec(*plan, values, NULL, 0, expected);
 }
 
+/* Dead letters as a relation, from the arrays $1-$6, to insert. */
+#define DEAD_LETTER_INSERT_SQL \
+	"INSERT INTO cqrs.dead_letter (command_id, command_type, aggregate_id," \
+	" sequence_id, reason, traceparent)" \
+	" SELECT * FROM ROWS FROM (pg_catalog.unnest($1::pg_catalog.uuid[])," \
+	" pg_catalog.unnest($2::pg_catalog.text[])," \
+	" pg_catalog.unnest($3::pg_catalog.text[])," \
+	" pg_catalog.unnest($4::pg_catalog.int8[])," \
+	" pg_catalog.unnest($5::pg_catalog.text[])," \
+	" pg_catalog.unnest($6::pg_catalog.text[]))"
+static const Oid dead_letter_types[6] = {UUIDOID, TEXTOID, TEXTOID, INT8OID, TEXTOID, TEXTOID};
+
+/* Add a dead letter to a batch of them (columns as DEAD_LETTER_INSERT_SQL). */
+static void
+batch_put_dead(Batch *b, DeadLetter *dl)
+{
+	batch_put(b, 0, UUIDPGetDatum(&dl->rec->command_id));
+	batch_put_text(b, 1, dl->rec->command_type);
+	batch_put_text(b, 2, dl->rec->aggregate_id);
+	batch_put(b, 3, Int64GetDatum(dl->rec->sequence_id));
+	batch_put_text(b, 4, dl->reason);
+	batch_put_text(b, 5, dl->rec->traceparent);
+	b->nrows++;
+}
+
 /*
  * Insert dead letters; returns how many were new.
  */
@@ -579,32 +604,13 @@ static int64
 projector_write_dead(List *dead)
 {
 	static const char *sql =
-		"INSERT INTO cqrs.dead_letter (command_id, command_type, aggregate_id,"
-		" sequence_id, reason, traceparent)"
-		" SELECT * FROM ROWS FROM (pg_catalog.unnest($1::pg_catalog.uuid[]),"
-		" pg_catalog.unnest($2::pg_catalog.text[]),"
-		" pg_catalog.unnest($3::pg_catalog.text[]),"
-		" pg_catalog.unnest($4::pg_catalog.int8[]),"
-		" pg_catalog.unnest($5::pg_catalog.text[]),"
-		" pg_catalog.unnest($6::pg_catalog.text[]))"
-		" ON CONFLICT (command_id) DO NOTHING";
-	static const Oid types[6] = {UUIDOID, TEXTOID, TEXTOID, INT8OID, TEXTOID, TEXTOID};
+		DEAD_LETTER_INSERT_SQL " ON CONFLICT (command_id) DO NOTHING";
 	Batch		b;
 	ListCell   *lc;
 
-	batch_init(&b, list_length(dead), 6, types);
+	batch_init(&b, list_length(dead), 6, dead_letter_types);
 	foreach(lc, dead)
-	{
-		DeadLetter *dl = lfirst(lc);
-
-		batch_put(&b, 0, UUIDPGetDatum(&dl->rec->command_id));
-		batch_put_text(&b, 1, dl->rec->command_type);
-		batch_put_text(&b, 2, dl->rec->aggregate_id);
-		batch_put(&b, 3, Int64GetDatum(dl->rec->sequence_id));
-		batch_put_text(&b, 4, dl->reason);
-		batch_put_text(&b, 5, dl->rec->traceparent);
-		b.nrows++;
-	}
+		batch_put_dead(&b, lfirst(lc));
 	return (int64) batch_exec(&b, &dead_plan, sql, SPI_OK_INSERT);
 }
 
@@ -628,15 +634,7 @@ projector_write_dead_rebuild(List *dead)
 		"SELECT command_id, reason FROM cqrs.dead_letter"
 		" WHERE command_id OPERATOR(pg_catalog.=) ANY ($1::pg_catalog.uuid[])";
 	static const char *write_sql =
-		"INSERT INTO cqrs.dead_letter (command_id, command_type, aggregate_id,"
-		" sequence_id, reason, traceparent)"
-		" SELECT * FROM ROWS FROM (pg_catalog.unnest($1::pg_catalog.uuid[]),"
-		" pg_catalog.unnest($2::pg_catalog.text[]),"
-		" pg_catalog.unnest($3::pg_catalog.text[]),"
-		" pg_catalog.unnest($4::pg_catalog.int8[]),"
-		" pg_catalog.unnest($5::pg_catalog.text[]),"
-		" pg_catalog.unnest($6::pg_catalog.text[]))"
-		" ON CONFLICT (command_id) DO UPDATE SET"
+		DEAD_LETTER_INSERT_SQL " ON CONFLICT (command_id) DO UPDATE SET"
 		" command_type = excluded.command_type,"
 		" aggregate_id = excluded.aggregate_id,"
 		" sequence_id = excluded.sequence_id, reason = excluded.reason,"
@@ -644,7 +642,6 @@ projector_write_dead_rebuild(List *dead)
 	static SPIPlanPtr load_plan = NULL;
 	static SPIPlanPtr write_plan = NULL;
 	static const Oid uuid_type[1] = {UUIDOID};
-	static const Oid types[6] = {UUIDOID, TEXTOID, TEXTOID, INT8OID, TEXTOID, TEXTOID};
 	int			ndead = list_length(dead);
 	Batch		ids;
 	Batch		b;
@@ -692,23 +689,16 @@ projector_write_dead_rebuild(List *dead)
 		sdl->reason = cqrs_spi_text(tup, SPI_tuptable->tupdesc, 2);
 	}
 
-	batch_init(&b, ndead, 6, types);
+	batch_init(&b, ndead, 6, dead_letter_types);
 	foreach(lc, dead)
 	{
 		DeadLetter *dl = lfirst(lc);
 		StoredDeadLetter *sdl;
 
 		sdl = hash_search(stored, &dl->rec->command_id, HASH_FIND, NULL);
-		if (sdl != NULL && sdl->reason != NULL &&
-			strcmp(sdl->reason, dl->reason) == 0)
-			continue;
-		batch_put(&b, 0, UUIDPGetDatum(&dl->rec->command_id));
-		batch_put_text(&b, 1, dl->rec->command_type);
-		batch_put_text(&b, 2, dl->rec->aggregate_id);
-		batch_put(&b, 3, Int64GetDatum(dl->rec->sequence_id));
-		batch_put_text(&b, 4, dl->reason);
-		batch_put_text(&b, 5, dl->rec->traceparent);
-		b.nrows++;
+		if (sdl == NULL || sdl->reason == NULL ||
+			strcmp(sdl->reason, dl->reason) != 0)
+			batch_put_dead(&b, dl);
 	}
 	batch_exec(&b, &write_plan, write_sql, SPI_OK_INSERT);
 	return ndead;
