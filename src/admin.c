@@ -460,6 +460,15 @@ admin_count(const char *query)
 	return n;
 }
 
+/* A metric family of one sample without labels. */
+static void
+metric_single(MetricSink *sink, const char *name, const char *type,
+			  const char *help, double value)
+{
+	sink->family(sink, name, type, help);
+	sink->sample(sink, name, NULL, NULL, value);
+}
+
 static void
 admin_collect(MetricSink *sink)
 {
@@ -492,25 +501,21 @@ admin_collect(MetricSink *sink)
 					 cqrs_error_kind_names[i],
 					 (double) pg_atomic_read_u64(&cqrs_shared->command_errors[i]));
 
-	sink->family(sink, "cqrs_projected_total", "counter",
-				 "Commands the projector applied or dead-lettered since the server started.");
-	sink->sample(sink, "cqrs_projected_total", NULL, NULL,
-				 (double) snap.applied_total);
+	metric_single(sink, "cqrs_projected_total", "counter",
+				  "Commands the projector applied or dead-lettered since the server started.",
+				  (double) snap.applied_total);
 
-	sink->family(sink, "cqrs_dead_letter_total", "counter",
-				 "Commands the projector wrote to cqrs.dead_letter since the server started.");
-	sink->sample(sink, "cqrs_dead_letter_total", NULL, NULL,
-				 (double) snap.dead_letter_total);
+	metric_single(sink, "cqrs_dead_letter_total", "counter",
+				  "Commands the projector wrote to cqrs.dead_letter since the server started.",
+				  (double) snap.dead_letter_total);
 
-	sink->family(sink, "cqrs_parked", "gauge",
-				 "Commands waiting in cqrs.parked for a missing predecessor.");
-	sink->sample(sink, "cqrs_parked", NULL, NULL,
-				 (double) admin_count("SELECT pg_catalog.count(*) FROM cqrs.parked"));
+	metric_single(sink, "cqrs_parked", "gauge",
+				  "Commands waiting in cqrs.parked for a missing predecessor.",
+				  (double) admin_count("SELECT pg_catalog.count(*) FROM cqrs.parked"));
 
-	sink->family(sink, "cqrs_projection_lag_seconds", "gauge",
-				 "How long the oldest command not yet in the read model has waited since its commit (0 when none waits).");
-	sink->sample(sink, "cqrs_projection_lag_seconds", NULL, NULL,
-				 cqrs_lag_seconds(&snap, now));
+	metric_single(sink, "cqrs_projection_lag_seconds", "gauge",
+				  "How long the oldest command not yet in the read model has waited since its commit (0 when none waits).",
+				  cqrs_lag_seconds(&snap, now));
 
 	if (!RecoveryInProgress())
 	{
@@ -518,9 +523,9 @@ admin_collect(MetricSink *sink)
 		if (!XLogRecPtrIsInvalid(confirmed) && GetXLogInsertRecPtr() > confirmed)
 			slot_lag = (double) (GetXLogInsertRecPtr() - confirmed);
 	}
-	sink->family(sink, "cqrs_slot_lag_bytes", "gauge",
-				 "WAL written since the position the projector's slot confirmed (what cqrs.max_lag limits).");
-	sink->sample(sink, "cqrs_slot_lag_bytes", NULL, NULL, slot_lag);
+	metric_single(sink, "cqrs_slot_lag_bytes", "gauge",
+				  "WAL written since the position the projector's slot confirmed (what cqrs.max_lag limits).",
+				  slot_lag);
 
 	sink->family(sink, "cqrs_batch_flush_duration_seconds", "histogram",
 				 "Time to apply and commit one projection batch.");
@@ -539,43 +544,36 @@ admin_collect(MetricSink *sink)
 	sink->sample(sink, "cqrs_batch_flush_duration_seconds_count", NULL, NULL,
 				 (double) cumulative);
 
-	sink->family(sink, "cqrs_cache_hit_ratio", "gauge",
-				 "Share of the reads Redis served that found their key, from Redis's keyspace_hits and keyspace_misses (NaN until known).");
-	sink->sample(sink, "cqrs_cache_hit_ratio", NULL, NULL,
-				 snap.redis_hits + snap.redis_misses > 0 ?
-				 (double) snap.redis_hits / (double) (snap.redis_hits + snap.redis_misses) :
-				 get_float8_nan());
+	metric_single(sink, "cqrs_cache_hit_ratio", "gauge",
+				  "Share of the reads Redis served that found their key, from Redis's keyspace_hits and keyspace_misses (NaN until known).",
+				  snap.redis_hits + snap.redis_misses > 0 ?
+				  (double) snap.redis_hits / (double) (snap.redis_hits + snap.redis_misses) :
+				  get_float8_nan());
 
-	sink->family(sink, "cqrs_redis_connected", "gauge",
-				 "1 while the projector writes through to Redis (cqrs.redis_url).");
-	sink->sample(sink, "cqrs_redis_connected", NULL, NULL,
-				 strcmp(cqrs_redis_state_name(), "connected") == 0 ? 1 : 0);
+	metric_single(sink, "cqrs_redis_connected", "gauge",
+				  "1 while the projector writes through to Redis (cqrs.redis_url).",
+				  strcmp(cqrs_redis_state_name(), "connected") == 0 ? 1 : 0);
 
-	sink->family(sink, "cqrs_redis_writes_total", "counter",
-				 "Redis keys the projector wrote since the server started.");
-	sink->sample(sink, "cqrs_redis_writes_total", NULL, NULL,
-				 (double) snap.redis_writes_total);
+	metric_single(sink, "cqrs_redis_writes_total", "counter",
+				  "Redis keys the projector wrote since the server started.",
+				  (double) snap.redis_writes_total);
 
-	sink->family(sink, "cqrs_redis_errors_total", "counter",
-				 "Failed Redis connections, commands and pipelines since the server started.");
-	sink->sample(sink, "cqrs_redis_errors_total", NULL, NULL,
-				 (double) snap.redis_errors_total);
+	metric_single(sink, "cqrs_redis_errors_total", "counter",
+				  "Failed Redis connections, commands and pipelines since the server started.",
+				  (double) snap.redis_errors_total);
 
-	sink->family(sink, "cqrs_redis_backlog", "gauge",
-				 "Orders whose Redis key the projector still has to write (rows in cqrs.redis_backlog).");
-	sink->sample(sink, "cqrs_redis_backlog", NULL, NULL,
-				 (double) admin_count("SELECT pg_catalog.count(*) FROM cqrs.redis_backlog"));
+	metric_single(sink, "cqrs_redis_backlog", "gauge",
+				  "Orders whose Redis key the projector still has to write (rows in cqrs.redis_backlog).",
+				  (double) admin_count("SELECT pg_catalog.count(*) FROM cqrs.redis_backlog"));
 
-	sink->family(sink, "cqrs_paused", "gauge",
-				 "1 while projection is paused with cqrs.pause().");
-	sink->sample(sink, "cqrs_paused", NULL, NULL,
-				 snap.leader_pid != 0 && snap.state == CQRS_STATE_PAUSED ? 1 : 0);
+	metric_single(sink, "cqrs_paused", "gauge",
+				  "1 while projection is paused with cqrs.pause().",
+				  snap.leader_pid != 0 && snap.state == CQRS_STATE_PAUSED ? 1 : 0);
 
-	sink->family(sink, "cqrs_projector_running", "gauge",
-				 "1 while a projector leads and applies (running or catching up).");
-	sink->sample(sink, "cqrs_projector_running", NULL, NULL,
-				 cqrs_enabled && snap.leader_pid != 0 &&
-				 (snap.state == CQRS_STATE_RUNNING ||
+	metric_single(sink, "cqrs_projector_running", "gauge",
+				  "1 while a projector leads and applies (running or catching up).",
+				  cqrs_enabled && snap.leader_pid != 0 &&
+				  (snap.state == CQRS_STATE_RUNNING ||
 				  snap.state == CQRS_STATE_CATCHING_UP) ? 1 : 0);
 }
 
