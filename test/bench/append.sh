@@ -19,9 +19,7 @@ set -euo pipefail
 . "$(dirname "$0")/../lib.sh"
 . "$(dirname "$0")/common.sh"
 
-DURATION=${DURATION:-10}
 ROUNDS=${ROUNDS:-7}
-CLIENTS=${CLIENTS:-4}
 MODES=${MODES:-on off}
 
 bench_start "cqrs.enabled = off"

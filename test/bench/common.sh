@@ -4,8 +4,14 @@
 BENCH_DIR=${CQRS_BENCH_DIR:-/tmp/cqrs-bench}
 BENCH_PORT=${CQRS_BENCH_PORT:-54330}
 BINDIR=$("$PG_CONFIG" --bindir)
+BENCH_REDIS_DIR=$BENCH_DIR-redis
+BENCH_REDIS_PORT=${CQRS_BENCH_REDIS_PORT:-54331}
+BENCH_REDIS_URL="redis://127.0.0.1:$BENCH_REDIS_PORT"
 BENCH_WORK=$(mktemp -d /tmp/cqrs-bench-scripts.XXXXXX)
 chmod 755 "$BENCH_WORK"
+# Defaults of every benchmark: seconds per load, pgbench clients.
+DURATION=${DURATION:-10}
+CLIENTS=${CLIENTS:-4}
 
 # Install, build and start the benchmark cluster, sized so that no
 # checkpoint or autovacuum falls into a measurement; stopped on exit.
@@ -19,7 +25,16 @@ bench_start() {
 		"shared_buffers = '1GB'" "max_wal_size = '16GB'" \
 		"checkpoint_timeout = '1h'" "autovacuum = off" \
 		"wal_compression = ${WAL_COMPRESSION:-lz4}" "$@"
-	trap 'cqrs_cluster_stop "$BENCH_DIR"; rm -rf "$BENCH_WORK"' EXIT
+	trap 'cqrs_cluster_stop "$BENCH_DIR"; cqrs_redis_stop "$BENCH_REDIS_DIR"; rm -rf "$BENCH_WORK"' EXIT
+}
+
+# A redis-server beside the benchmark cluster ($BENCH_REDIS_URL), stopped
+# with it.
+bench_redis_start() {
+	cqrs_redis_start "$BENCH_REDIS_DIR" "$BENCH_REDIS_PORT" || {
+		cqrs_log "redis-server is needed"
+		exit 1
+	}
 }
 
 psql_bench() {
@@ -33,14 +48,22 @@ bench_script() {
 	chmod a+r "$BENCH_WORK/$1.sql"
 }
 
-# The baseline: a plain INSERT of the command log's row shape.
-bench_scripts() {
-	bench_script plain <<'SQL'
-\set r random(1, 4000000000000000000)
-INSERT INTO bench.plain (command_id, command_type, aggregate_id, sequence_id, payload)
+# The INSERT of a new order into table $1 of the command log's row shape,
+# for a pgbench script that set :r.
+bench_log_insert() {
+	cat <<SQL
+INSERT INTO $1 (command_id, command_type, aggregate_id, sequence_id, payload)
 VALUES (cqrs.uuidv7(), 'CREATE_ORDER', 'o' || :r, 1,
         jsonb_build_object('order_id', 'o' || :r, 'user_id', 'u' || :client_id, 'amount', 10.50));
 SQL
+}
+
+# The baseline: a plain INSERT of the command log's row shape.
+bench_scripts() {
+	{
+		echo '\set r random(1, 4000000000000000000)'
+		bench_log_insert bench.plain
+	} | bench_script plain
 	bench_script submit <<'SQL'
 \set r random(1, 4000000000000000000)
 SELECT cqrs.submit_order('o' || :r, 'u' || :client_id, 10.50);

@@ -23,9 +23,7 @@ set -euo pipefail
 . "$(dirname "$0")/../lib.sh"
 . "$(dirname "$0")/common.sh"
 
-DURATION=${DURATION:-10}
 ROUNDS=${ROUNDS:-5}
-CLIENTS=${CLIENTS:-4}
 RATE=${RATE:-100}
 MODES=${MODES:-off on}
 

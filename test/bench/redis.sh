@@ -14,17 +14,11 @@ set -euo pipefail
 . "$(dirname "$0")/../lib.sh"
 . "$(dirname "$0")/common.sh"
 
-DURATION=${DURATION:-10}
 ROUNDS=${ROUNDS:-7}
-CLIENTS=${CLIENTS:-4}
 SYNC=${SYNC:-off}
-REDIS_DIR=$BENCH_DIR-redis
-REDIS_PORT=${CQRS_BENCH_REDIS_PORT:-54331}
-URL="redis://127.0.0.1:$REDIS_PORT"
 
 bench_start
-trap 'cqrs_cluster_stop "$BENCH_DIR"; cqrs_redis_stop "$REDIS_DIR"; rm -rf "$BENCH_WORK"' EXIT
-cqrs_redis_start "$REDIS_DIR" "$REDIS_PORT" || { cqrs_log "redis-server is needed"; exit 1; }
+bench_redis_start
 bench_scripts
 psql_bench -c 'CREATE EXTENSION cqrs' >/dev/null
 wait_for "SELECT state = 'running' FROM cqrs.status"
@@ -44,7 +38,7 @@ for _ in $(seq "$ROUNDS"); do
 	off+=("$(bench_run submit "$SYNC")")
 	c=$(catch_up)
 	caught=$(awk -v a="$caught" -v b="$c" 'BEGIN { print (b > a) ? b : a }')
-	redis_url "$URL" connected
+	redis_url "$BENCH_REDIS_URL" connected
 	on+=("$(bench_run submit "$SYNC")")
 	c=$(catch_up)
 	caught=$(awk -v a="$caught" -v b="$c" 'BEGIN { print (b > a) ? b : a }')
@@ -62,5 +56,5 @@ printf 'on / off: %s (target >= 0.9: %s); worst catch-up after a round: %ss\n' \
 psql_bench -F ' ' -c "SELECT 'keys written: ' || max(value) FILTER (WHERE name = 'cqrs_redis_writes_total')::bigint
 	|| ', Redis errors: ' || max(value) FILTER (WHERE name = 'cqrs_redis_errors_total')::bigint
 	FROM cqrs.metrics()"
-echo "keys in Redis: $(redis-cli -p "$REDIS_PORT" dbsize)"
+echo "keys in Redis: $(redis-cli -p "$BENCH_REDIS_PORT" dbsize)"
 psql_bench -c "SELECT 'consistent: ' || (count(*) = 0) FROM cqrs.verify()"

@@ -26,16 +26,12 @@
 #   DURATION=10 ROUNDS=3 PROD_SECONDS=60 ORDERS=200000 bash test/bench/suite.sh
 set -euo pipefail
 . "$(dirname "$0")/../lib.sh"
-CLIENTS=${CLIENTS:-4}
 . "$(dirname "$0")/common.sh"
 
-DURATION=${DURATION:-10}
 ROUNDS=${ROUNDS:-3}
 PROD_SECONDS=${PROD_SECONDS:-60}
 ORDERS=${ORDERS:-200000}
 PNG=${PNG:-$CQRS_ROOT/docs/load.png}
-REDIS_DIR=$BENCH_DIR-redis
-REDIS_PORT=${CQRS_BENCH_REDIS_PORT:-54331}
 LOAD=$CQRS_ROOT/tools/cqrs-load
 OUT=$BENCH_WORK/out
 mkdir -p "$OUT"
@@ -47,11 +43,10 @@ command -v gnuplot >/dev/null || {
 }
 make -C "$CQRS_ROOT" -s tools/cqrs-load
 bench_start
-trap 'cqrs_cluster_stop "$BENCH_DIR"; cqrs_redis_stop "$REDIS_DIR"; rm -rf "$BENCH_WORK"' EXIT
-cqrs_redis_start "$REDIS_DIR" "$REDIS_PORT" || { cqrs_log "redis-server is needed"; exit 1; }
+bench_redis_start
 
 psql_bench <<SQL >/dev/null
-ALTER SYSTEM SET cqrs.redis_url = 'redis://127.0.0.1:$REDIS_PORT';
+ALTER SYSTEM SET cqrs.redis_url = '$BENCH_REDIS_URL';
 SELECT pg_reload_conf();
 CREATE EXTENSION cqrs;
 CREATE SCHEMA bench;
@@ -78,18 +73,15 @@ SQL
 wait_for "SELECT state = 'running' AND redis = 'connected' FROM cqrs.status"
 
 bench_scripts
-bench_script trigger <<'SQL'
-\set r random(1, 4000000000000000000)
-INSERT INTO bench.trig_log (command_id, command_type, aggregate_id, sequence_id, payload)
-VALUES (cqrs.uuidv7(), 'CREATE_ORDER', 'o' || :r, 1,
-        jsonb_build_object('order_id', 'o' || :r, 'user_id', 'u' || :client_id, 'amount', 10.50));
-SQL
-bench_script dual <<'SQL'
-\set r random(1, 4000000000000000000)
-BEGIN;
-INSERT INTO bench.dual_log (command_id, command_type, aggregate_id, sequence_id, payload)
-VALUES (cqrs.uuidv7(), 'CREATE_ORDER', 'o' || :r, 1,
-        jsonb_build_object('order_id', 'o' || :r, 'user_id', 'u' || :client_id, 'amount', 10.50));
+{
+	echo '\set r random(1, 4000000000000000000)'
+	bench_log_insert bench.trig_log
+} | bench_script trigger
+{
+	echo '\set r random(1, 4000000000000000000)'
+	echo 'BEGIN;'
+	bench_log_insert bench.dual_log
+	cat <<'SQL'
 INSERT INTO bench.dual_model (order_id, user_id, total_amount, status, version, updated_at)
 VALUES ('o' || :r, 'u' || :client_id, 10.50, 'created', 1, now())
 ON CONFLICT (order_id) DO UPDATE
@@ -97,11 +89,12 @@ ON CONFLICT (order_id) DO UPDATE
  WHERE bench.dual_model.version < excluded.version;
 COMMIT;
 SQL
+} | bench_script dual
 
 # cqrs-load as the server user, with the bench cluster and Redis.
 load() {
 	cqrs_as_pg "$LOAD" -d "host=$BENCH_DIR port=$BENCH_PORT dbname=postgres user=postgres" \
-		-r "redis://127.0.0.1:$REDIS_PORT" -q "$@" >/dev/null
+		-r "$BENCH_REDIS_URL" -q "$@" >/dev/null
 }
 json() { grep -o "\"$2\": [-0-9.e+]*" "$1" | awk '{ print $2 }'; }
 
@@ -152,7 +145,7 @@ plot "$OUT/prod.csv" every ::1 using 1:5 with lines lw 2 title "read p95 (ms)", 
 EOF
 fi
 cqrs_cluster_stop "$BENCH_DIR"
-cqrs_redis_stop "$REDIS_DIR"
+cqrs_redis_stop "$BENCH_REDIS_DIR"
 
 cqrs_log "rebuild: test/bench/rebuild.sh with $ORDERS orders"
 rebuild_line=$(ORDERS=$ORDERS bash "$CQRS_ROOT/test/bench/rebuild.sh" 2>/dev/null | grep '^rebuild / SQL fold')
