@@ -920,17 +920,26 @@ worker_stream(void)
 				break;
 			}
 
-			/*
-			 * The WAL reader allocates its decode buffer on first use, in
-			 * the current context: that must outlive this transaction.
-			 */
-			old = MemoryContextSwitchTo(worker_context);
+			old = CurrentMemoryContext;
 			while (ctx->reader->EndRecPtr < end_of_wal &&
 				   queue->nrecords < target)
 			{
 				XLogRecord *record;
 				char	   *errm = NULL;
 
+				/*
+				 * The WAL reader allocates in the current context, and keeps
+				 * what it allocates beyond this transaction: its decode
+				 * buffer, the buffer it reassembles records spanning pages
+				 * in (grown for a larger record), and a record too large for
+				 * the decode buffer until the next read.  So the current
+				 * context must be the decoding context's, before every read:
+				 * decoding a commit ends an internal subtransaction, which
+				 * leaves our transaction's context current, and a buffer
+				 * allocated there would be freed at our commit while the
+				 * reader still writes into it.
+				 */
+				MemoryContextSwitchTo(ctx->context);
 				record = XLogReadRecord(ctx->reader, &errm);
 				if (errm)
 					elog(ERROR, "could not read WAL for cqrs projection: %s",

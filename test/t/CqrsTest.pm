@@ -11,6 +11,7 @@ use Exporter 'import';
 use PostgreSQL::Test::Cluster;
 use PostgreSQL::Test::Utils;
 use Test::More;
+use Time::HiRes;
 
 our @EXPORT = qw(cqrs_node wait_projected expected_model compare_model
   start_load finish_load);
@@ -35,16 +36,23 @@ cqrs.poll_interval = '200ms'
 	return $node;
 }
 
-# Wait until everything committed so far is in the read model.
+# Wait until everything committed so far is in the read model.  Dies at
+# once when the server is gone (a crashed projector with
+# restart_after_crash off), rather than retrying until the timeout.
 sub wait_projected
 {
-	my ($node, $timeout_note) = @_;
+	my ($node) = @_;
 	my $lsn = $node->safe_psql('postgres', 'SELECT pg_current_wal_flush_lsn()');
-	$node->poll_query_until('postgres',
-		"SELECT applied_lsn >= '$lsn' AND state IN ('running', 'catching_up') FROM cqrs.status")
-	  or die "the projector did not reach $lsn: "
+	my $deadline = time + $PostgreSQL::Test::Utils::timeout_default;
+	while (time < $deadline)
+	{
+		return $lsn if $node->safe_psql('postgres',
+			"SELECT applied_lsn >= '$lsn' AND state IN ('running', 'catching_up') FROM cqrs.status"
+		) eq 't';
+		Time::HiRes::sleep(0.1);
+	}
+	die "the projector did not reach $lsn: "
 	  . $node->safe_psql('postgres', 'SELECT * FROM cqrs.status');
-	return $lsn;
 }
 
 # Fold the log: { orders => {id => [user, amount, status, version]},
