@@ -15,13 +15,44 @@ work=$(cqrs_test_tree)
 [ -n "${CQRS_KEEP:-}" ] || trap 'rm -rf "$work"' EXIT
 cqrs_log "running the tests in $work as $(cqrs_pg_user)"
 
-# Each suite on its own, so that one failing does not hide the others.
+# The passed and failed counts of one suite's output ($1), as "P F":
+# pg_regress and isolation print "All N tests passed." or "F of N tests
+# failed."; prove prints "Files=.., Tests=N" and, per failing script,
+# "(Wstat: W ... Tests: N Failed: F)", where a script that died has
+# Failed: 0 and a non-zero wait status: it counts as one failure.
+cqrs_suite_counts() {
+	sed -E 's/^[# ]+//' "$1" | awk '
+		/^All [0-9]+ tests passed/ { p += $2 }
+		/^[0-9]+ of [0-9]+ tests failed/ { f += $1; p += $3 - $1 }
+		/^Files=[0-9]+, Tests=[0-9]+,/ {
+			t = $2; sub(/^Tests=/, "", t); sub(/,$/, "", t); p += t }
+		/\(Wstat: [0-9]+ .*Failed: [0-9]+\)$/ {
+			match($0, /Wstat: [0-9]+/); w = substr($0, RSTART + 7, RLENGTH - 7)
+			match($0, /Failed: [0-9]+/); n = substr($0, RSTART + 8, RLENGTH - 8)
+			if (n > 0) { f += n; p -= n } else if (w != 0) f += 1 }
+		END { print p + 0, f + 0 }'
+}
+
+# Each suite on its own, so that one failing does not hide the others.  A
+# suite that fails without a failed test (it did not run, or a script
+# died before its plan) still counts as a failure.
 status=0
+passed=0
+failed=0
 : > "$work/check.log"
 for suite in "ISOLATION= TAP_TESTS=" "REGRESS= TAP_TESTS=" "REGRESS= ISOLATION="; do
+	suite_status=0
 	# shellcheck disable=SC2086
 	cqrs_as_pg make -C "$work" -s installcheck $suite 2>&1 |
-		tee -a "$work/check.log" || status=1
+		tee "$work/suite.log" || suite_status=1
+	cat "$work/suite.log" >> "$work/check.log"
+	read -r p f < <(cqrs_suite_counts "$work/suite.log")
+	if [ "$suite_status" -ne 0 ]; then
+		status=1
+		[ "$f" -eq 0 ] && f=1
+	fi
+	passed=$((passed + p))
+	failed=$((failed + f))
 done
 
 # Show what failed: the diffs and the server logs of the test instances.
@@ -35,27 +66,5 @@ if [ "$status" -ne 0 ]; then
 fi
 
 # One closing line with the totals of every suite.
-passed=0
-failed=0
-while read -r line; do
-	case "$line" in
-	"All "*" tests passed."*)
-		n=${line#All }; passed=$((passed + ${n%% *})) ;;
-	*" of "*" tests failed."*)
-		f=${line%% of *}; t=${line#* of }; t=${t%% *}
-		failed=$((failed + f)); passed=$((passed + t - f)) ;;
-	esac
-done < <(sed -E 's/^[# ]+//' "$work/check.log" |
-	grep -E '^(All [0-9]+ tests passed|[0-9]+ of [0-9]+ tests failed)')
-
-# prove: "Files=5, Tests=45, ..." and "Failed: N" per failing script
-tap=$(sed -n -E 's/^Files=[0-9]+, Tests=([0-9]+),.*/\1/p' "$work/check.log" | tail -1)
-tap_failed=$(sed -n -E 's/.*\(Wstat: .* Failed: ([0-9]+)\)$/\1/p' "$work/check.log" |
-	awk '{ s += $1 } END { print s + 0 }')
-if [ -n "$tap" ]; then
-	passed=$((passed + tap - tap_failed))
-	failed=$((failed + tap_failed))
-fi
-[ "$status" -ne 0 ] && [ "$failed" -eq 0 ] && failed=1
 echo "$passed passed, $failed failed"
 exit "$status"

@@ -1,21 +1,52 @@
 # test/lib.sh: shell helpers shared by test/check.sh, test/demo.sh and the
 # benchmarks.  Source it; it defines functions and sets nothing else but
-# CQRS_ROOT and PG_CONFIG.
+# CQRS_ROOT, PG_CONFIG and PG_MAJOR.
 
 CQRS_ROOT=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
-# PostgreSQL 15 is what Debian 12 ships and what the tests run on.
-PG_CONFIG=${PG_CONFIG:-/usr/lib/postgresql/15/bin/pg_config}
-export PG_CONFIG
+
+# The PostgreSQL major version to build and test against: the one PG_CONFIG
+# names when it is set, otherwise the distribution's own (Debian 12 ships
+# 15, Debian 13 ships 17; for others, the version the "postgresql"
+# package depends on).
+cqrs_distribution_pg() {
+	local codename="" v
+	codename=$(. /etc/os-release 2>/dev/null && echo "${VERSION_CODENAME:-}")
+	case "$codename" in
+	bookworm) echo 15; return ;;
+	trixie) echo 17; return ;;
+	esac
+	v=$(apt-cache depends postgresql 2>/dev/null |
+		sed -n -E 's/.*Depends: postgresql-([0-9]+)$/\1/p' | head -1)
+	if [ -z "$v" ]; then
+		# no package lists: the newest server installed
+		v=$(ls -d /usr/lib/postgresql/[0-9]*/bin 2>/dev/null | sed -E 's|.*/([0-9]+)/bin|\1|' |
+			sort -n | tail -1)
+	fi
+	echo "${v:-15}"
+}
+
+if [ -n "${PG_CONFIG:-}" ] && [ -x "$PG_CONFIG" ]; then
+	PG_MAJOR=$("$PG_CONFIG" --version | sed -E 's/^PostgreSQL ([0-9]+).*/\1/')
+else
+	PG_MAJOR=$(cqrs_distribution_pg)
+	PG_CONFIG=/usr/lib/postgresql/$PG_MAJOR/bin/pg_config
+fi
+export PG_CONFIG PG_MAJOR
 
 cqrs_log() { printf '==> %s\n' "$*" >&2; }
 
 # Install what building and testing need, with apt, when running as root
-# and something is missing.  Non-root users must have these already.
+# and something is missing.  Non-root users must have these already.  With
+# PG_CONFIG pointing at a server installed otherwise (built from source, say),
+# only the rest is installed.
 cqrs_install_deps() {
-	local pkgs="postgresql-15 postgresql-server-dev-15 postgresql-contrib
-		libhiredis-dev redis-server pkg-config make gcc libipc-run-perl
+	local pkgs="libhiredis-dev redis-server pkg-config make gcc libipc-run-perl
 		prometheus prometheus-postgres-exporter"
-	local missing=""
+	local missing="" p
+	case "$PG_CONFIG" in
+	/usr/lib/postgresql/*)
+		pkgs="postgresql-$PG_MAJOR postgresql-server-dev-$PG_MAJOR $pkgs" ;;
+	esac
 	for p in $pkgs; do
 		dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q 'ok installed' ||
 			missing="$missing $p"

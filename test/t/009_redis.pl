@@ -253,7 +253,9 @@ redis('GET', 'order:gone-1') for 1 .. 3;
 redis('GET', 'order:no-such-order');
 $node->poll_query_until('postgres', q{
 	SELECT value BETWEEN 0.01 AND 0.99 FROM cqrs.metrics() WHERE name = 'cqrs_cache_hit_ratio'})
-  or die 'no cache hit ratio';
+  or die 'no cache hit ratio: '
+  . sql(q{SELECT value FROM cqrs.metrics() WHERE name = 'cqrs_cache_hit_ratio'})
+  . ', Redis says ' . join(' ', redis('INFO', 'stats') =~ /(keyspace_\w+:\d+)/g);
 my ($hits) = redis('INFO', 'stats') =~ /keyspace_hits:(\d+)/;
 my ($misses) = redis('INFO', 'stats') =~ /keyspace_misses:(\d+)/;
 $node->poll_query_until('postgres', qq{
