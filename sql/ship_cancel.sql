@@ -71,6 +71,17 @@ SELECT * FROM cqrs.cancel_order('s-3', NULL, NULL, 3);
 \echo :SQLSTATE
 SELECT count(*) AS rows_for_s3 FROM cqrs.command_log WHERE aggregate_id = 's-3';
 
+-- The largest sequence_id is accepted; after it the order has none left:
+-- 22003, with no internal statement in the error, and nothing written.
+SELECT sequence_id FROM cqrs.ship_order('s-4', NULL, 9223372036854775807);
+SELECT nextval('cqrs.command_log_log_id_seq') AS log_id_before \gset
+\set VERBOSITY default
+SELECT * FROM cqrs.ship_order('s-4');
+\set VERBOSITY terse
+\echo :SQLSTATE
+SELECT count(*) AS rows_for_s4 FROM cqrs.command_log WHERE aggregate_id = 's-4';
+SELECT nextval('cqrs.command_log_log_id_seq') = :log_id_before + 1 AS no_log_id_consumed;
+
 -- Sequence 1 belongs to the CREATE_ORDER.
 SELECT * FROM cqrs.ship_order('s-5', NULL, 1);
 \echo :SQLSTATE

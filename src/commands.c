@@ -46,6 +46,7 @@
 #include "catalog/pg_class.h"
 #include "catalog/pg_type.h"
 #include "common/hashfn.h"
+#include "common/int.h"
 #include "executor/spi.h"
 #include "funcapi.h"
 #include "mb/pg_wchar.h"
@@ -563,7 +564,17 @@ cmd_append(CqrsCommand *cmd, CqrsReceipt *receipt)
 	cmd_lock_key(VARDATA_ANY(cmd->order_id), VARSIZE_ANY_EXHDR(cmd->order_id),
 				 CQRS_ORDER_LOCK_SPACE);
 	if (!cmd->sequence_given)
-		cmd->sequence_id = cmd_last_sequence(cmd->order_id) + 1;
+	{
+		int64		last = cmd_last_sequence(cmd->order_id);
+
+		if (pg_add_s64_overflow(last, 1, &cmd->sequence_id))
+			ereport(ERROR,
+					(errcode(ERRCODE_NUMERIC_VALUE_OUT_OF_RANGE),
+					 errmsg("order \"%s\" has no sequence_id left",
+							text_to_cstring(cmd->order_id)),
+					 errdetail("Its last command has sequence_id " INT64_FORMAT ", the largest a bigint holds.",
+							   last)));
+	}
 
 	if (!cmd_insert(cmd, receipt))
 		cmd_resolve_conflict(cmd, receipt);
