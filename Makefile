@@ -15,7 +15,7 @@ OBJS = \
 	src/repair.o \
 	src/spi.o \
 	src/redis.o
-DATA = cqrs--0.1.0.sql
+DATA = cqrs--0.1.0.sql cqrs--0.1.0--0.2.0.sql
 PGFILEDESC = "cqrs - command log, projection and read model inside PostgreSQL"
 
 PG_CPPFLAGS = -I$(srcdir)/src
