@@ -509,6 +509,10 @@ admin_collect(MetricSink *sink)
 				  "Commands the projector wrote to cqrs.dead_letter since the server started.",
 				  (double) snap.dead_letter_total);
 
+	metric_single(sink, "cqrs_slot_lost_total", "counter",
+				  "Times the projector found its replication slot invalidated (the WAL it needed removed) and made a new one, folding the command log again, since the server started.",
+				  (double) snap.slots_lost);
+
 	metric_single(sink, "cqrs_parked", "gauge",
 				  "Commands waiting in cqrs.parked for a missing predecessor.",
 				  (double) admin_count("SELECT pg_catalog.count(*) FROM cqrs.parked"));

@@ -40,6 +40,17 @@
 	ReplicationSlotCreate((name), true, RS_EPHEMERAL, false)
 #endif
 
+/*
+ * An invalidated ("lost") slot: 15 records where it was invalidated, 16 on
+ * why.  Read under the slot's spinlock.
+ */
+#if PG_VERSION_NUM >= 160000
+#define CQRS_SLOT_INVALIDATED(slot)	((slot)->data.invalidated != RS_INVAL_NONE)
+#else
+#define CQRS_SLOT_INVALIDATED(slot) \
+	(!XLogRecPtrIsInvalid((slot)->data.invalidated_at))
+#endif
+
 /* Slot acquisition learned an error_if_invalid argument in 18; 15-17 agree. */
 #define CQRS_SLOT_ACQUIRE(name)		ReplicationSlotAcquire((name), false)
 

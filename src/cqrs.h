@@ -120,6 +120,7 @@ typedef struct CqrsShared
 								 * applied yet, at most; valid while
 								 * wake_lsn > applied_lsn */
 	uint64		dead_letter_total;	/* dead letters written */
+	uint64		slots_lost;		/* invalidated slots recreated */
 	uint64		flush_histogram[CQRS_FLUSH_BUCKETS + 1];	/* + overflow */
 	double		flush_seconds_sum;
 	/* counted by the command functions, without the spinlock */

@@ -6,10 +6,10 @@
  *		decodes WAL and hands batches to projector.c.
  *
  * cqrs.workers static workers connect to cqrs.database.  Each waits on its
- * latch until the extension exists and cqrs.enabled is on, then tries a
- * session-level advisory lock; the one that gets it leads, the others retry
- * every 200 ms, so a follower takes over well within a second after the
- * leader exits.
+ * latch until the extension exists and cqrs.enabled is on, then waits for a
+ * session-level advisory lock; the one that gets it leads, the others wait
+ * in the lock queue, so a follower takes over as soon as the leader steps
+ * down or exits.  A leader gives up its replication origin before the lock.
  *
  * The leader keeps one logical decoding context open for as long as it
  * leads: WAL is read once, sequentially, never again from the slot's
@@ -67,9 +67,6 @@
 #include "utils/wait_event.h"
 
 #include "cqrs.h"
-
-/* How often a follower retries the leader lock. */
-#define CQRS_FOLLOWER_NAPTIME	200
 
 /* A batch this large means load: gather for this many ms before the next. */
 #define CQRS_BUSY_BATCH			16
@@ -204,10 +201,11 @@ worker_extension_exists(void)
 
 /*
  * Drop our slot if it exists and nobody uses it: the extension it served
- * is gone, and a slot must not hold WAL for nothing.
+ * is gone (a slot must not hold WAL for nothing), or it can no longer be
+ * read.  "whose" completes the log line.
  */
 static void
-worker_drop_slot(void)
+worker_drop_slot(const char *whose)
 {
 	ReplicationSlot *slot;
 	bool		idle;
@@ -221,8 +219,8 @@ worker_drop_slot(void)
 		return;
 	ReplicationSlotDrop(cqrs_slot_name, true);
 	ereport(LOG,
-			(errmsg("cqrs projector dropped replication slot \"%s\" of a dropped extension",
-					cqrs_slot_name)));
+			(errmsg("cqrs projector dropped replication slot \"%s\" %s",
+					cqrs_slot_name, whose)));
 }
 
 /*
@@ -235,20 +233,36 @@ worker_leader_tag(LOCKTAG *tag)
 }
 
 /*
- * Try to become the leader; true when this process now leads.
+ * Become the leader: wait for the leader lock, which the leader holds for
+ * as long as it leads, so that a follower takes over the moment the leader
+ * steps down or exits.  The wait is a lock wait like any other (it shows
+ * in pg_locks, and SIGTERM ends it).  Returns false when, once the lock
+ * is ours, projection is off or the extension gone: the lock is then let
+ * go again.
  */
 static bool
 worker_try_lead(void)
 {
 	LOCKTAG		tag;
-	LockAcquireResult res;
 
 	worker_leader_tag(&tag);
+	pgstat_report_activity(STATE_IDLE, "waiting to lead");
 	StartTransactionCommand();
-	res = LockAcquire(&tag, ExclusiveLock, true, true);
+	(void) LockAcquire(&tag, ExclusiveLock, true, false);
 	CommitTransactionCommand();
-	if (res == LOCKACQUIRE_NOT_AVAIL)
+	pgstat_report_activity(STATE_IDLE, NULL);
+
+	/* what we waited through may have changed both */
+	if (ConfigReloadPending)
+	{
+		ConfigReloadPending = false;
+		ProcessConfigFile(PGC_SIGHUP);
+	}
+	if (!cqrs_enabled || !worker_extension_exists())
+	{
+		LockRelease(&tag, ExclusiveLock, true);
 		return false;
+	}
 
 	worker_is_leader = true;
 	SpinLockAcquire(&cqrs_shared->mutex);
@@ -265,13 +279,20 @@ worker_try_lead(void)
 }
 
 /*
- * Give up leadership.
+ * Give up leadership: first what the leader holds (its replication origin;
+ * the slot is already released), then the leader lock, so that a follower
+ * that gets the lock finds the origin free.
  */
 static void
 worker_step_down(CqrsState state)
 {
 	LOCKTAG		tag;
 
+	if (replorigin_session_origin != InvalidRepOriginId)
+	{
+		replorigin_session_reset();
+		replorigin_session_origin = InvalidRepOriginId;
+	}
 	worker_leader_tag(&tag);
 	SpinLockAcquire(&cqrs_shared->mutex);
 	cqrs_shared->leader_latch = NULL;
@@ -379,14 +400,20 @@ worker_ensure_slot(void)
 {
 	ReplicationSlot *slot;
 	bool		ours = false;
+	bool		lost = false;
 	bool		found;
 
 	LWLockAcquire(ReplicationSlotControlLock, LW_SHARED);
 	slot = SearchNamedReplicationSlot(cqrs_slot_name, false);
 	found = (slot != NULL);
 	if (found)
+	{
 		ours = (slot->data.database == MyDatabaseId &&
 				strcmp(NameStr(slot->data.plugin), "cqrs") == 0);
+		SpinLockAcquire(&slot->mutex);
+		lost = CQRS_SLOT_INVALIDATED(slot);
+		SpinLockRelease(&slot->mutex);
+	}
 	LWLockRelease(ReplicationSlotControlLock);
 
 	if (found && !ours)
@@ -402,7 +429,31 @@ worker_ensure_slot(void)
 	 */
 	if (found && XLogRecPtrIsInvalid(worker_offset()))
 	{
-		worker_drop_slot();
+		worker_drop_slot("of an earlier installation");
+		found = false;
+	}
+
+	/*
+	 * A slot invalidated by max_slot_wal_keep_size (or by a conflict on a
+	 * standby) can no longer be read: the WAL it kept is gone, and with it
+	 * the commands committed since the read model's position.  Make a new
+	 * slot and fold the whole log, as on a first start: the version rule
+	 * skips every command already applied, so each is applied once.
+	 */
+	if (found && lost)
+	{
+		ereport(WARNING,
+				(errcode(ERRCODE_OBJECT_NOT_IN_PREREQUISITE_STATE),
+				 errmsg("cqrs projector's replication slot \"%s\" was invalidated",
+						cqrs_slot_name),
+				 errdetail("The WAL the slot kept for the projector was removed; the slot is made again and the whole command log folded into the read model, skipping the commands already applied."),
+				 errhint("Raise max_slot_wal_keep_size, or keep projection from pausing or falling behind that long.")));
+		cqrs_set_error(psprintf("replication slot \"%s\" was invalidated; made again and the command log folded",
+								cqrs_slot_name));
+		SpinLockAcquire(&cqrs_shared->mutex);
+		cqrs_shared->slots_lost++;
+		SpinLockRelease(&cqrs_shared->mutex);
+		worker_drop_slot("that was invalidated");
 		found = false;
 	}
 	if (!found)
@@ -817,7 +868,7 @@ worker_stream(void)
 	if (!worker_hold_while_paused(extension))
 	{
 		if (worker_extension_oid() != extension)
-			worker_drop_slot();
+			worker_drop_slot("of a dropped extension");
 		return;
 	}
 	worker_ensure_slot();
@@ -1059,7 +1110,7 @@ worker_stream(void)
 	if (extension_gone)
 	{
 		cqrs_set_applied(InvalidXLogRecPtr, false);
-		worker_drop_slot();
+		worker_drop_slot("of a dropped extension");
 	}
 }
 
@@ -1200,10 +1251,7 @@ cqrs_worker_main(Datum main_arg)
 		}
 
 		if (!worker_try_lead())
-		{
-			worker_wait(CQRS_FOLLOWER_NAPTIME);
 			continue;
-		}
 
 		worker_lead(&failures);
 	}

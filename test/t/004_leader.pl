@@ -9,6 +9,7 @@ use CqrsTest;
 use PostgreSQL::Test::Utils;
 use Test::More;
 use Time::Local;
+use Time::HiRes;
 
 my $node = cqrs_node('leader', conf => 'cqrs.workers = 2');
 sub sql { $node->safe_psql('postgres', $_[0]) }
@@ -85,5 +86,41 @@ like($stderr, qr/cannot be used during recovery/,
 	'wait_for_lsn refuses on a standby, pointing at wait_for');
 
 $standby->stop;
+
+# A leader that fails lets go of its replication origin before the leader
+# lock: with a slot of another plugin in the way, the leader errors and
+# steps down, and the follower that takes over can set up the origin (it
+# used to fail with "replication origin ... is already active").  Once the
+# slot is out of the way, a new slot is made and the log refolded.
+$node->append_conf('postgresql.conf', 'cqrs.enabled = off');
+$node->reload;
+$node->poll_query_until('postgres', q{SELECT state = 'disabled' FROM cqrs.status})
+  or die 'projection was not switched off';
+$node->poll_query_until('postgres',
+	q{SELECT NOT active FROM pg_replication_slots WHERE slot_name = 'cqrs'})
+  or die 'the slot is still in use';
+sql(q{SELECT pg_drop_replication_slot('cqrs')});
+sql(q{SELECT pg_create_logical_replication_slot('cqrs', 'test_decoding')});
+sql(q{SELECT cqrs.submit_order('le-' || i, 'u', 1) FROM generate_series(1, 50) i});
+$offset = -s $node->logfile;
+$node->append_conf('postgresql.conf', 'cqrs.enabled = on');
+$node->reload;
+# both workers lead, fail and step down in turn
+my %pids;
+for (my $t = 0; $t < 300 && keys %pids < 2; $t++)
+{
+	%pids = map { $_ => 1 } slurp_file($node->logfile, $offset) =~
+	  /\[(\d+)\] ERROR:  replication slot "cqrs" exists but is not a cqrs slot/g;
+	Time::HiRes::sleep(0.1);
+}
+is(scalar(keys %pids), 2, 'both workers led and failed on the slot in turn');
+unlike(slurp_file($node->logfile, $offset), qr/already active/,
+	'no worker found the origin held by the one before');
+sql(q{SELECT pg_drop_replication_slot('cqrs')});
+wait_projected($node);
+is(sql(q{SELECT count(*) FROM cqrs.read_model WHERE order_id LIKE 'le-%'}), '50',
+	'after the failures, the commands sent meanwhile are projected');
+compare_model($node, 'after leaders that failed');
+
 $node->stop;
 done_testing();

@@ -16,12 +16,13 @@ use Time::HiRes;
 our @EXPORT = qw(cqrs_node wait_projected expected_model compare_model
   start_load finish_load);
 
-# A started node with cqrs preloaded and the extension created.
+# A started node with cqrs preloaded and the extension created; options:
+# conf (postgresql.conf lines), initdb (extra initdb arguments).
 sub cqrs_node
 {
 	my ($name, %opts) = @_;
 	my $node = PostgreSQL::Test::Cluster->new($name);
-	$node->init(allows_streaming => 'logical');
+	$node->init(allows_streaming => 'logical', extra => $opts{initdb} // []);
 	$node->append_conf('postgresql.conf', qq{
 shared_preload_libraries = 'cqrs'
 max_worker_processes = 16
