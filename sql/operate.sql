@@ -5,6 +5,7 @@
 -- ever projected: the fences can only time out.)
 \set VERBOSITY terse
 
+-- no row until the first pause: projection runs
 SELECT paused FROM cqrs.projector_state;
 SELECT cqrs.pause();
 SELECT paused, changed_by = current_user AS by_me FROM cqrs.projector_state;

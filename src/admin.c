@@ -15,6 +15,7 @@
 #include "catalog/pg_type.h"
 #include "executor/spi.h"
 #include "commands/dbcommands.h"
+#include "commands/trigger.h"
 #include "fmgr.h"
 #include "funcapi.h"
 #include "miscadmin.h"
@@ -34,6 +35,7 @@ PG_FUNCTION_INFO_V1(worker_status);
 PG_FUNCTION_INFO_V1(lag_histogram);
 PG_FUNCTION_INFO_V1(pause_projection);
 PG_FUNCTION_INFO_V1(resume_projection);
+PG_FUNCTION_INFO_V1(projector_state_changed);
 PG_FUNCTION_INFO_V1(wait_for);
 PG_FUNCTION_INFO_V1(wait_for_lsn);
 PG_FUNCTION_INFO_V1(metrics);
@@ -225,16 +227,51 @@ admin_xact_callback(XactEvent event, void *arg)
 }
 
 /*
+ * Tell the projectors, when this transaction commits, that
+ * cqrs.projector_state changed.
+ */
+static void
+admin_note_control_change(void)
+{
+	if (!control_callback_registered)
+	{
+		RegisterXactCallback(admin_xact_callback, NULL);
+		control_callback_registered = true;
+	}
+	control_changed = true;
+}
+
+/*
+ * Statement trigger on cqrs.projector_state: whoever changes it (a pause,
+ * a resume, a restore of a dump), the projectors read it again once the
+ * change commits.
+ */
+Datum
+projector_state_changed(PG_FUNCTION_ARGS)
+{
+	if (!CALLED_AS_TRIGGER(fcinfo))
+		ereport(ERROR,
+				(errcode(ERRCODE_E_R_I_E_TRIGGER_PROTOCOL_VIOLATED),
+				 errmsg("projector_state_changed() must be called as a trigger")));
+	admin_note_control_change();
+	return PointerGetDatum(NULL);
+}
+
+/*
  * Record in cqrs.projector_state whether projection is paused; the
- * projectors learn it when this transaction commits.
+ * projectors learn it when this transaction commits.  The table holds at
+ * most one row, and none until the first pause: an installation's own row
+ * would collide with the one a dump restores.
  */
 static void
 admin_set_paused(bool paused)
 {
 	static SPIPlanPtr plan = NULL;
 	static const char *sql =
-		"UPDATE cqrs.projector_state SET paused = $1,"
-		" changed_at = pg_catalog.now(), changed_by = $2";
+		"INSERT INTO cqrs.projector_state AS s (paused, changed_at, changed_by)"
+		" VALUES ($1, pg_catalog.now(), $2)"
+		" ON CONFLICT (singleton) DO UPDATE SET paused = excluded.paused,"
+		" changed_at = excluded.changed_at, changed_by = excluded.changed_by";
 	Oid			argtypes[2] = {BOOLOID, NAMEOID};
 	Datum		values[2];
 	CqrsOwnerScope scope;
@@ -245,16 +282,10 @@ admin_set_paused(bool paused)
 
 	cqrs_spi_connect_as_owner(&scope);
 	if (cqrs_exec(cqrs_keep_plan(&plan, sql, 2, argtypes), values, NULL, 0,
-				  SPI_OK_UPDATE) != 1)
-		elog(ERROR, "cqrs.projector_state must hold exactly one row");
+				  SPI_OK_INSERT) != 1)
+		elog(ERROR, "could not record the pause in cqrs.projector_state");
 	cqrs_spi_finish(&scope);
-
-	if (!control_callback_registered)
-	{
-		RegisterXactCallback(admin_xact_callback, NULL);
-		control_callback_registered = true;
-	}
-	control_changed = true;
+	admin_note_control_change();
 }
 
 /*

@@ -6,7 +6,8 @@
 # goes on.  Then pg_dump, plain and custom format, must carry every command
 # and the log_id sequence; restored into fresh clusters (psql, and
 # pg_restore -j 2), the restored server's projector folds the log by
-# itself into the same read model, dead letters and parked commands.
+# itself into the same read model, dead letters and parked commands, and
+# keeps the pause the original was dumped with.
 use strict;
 use warnings;
 use FindBin;
@@ -54,6 +55,10 @@ sql(q{SELECT cqrs.ship_order('bk-' || i) FROM generate_series(201, 250) i});
 wait_projected($node);
 compare_model($node, 'after commands on the updated installation');
 
+# Dumped while paused: the operator's pause must come back with the data.
+sql(q{SELECT cqrs.pause()});
+$node->poll_query_until('postgres', q{SELECT state = 'paused' FROM cqrs.status})
+  or die 'the projector did not pause';
 my $log = sql(q{SELECT count(*) || ' ' || max(log_id) FROM cqrs.command_log});
 my $dir = $node->basedir;
 my @conn = ('-h', $node->host, '-p', $node->port, 'postgres');
@@ -84,6 +89,11 @@ for my $how ('plain', 'custom')
 	is($new->safe_psql('postgres',
 		q{SELECT count(*) || ' ' || max(log_id) FROM cqrs.command_log}),
 		$log, "$how: every command is back");
+	$new->poll_query_until('postgres', "SELECT state = 'paused' FROM cqrs.status")
+	  or die 'the restored projector is not paused: '
+	  . $new->safe_psql('postgres', 'SELECT state FROM cqrs.status');
+	pass("$how: the pause is restored, and the projector obeys it");
+	$new->safe_psql('postgres', q{SELECT cqrs.resume()});
 	$new->poll_query_until('postgres', "SELECT state = 'running' FROM cqrs.status")
 	  or die 'the restored projector does not run';
 	wait_projected($new);
