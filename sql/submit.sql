@@ -80,3 +80,16 @@ SELECT aggregate_id, payload -> 'amount' AS amount FROM cqrs.command_log
 SELECT sequence_id, duplicate
   FROM cqrs.submit_order(order_id => 'o-6', user_id => 'u-6', amount => 6,
                          command_id => 'a0000000-0000-4000-8000-000000000006');
+
+-- A bulk transaction: 20,000 commands with the default
+-- max_locks_per_transaction.  Past 256 commands the transaction locks the
+-- log instead of each command's keys, so its locks stay few.
+BEGIN;
+SELECT count(*) AS appended
+  FROM (SELECT cqrs.submit_order('bulk-' || i, 'u', 1) FROM generate_series(1, 20000) i) s;
+SELECT count(*) BETWEEN 256 AND 2 * 256 AS key_locks_bounded
+  FROM pg_locks WHERE locktype = 'advisory' AND pid = pg_backend_pid();
+SELECT mode FROM pg_locks
+ WHERE relation = 'cqrs.command_log'::regclass AND pid = pg_backend_pid() ORDER BY 1;
+COMMIT;
+SELECT count(*) AS bulk_orders FROM cqrs.command_log WHERE aggregate_id LIKE 'bulk-%';

@@ -23,6 +23,10 @@
  *   SERIALIZABLE the snapshot may not see a row committed by the
  *   transaction we waited for, so there the INSERT uses ON CONFLICT DO
  *   NOTHING, which sees it and fails with a serialization error.
+ * - A transaction that appends more than CQRS_KEY_LOCKED_MAX commands (a
+ *   bulk load) locks the log itself instead of each key from then on, so
+ *   that its locks stay few; other appenders then wait for it to end
+ *   (cmd_lock()).
  * - sequence_id values of one order are unique (the unique index) and,
  *   when the server assigns them, dense: every command takes a
  *   transaction-scoped lock on its order before reading the order's last
@@ -51,6 +55,7 @@
 #include "funcapi.h"
 #include "mb/pg_wchar.h"
 #include "miscadmin.h"
+#include "storage/lmgr.h"
 #include "storage/lock.h"
 #include "utils/builtins.h"
 #include "utils/jsonb.h"
@@ -94,6 +99,13 @@ static bool wake_at_commit = false;
 /* Commands this transaction appended, by type, counted at commit. */
 static uint32 appended[CQRS_COMMAND_TYPES];
 static bool xact_callback_registered = false;
+
+/*
+ * Commands this transaction appended under key locks; past
+ * CQRS_KEY_LOCKED_MAX it locks the log instead (cmd_lock()).
+ */
+#define CQRS_KEY_LOCKED_MAX		256
+static int	key_locked = 0;
 
 /* Plans kept for the life of the backend, prepared on first use. */
 static SPIPlanPtr insert_plan = NULL;
@@ -490,6 +502,7 @@ cmd_xact_callback(XactEvent event, void *arg)
 			}
 			wake_at_commit = false;
 			memset(appended, 0, sizeof(appended));
+			key_locked = 0;
 			break;
 		case XACT_EVENT_PREPARE:
 			/* COMMIT PREPARED runs no callback: the poll interval finds them */
@@ -497,6 +510,7 @@ cmd_xact_callback(XactEvent event, void *arg)
 		case XACT_EVENT_PARALLEL_ABORT:
 			wake_at_commit = false;
 			memset(appended, 0, sizeof(appended));
+			key_locked = 0;
 			break;
 		default:
 			break;
@@ -550,6 +564,45 @@ cmd_check_lag(void)
 }
 
 /*
+ * Take the locks a command is appended under (see the head of this file).
+ *
+ * Every command locks the log in RowExclusiveLock first, as its INSERT
+ * will, and then its command_id and its order.  A transaction keeps those
+ * key locks until it ends, and a bulk transaction of many thousands of
+ * commands would fill the shared lock table ("out of shared memory") long
+ * before it is done.  So once a transaction has appended
+ * CQRS_KEY_LOCKED_MAX commands under key locks, it locks the log itself in
+ * ShareRowExclusiveLock instead, as a lock escalation: that waits for
+ * every other transaction appending commands to end and holds back new
+ * ones (their first lock is the log's), so no other transaction can touch
+ * any command_id or order until this one ends, and its later commands
+ * need no key lock.  Holding back new ones before their first read of the
+ * log is what keeps their server-assigned sequences right once they go
+ * on.
+ */
+static void
+cmd_lock(CqrsCommand *cmd)
+{
+	Oid			log = get_relname_relid("command_log",
+										get_namespace_oid("cqrs", false));
+
+	if (!OidIsValid(log))
+		elog(ERROR, "cqrs.command_log does not exist");
+	LockRelationOid(log, RowExclusiveLock);
+	if (CheckRelationOidLockedByMe(log, ShareRowExclusiveLock, true))
+		return;
+	if (key_locked >= CQRS_KEY_LOCKED_MAX)
+	{
+		LockRelationOid(log, ShareRowExclusiveLock);
+		return;
+	}
+	cmd_lock_key(&cmd->command_id, sizeof(pg_uuid_t), CQRS_COMMAND_LOCK_SPACE);
+	cmd_lock_key(VARDATA_ANY(cmd->order_id), VARSIZE_ANY_EXHDR(cmd->order_id),
+				 CQRS_ORDER_LOCK_SPACE);
+	key_locked++;
+}
+
+/*
  * Append a validated command to the log and fill in its receipt.
  */
 static void
@@ -558,11 +611,14 @@ cmd_append(CqrsCommand *cmd, CqrsReceipt *receipt)
 	CqrsOwnerScope scope;
 
 	cmd_check_lag();
+	if (!xact_callback_registered)
+	{
+		RegisterXactCallback(cmd_xact_callback, NULL);
+		xact_callback_registered = true;
+	}
 	cqrs_spi_connect_as_owner(&scope);
 
-	cmd_lock_key(&cmd->command_id, sizeof(pg_uuid_t), CQRS_COMMAND_LOCK_SPACE);
-	cmd_lock_key(VARDATA_ANY(cmd->order_id), VARSIZE_ANY_EXHDR(cmd->order_id),
-				 CQRS_ORDER_LOCK_SPACE);
+	cmd_lock(cmd);
 	if (!cmd->sequence_given)
 	{
 		int64		last = cmd_last_sequence(cmd->order_id);
@@ -580,11 +636,6 @@ cmd_append(CqrsCommand *cmd, CqrsReceipt *receipt)
 		cmd_resolve_conflict(cmd, receipt);
 	else
 	{
-		if (!xact_callback_registered)
-		{
-			RegisterXactCallback(cmd_xact_callback, NULL);
-			xact_callback_registered = true;
-		}
 		wake_at_commit = true;
 		appended[cmd->type]++;
 	}
