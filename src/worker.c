@@ -39,6 +39,10 @@
  */
 #include "postgres.h"
 
+#ifdef __GLIBC__
+#include <malloc.h>
+#endif
+
 #include "access/xact.h"
 #include "access/xlog.h"
 #include "access/xlog_internal.h"
@@ -534,6 +538,20 @@ worker_lower_decoding_flag(void)
 	MyProc->statusFlags &= ~PROC_IN_LOGICAL_DECODING;
 	ProcGlobal->statusFlags[MyProc->pgxactoff] = MyProc->statusFlags;
 	LWLockRelease(ProcArrayLock);
+}
+
+/*
+ * Give memory back to the operating system after a batch larger than any
+ * regular one (one transaction of many commands is one batch): the freed
+ * blocks would otherwise stay with the process, a leader that runs for
+ * months holding the peak of its largest transaction.
+ */
+static void
+worker_release_memory(void)
+{
+#ifdef __GLIBC__
+	malloc_trim(0);
+#endif
 }
 
 /*
@@ -1056,6 +1074,8 @@ worker_stream(void)
 			cqrs_set_applied(position, false);
 
 			cqrs_queue_reset(queue);
+			if (nrecords > cqrs_batch_size_max)
+				worker_release_memory();
 
 			/*
 			 * Busy: let commands accumulate for a moment, so that under
