@@ -207,6 +207,7 @@ extern const char *cqrs_redis_state_name(void);
 extern void cqrs_redis_stale(const char *order_id);
 extern void cqrs_redis_flush_stale(void);
 extern void cqrs_redis_stale_all(void);
+extern void cqrs_redis_installation(Oid extension);
 extern bool cqrs_redis_tick(void);
 extern bool cqrs_redis_drain(int limit);
 extern void cqrs_redis_batch_begin(void);

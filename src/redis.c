@@ -46,6 +46,7 @@
 #include <sys/time.h>
 
 #include "access/xact.h"
+#include "access/xlog.h"
 #include "catalog/pg_type.h"
 #include "common/jsonapi.h"
 #include "common/pg_prng.h"
@@ -461,6 +462,16 @@ static bool redis_was_up = false;
 static bool redis_drain_needed = true;
 static TimestampTz redis_stats_at = 0;
 
+/*
+ * The installation the projector writes for (system identifier, database,
+ * extension OID), and whether Redis's marker key has been found to name it
+ * since the connection was opened or the installation changed.
+ */
+#define REDIS_MARKER_KEY	"cqrs:installation"
+static char redis_installation[64] = "";
+static bool redis_marker_ok = false;
+static bool redis_resync_needed = false;
+
 /* The rows of the batch in progress, written after its commit. */
 static MemoryContext redis_context = NULL;
 static List *redis_pending = NIL;
@@ -735,6 +746,139 @@ redis_read_stats(void)
 }
 
 /*
+ * Is this reply Redis refusing a command to our ACL user?
+ */
+static bool
+redis_noperm(redisReply *reply)
+{
+	return reply != NULL && reply->type == REDIS_REPLY_ERROR &&
+		strncmp(reply->str, "NOPERM", 6) == 0;
+}
+
+/*
+ * Delete every order key, in SCAN-sized batches.  False after redis_fail().
+ */
+static bool
+redis_purge_orders(uint64 *deleted)
+{
+	char		cursor[32] = "0";
+
+	*deleted = 0;
+	do
+	{
+		redisReply *reply;
+		redisReply *keys;
+
+		reply = redis_call(6, (const char *[]) {"SCAN", cursor, "MATCH", "order:*",
+												"COUNT", "1000"},
+						   REDIS_REPLY_ARRAY);
+		if (reply == NULL)
+			return false;
+		if (reply->elements != 2 || reply->element[0]->type != REDIS_REPLY_STRING ||
+			reply->element[1]->type != REDIS_REPLY_ARRAY)
+		{
+			freeReplyObject(reply);
+			redis_fail("SCAN: unexpected reply");
+			return false;
+		}
+		strlcpy(cursor, reply->element[0]->str, sizeof(cursor));
+		keys = reply->element[1];
+		if (keys->elements > 0)
+		{
+			const char **argv = palloc(sizeof(char *) * (keys->elements + 1));
+			redisReply *del;
+
+			argv[0] = "DEL";
+			for (size_t i = 0; i < keys->elements; i++)
+				argv[i + 1] = keys->element[i]->str;
+			del = redis_call(keys->elements + 1, argv, REDIS_REPLY_INTEGER);
+			pfree(argv);
+			if (del == NULL)
+			{
+				freeReplyObject(reply);
+				return false;
+			}
+			*deleted += del->integer;
+			freeReplyObject(del);
+		}
+		freeReplyObject(reply);
+	} while (strcmp(cursor, "0") != 0);
+	return true;
+}
+
+/*
+ * Make sure Redis holds nothing of another installation.  Redis's marker
+ * key names the installation whose rows its order keys are.  Another name
+ * (the extension dropped and created again, a restore into another
+ * cluster, one Redis moved between servers) means keys that may be newer
+ * by version than ours and yet wrong: they are deleted.  No marker (a new
+ * Redis, or one restarted empty) or another name means every key must be
+ * written again from the read model: all orders go to the backlog.  False
+ * after redis_fail().
+ */
+static bool
+redis_check_marker(void)
+{
+	redisReply *reply;
+	uint64		deleted = 0;
+	bool		other;
+
+	reply = redisCommand(redis, "GET %s", REDIS_MARKER_KEY);
+	if (redis_noperm(reply))
+	{
+		freeReplyObject(reply);
+		ereport(WARNING,
+				(errmsg("cqrs projector may not read the Redis key \"%s\"",
+						REDIS_MARKER_KEY),
+				 errdetail("Without it, keys another installation left in Redis are not deleted."),
+				 errhint("Allow the projector's Redis user the keys cqrs:* and the command SCAN.")));
+		redis_marker_ok = true;
+		return true;
+	}
+	if (reply == NULL || (reply->type != REDIS_REPLY_STRING &&
+						  reply->type != REDIS_REPLY_NIL))
+	{
+		char		what[256];
+
+		snprintf(what, sizeof(what), "GET: %s", redis_error(reply));
+		if (reply != NULL)
+			freeReplyObject(reply);
+		redis_fail(what);
+		return false;
+	}
+	if (reply->type == REDIS_REPLY_STRING &&
+		strcmp(reply->str, redis_installation) == 0)
+	{
+		freeReplyObject(reply);
+		redis_marker_ok = true;
+		return true;
+	}
+	other = (reply->type == REDIS_REPLY_STRING);
+	freeReplyObject(reply);
+
+	if (other && !redis_purge_orders(&deleted))
+		return false;
+	reply = redis_call(3, (const char *[]) {"SET", REDIS_MARKER_KEY, redis_installation},
+					   REDIS_REPLY_STATUS);
+	if (reply == NULL)
+		return false;
+	freeReplyObject(reply);
+	if (other)
+		ereport(LOG,
+				(errmsg("cqrs projector deleted " UINT64_FORMAT " order keys another installation left in Redis",
+						deleted),
+				 errdetail("Every order is written again from the read model.")));
+	else
+		ereport(LOG,
+				(errmsg("cqrs projector found no installation marker in Redis"),
+				 errdetail("Every order is written again from the read model.")));
+	redis_marker_ok = true;
+	redis_resync_needed = true;
+	redis_drain_needed = true;
+	return true;
+}
+
+/*
  * The projector's turn for Redis, once per loop: follow cqrs.redis_url,
  * reconnect when the backoff allows, refresh the hit counters every
  * second.  Returns true when the backlog should be drained now
@@ -765,7 +909,11 @@ cqrs_redis_tick(void)
 	{
 		if (now < redis_retry_at || !redis_open())
 			return false;
+		redis_marker_ok = false;
 	}
+	if (!redis_marker_ok && redis_installation[0] != '\0' &&
+		!redis_check_marker())
+		return false;
 	if (now >= TimestampTzPlusMilliseconds(redis_stats_at, 1000))
 	{
 		redis_stats_at = now;
@@ -814,6 +962,11 @@ cqrs_redis_drain(int limit)
 
 	if (redis == NULL)
 		return false;
+	if (redis_resync_needed)
+	{
+		cqrs_redis_stale_all();
+		redis_resync_needed = false;
+	}
 	values[0] = Int32GetDatum(limit);
 	n = cqrs_exec(cqrs_keep_plan(&read_plan, read_sql, 1, read_types),
 				  values, NULL, 0, SPI_OK_SELECT);
@@ -967,7 +1120,29 @@ cqrs_redis_backlog_failed(void)
 	redis_drain_needed = true;
 }
 
+/*
+ * The installation the projector now serves; Redis's marker is checked
+ * again when it changes.
+ */
+void
+cqrs_redis_installation(Oid extension)
+{
+	char		id[64];
+
+	snprintf(id, sizeof(id), UINT64_FORMAT "/%u/%u", GetSystemIdentifier(),
+			 MyDatabaseId, extension);
+	if (strcmp(id, redis_installation) == 0)
+		return;
+	strlcpy(redis_installation, id, sizeof(redis_installation));
+	redis_marker_ok = false;
+}
+
 #else							/* !USE_HIREDIS */
+
+void
+cqrs_redis_installation(Oid extension)
+{
+}
 
 bool
 cqrs_redis_tick(void)

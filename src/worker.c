@@ -880,6 +880,7 @@ worker_stream(void)
 	XLogRecPtr	unconfirmed_commit = InvalidXLogRecPtr;
 
 	extension = worker_extension_oid();
+	cqrs_redis_installation(extension);
 
 	/* a pause survives restarts: read it before anything else */
 	control_seen = PG_UINT64_MAX;

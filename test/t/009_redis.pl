@@ -33,10 +33,11 @@ sub redis_start
 		usleep(50_000);
 	}
 	$redis_pid = slurp_file("$rdir/redis.pid") + 0;
-	# the projector's own user: only the order:* keys, only what it uses
+	# the projector's own user: only its keys, only what it uses
 	redis('ACL', 'SETUSER', 'cqrs', 'on', ">$cqrs_pw", 'resetkeys',
-		'~order:*', 'resetchannels', '-@all', '+get', '+set', '+del',
-		'+evalsha', '+script|load', '+info', '+select', '+ping') eq 'OK'
+		'~order:*', '~cqrs:*', 'resetchannels', '-@all', '+get', '+set',
+		'+del', '+scan', '+evalsha', '+script|load', '+info', '+select',
+		'+ping') eq 'OK'
 	  or die "could not create the Redis user";
 }
 
@@ -296,6 +297,41 @@ sql('SELECT pg_reload_conf()');
 $node->poll_query_until('postgres', q{SELECT redis = 'connected' FROM cqrs.status})
   or die 'Redis not back';
 pass('and back on with a reload');
+
+# A reinstall never serves the old installation's keys.  Redis holds an
+# order of the old installation at a high version and one the new never
+# has: DROP EXTENSION and CREATE EXTENSION make a new installation, whose
+# projector deletes the old keys (Redis's marker names the old one) and
+# writes its own.
+sql(q{SELECT cqrs.submit_order('ri-1', 'u-old', 7)});
+sql(q{SELECT cqrs.ship_order('ri-1')});
+sql(q{SELECT cqrs.submit_order('ri-old', 'u-old', 8)});
+wait_projected($node);
+wait_backlog_empty();
+like(redis('GET', 'order:ri-1'), qr/"status":"shipped","version":2/,
+	'the old installation\'s key is there');
+my $marker = redis('GET', 'cqrs:installation');
+like($marker, qr{^\d+/\d+/\d+$}, 'Redis names the installation its keys are of');
+sql(q{DROP EXTENSION cqrs});
+sql(q{CREATE EXTENSION cqrs});
+$node->poll_query_until('postgres', q{SELECT state = 'running' AND redis = 'connected' FROM cqrs.status})
+  or die 'the new installation does not project';
+sql(q{SELECT cqrs.submit_order('ri-1', 'u-new', 1)});
+wait_projected($node);
+wait_backlog_empty();
+isnt(redis('GET', 'cqrs:installation'), $marker, 'Redis now names the new installation');
+like(redis('GET', 'order:ri-1'), qr/"user_id":"u-new",.*"status":"created","version":1/,
+	'the new installation\'s row replaced a key of a higher version');
+is(redis('EXISTS', 'order:ri-old'), '0', 'a key of an order the new installation has not is gone');
+compare_keys('after a reinstall', 'true');
+
+# Redis restarted empty: every key comes back from the read model.
+redis_stop();
+redis_start();
+$node->poll_query_until('postgres', q{SELECT redis = 'connected' FROM cqrs.status})
+  or die 'the projector did not reconnect';
+wait_backlog_empty();
+compare_keys('after Redis came back empty', 'true');
 
 $node->stop;
 redis_stop();
