@@ -59,6 +59,7 @@
 #include "storage/lock.h"
 #include "utils/builtins.h"
 #include "utils/jsonb.h"
+#include "utils/inval.h"
 #include "utils/lsyscache.h"
 #include "utils/numeric.h"
 #include "utils/syscache.h"
@@ -564,6 +565,40 @@ cmd_check_lag(void)
 }
 
 /*
+ * The OID of cqrs.command_log, looked up once per backend and forgotten
+ * when a relcache invalidation may concern it (the extension dropped and
+ * created again).
+ */
+static Oid	log_relid = InvalidOid;
+
+static void
+cmd_log_invalidate(Datum arg, Oid relid)
+{
+	if (relid == InvalidOid || relid == log_relid)
+		log_relid = InvalidOid;
+}
+
+static Oid
+cmd_log_relid(void)
+{
+	static bool callback_registered = false;
+
+	if (!callback_registered)
+	{
+		CacheRegisterRelcacheCallback(cmd_log_invalidate, (Datum) 0);
+		callback_registered = true;
+	}
+	if (!OidIsValid(log_relid))
+	{
+		log_relid = get_relname_relid("command_log",
+									  get_namespace_oid("cqrs", false));
+		if (!OidIsValid(log_relid))
+			elog(ERROR, "cqrs.command_log does not exist");
+	}
+	return log_relid;
+}
+
+/*
  * Take the locks a command is appended under (see the head of this file).
  *
  * Every command locks the log in RowExclusiveLock first, as its INSERT
@@ -583,11 +618,8 @@ cmd_check_lag(void)
 static void
 cmd_lock(CqrsCommand *cmd)
 {
-	Oid			log = get_relname_relid("command_log",
-										get_namespace_oid("cqrs", false));
+	Oid			log = cmd_log_relid();
 
-	if (!OidIsValid(log))
-		elog(ERROR, "cqrs.command_log does not exist");
 	LockRelationOid(log, RowExclusiveLock);
 	if (CheckRelationOidLockedByMe(log, ShareRowExclusiveLock, true))
 		return;
