@@ -7,6 +7,8 @@
 #                                       "bash test/SCRIPT ..." there as root
 #   bash test/trixie.sh shell           an interactive shell inside
 #
+# CI, WITH_HIREDIS, CQRS_KEEP and PG_CONFIG reach the script inside when set.
+#
 # The system lives in $CQRS_TRIXIE (default /var/cache/cqrs/trixie) and is
 # kept between runs: a second build, or a run, only installs what a newer
 # version of this tree needs.  proc, /dev and a tmpfs on /dev/shm are
@@ -82,7 +84,7 @@ trixie_run() {
 	# the settings the scripts read, when set here (an empty WITH_HIREDIS
 	# would mean "no" to make)
 	local env=(PATH=/usr/sbin:/usr/bin:/sbin:/bin HOME=/root LANG=C.UTF-8) v
-	for v in CI WITH_HIREDIS CQRS_KEEP; do
+	for v in CI WITH_HIREDIS CQRS_KEEP PG_CONFIG; do
 		[ -n "${!v:-}" ] && env+=("$v=${!v}")
 	done
 	chroot "$ROOT" /usr/bin/env -i "${env[@]}" \
