@@ -15,24 +15,6 @@ work=$(cqrs_test_tree)
 [ -n "${CQRS_KEEP:-}" ] || trap 'rm -rf "$work"' EXIT
 cqrs_log "running the tests in $work as $(cqrs_pg_user)"
 
-# The passed and failed counts of one suite's output ($1), as "P F":
-# pg_regress and isolation print "All N tests passed." or "F of N tests
-# failed."; prove prints "Files=.., Tests=N" and, per failing script,
-# "(Wstat: W ... Tests: N Failed: F)", where a script that died has
-# Failed: 0 and a non-zero wait status: it counts as one failure.
-cqrs_suite_counts() {
-	sed -E 's/^[# ]+//' "$1" | awk '
-		/^All [0-9]+ tests passed/ { p += $2 }
-		/^[0-9]+ of [0-9]+ tests failed/ { f += $1; p += $3 - $1 }
-		/^Files=[0-9]+, Tests=[0-9]+,/ {
-			t = $2; sub(/^Tests=/, "", t); sub(/,$/, "", t); p += t }
-		/\(Wstat: [0-9]+ .*Failed: [0-9]+\)$/ {
-			match($0, /Wstat: [0-9]+/); w = substr($0, RSTART + 7, RLENGTH - 7)
-			match($0, /Failed: [0-9]+/); n = substr($0, RSTART + 8, RLENGTH - 8)
-			if (n > 0) { f += n; p -= n } else if (w != 0) f += 1 }
-		END { print p + 0, f + 0 }'
-}
-
 # Each suite on its own, so that one failing does not hide the others.  A
 # suite that fails without a failed test (it did not run, or a script
 # died before its plan) still counts as a failure.
