@@ -621,10 +621,13 @@ cmd_lock(CqrsCommand *cmd)
 	Oid			log = cmd_log_relid();
 
 	LockRelationOid(log, RowExclusiveLock);
-	if (CheckRelationOidLockedByMe(log, ShareRowExclusiveLock, true))
-		return;
 	if (key_locked >= CQRS_KEY_LOCKED_MAX)
 	{
+		/*
+		 * Held already after the first time (a lookup in the local lock
+		 * table), and taken again should a subtransaction that took it
+		 * have rolled back.
+		 */
 		LockRelationOid(log, ShareRowExclusiveLock);
 		return;
 	}

@@ -304,18 +304,13 @@ decoder_change(LogicalDecodingContext *ctx, ReorderBufferTXN *txn,
 
 	if (change->action != REORDER_BUFFER_CHANGE_INSERT)
 		return;
+	if (!decoder_is_command_log(state, relation))
+		return;
 	tuple = CQRS_CHANGE_NEWTUPLE(change);
 	if (tuple == NULL)
 		return;
 
-	/* what recognising the relation allocates goes with the change too */
 	old = MemoryContextSwitchTo(state->context);
-	if (!decoder_is_command_log(state, relation))
-	{
-		MemoryContextSwitchTo(old);
-		MemoryContextReset(state->context);
-		return;
-	}
 	if (state->queue)
 		decoder_enqueue(state, tuple, RelationGetDescr(relation));
 	else
