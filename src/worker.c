@@ -1002,15 +1002,15 @@ worker_stream(void)
 				 * what it allocates beyond this transaction: its decode
 				 * buffer, the buffer it reassembles records spanning pages
 				 * in (grown for a larger record), and a record too large for
-				 * the decode buffer until the next read.  So the current
-				 * context must be the decoding context's, before every read:
-				 * decoding a commit ends an internal subtransaction, which
-				 * leaves our transaction's context current, and a buffer
-				 * allocated there would be freed at our commit while the
-				 * reader still writes into it.
+				 * the decode buffer until the next read.  So it reads in the
+				 * decoding context.  Decoding itself runs in this
+				 * transaction's context, which is what is current after a
+				 * decoded commit anyway (its internal subtransaction ends
+				 * there), so what it leaves behind goes with our commit.
 				 */
 				MemoryContextSwitchTo(ctx->context);
 				record = XLogReadRecord(ctx->reader, &errm);
+				MemoryContextSwitchTo(old);
 				if (errm)
 					elog(ERROR, "could not read WAL for cqrs projection: %s",
 						 errm);
