@@ -545,9 +545,23 @@ redis_error(redisReply *reply)
 {
 	if (reply != NULL && reply->type == REDIS_REPLY_ERROR)
 		return reply->str;
+	if (reply != NULL)
+		return "unexpected reply";
 	if (redis != NULL && redis->err)
 		return redis->errstr;
 	return "no reply";
+}
+
+/* A command failed or answered what it should not: free the reply, fail. */
+static void
+redis_fail_reply(const char *command, redisReply *reply)
+{
+	char		what[256];
+
+	snprintf(what, sizeof(what), "%s: %s", command, redis_error(reply));
+	if (reply != NULL)
+		freeReplyObject(reply);
+	redis_fail(what);
 }
 
 /* Run one command; the reply, or NULL after redis_fail(). */
@@ -559,12 +573,7 @@ redis_call(int argc, const char **argv, int expected_type)
 	reply = redisCommandArgv(redis, argc, argv, NULL);
 	if (reply == NULL || reply->type != expected_type)
 	{
-		char		what[256];
-
-		snprintf(what, sizeof(what), "%s: %s", argv[0], redis_error(reply));
-		if (reply != NULL)
-			freeReplyObject(reply);
-		redis_fail(what);
+		redis_fail_reply(argv[0], reply);
 		return NULL;
 	}
 	return reply;
@@ -777,8 +786,7 @@ redis_purge_orders(uint64 *deleted)
 		if (reply->elements != 2 || reply->element[0]->type != REDIS_REPLY_STRING ||
 			reply->element[1]->type != REDIS_REPLY_ARRAY)
 		{
-			freeReplyObject(reply);
-			redis_fail("SCAN: unexpected reply");
+			redis_fail_reply("SCAN", reply);
 			return false;
 		}
 		strlcpy(cursor, reply->element[0]->str, sizeof(cursor));
@@ -838,12 +846,7 @@ redis_check_marker(void)
 	if (reply == NULL || (reply->type != REDIS_REPLY_STRING &&
 						  reply->type != REDIS_REPLY_NIL))
 	{
-		char		what[256];
-
-		snprintf(what, sizeof(what), "GET: %s", redis_error(reply));
-		if (reply != NULL)
-			freeReplyObject(reply);
-		redis_fail(what);
+		redis_fail_reply("GET", reply);
 		return false;
 	}
 	if (reply->type == REDIS_REPLY_STRING &&
