@@ -285,6 +285,7 @@ admin_set_paused(bool paused)
 				  SPI_OK_INSERT) != 1)
 		elog(ERROR, "could not record the pause in cqrs.projector_state");
 	cqrs_spi_finish(&scope);
+	/* the trigger does too, but an installation not yet updated to 0.2.0 has none */
 	admin_note_control_change();
 }
 
