@@ -545,6 +545,10 @@ admin_collect(MetricSink *sink)
 				  "Times the projector found its replication slot invalidated (the WAL it needed removed) and made a new one, folding the command log again, since the server started.",
 				  (double) snap.slots_lost);
 
+	metric_single(sink, "cqrs_spilled_total", "counter",
+				  "Commands the projector wrote to a temporary file, their transaction being larger than cqrs.projector_work_mem, since the server started.",
+				  (double) snap.spilled_total);
+
 	metric_single(sink, "cqrs_parked", "gauge",
 				  "Commands waiting in cqrs.parked for a missing predecessor.",
 				  (double) admin_count("SELECT pg_catalog.count(*) FROM cqrs.parked"));

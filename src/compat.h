@@ -61,4 +61,20 @@
 #define CQRS_ORIGIN_SESSION_SETUP(origin)	replorigin_session_setup(origin)
 #endif
 
+/*
+ * Reading a temporary file back: 16 replaced BufFileRead(), which returns
+ * a short count at the end, by BufFileReadExact(), which raises the error.
+ */
+#if PG_VERSION_NUM >= 160000
+#define CQRS_BUFFILE_READ(file, ptr, size)	BufFileReadExact((file), (ptr), (size))
+#else
+#define CQRS_BUFFILE_READ(file, ptr, size) \
+	do { \
+		if (BufFileRead((file), (ptr), (size)) != (size_t) (size)) \
+			ereport(ERROR, \
+					(errcode_for_file_access(), \
+					 errmsg("could not read from cqrs spill file: read only part of a record"))); \
+	} while (0)
+#endif
+
 #endif							/* CQRS_COMPAT_H */

@@ -32,6 +32,7 @@ int			cqrs_workers = 1;
 bool		cqrs_enabled = true;
 int			cqrs_batch_size_min = 64;
 int			cqrs_batch_size_max = 10000;
+int			cqrs_projector_work_mem = 65536;
 int			cqrs_poll_interval = 1000;
 int			cqrs_backoff_base = 100;
 int			cqrs_backoff_max = 5000;
@@ -166,6 +167,13 @@ cqrs_define_settings(void)
 							&cqrs_batch_size_max,
 							10000, 1, 1000000,
 							PGC_SIGHUP, 0,
+							NULL, NULL, NULL);
+	DefineCustomIntVariable("cqrs.projector_work_mem",
+							"Memory the projector keeps decoded commands in before it spills them to a temporary file.",
+							"A transaction with more commands than fit is read back and applied in parts of at most cqrs.batch_size_max commands.",
+							&cqrs_projector_work_mem,
+							65536, 64, MAX_KILOBYTES,
+							PGC_SIGHUP, GUC_UNIT_KB,
 							NULL, NULL, NULL);
 	DefineCustomIntVariable("cqrs.poll_interval",
 							"How long the idle projector sleeps when no commit wakes it.",

@@ -41,6 +41,7 @@ extern int	cqrs_workers;
 extern bool cqrs_enabled;
 extern int	cqrs_batch_size_min;
 extern int	cqrs_batch_size_max;
+extern int	cqrs_projector_work_mem;
 extern int	cqrs_poll_interval;
 extern int	cqrs_backoff_base;
 extern int	cqrs_backoff_max;
@@ -121,6 +122,7 @@ typedef struct CqrsShared
 								 * wake_lsn > applied_lsn */
 	uint64		dead_letter_total;	/* dead letters written */
 	uint64		slots_lost;		/* invalidated slots recreated */
+	uint64		spilled_total;	/* commands spilled beyond projector_work_mem */
 	uint64		flush_histogram[CQRS_FLUSH_BUCKETS + 1];	/* + overflow */
 	double		flush_seconds_sum;
 	/* counted by the command functions, without the spinlock */
@@ -162,7 +164,12 @@ typedef struct CqrsRecord
 	TimestampTz commit_time;
 } CqrsRecord;
 
-/* Commands decoded in the projector process, waiting to be applied. */
+/*
+ * Commands decoded in the projector process, waiting to be applied.  Up to
+ * cqrs.projector_work_mem they are kept in memory; past it, the rest of the
+ * transaction being decoded goes to a temporary file, and decoding stops
+ * at its commit.  Spilled commands all belong to that last transaction.
+ */
 typedef struct CqrsQueue
 {
 	MemoryContext context;		/* records live here; reset per batch */
@@ -170,6 +177,9 @@ typedef struct CqrsQueue
 	int			nrecords;
 	int			capacity;
 	int			xact_start;		/* first record of the transaction decoding */
+	struct BufFile *spill;		/* commands beyond the budget, or NULL */
+	int64		nspilled;		/* how many */
+	int64		nunspilled;		/* how many read back so far */
 	XLogRecPtr	last_commit_lsn;
 	TimestampTz last_commit_time;
 	bool		catalog_changed;	/* a decoded transaction changed catalogs */
@@ -178,6 +188,7 @@ typedef struct CqrsQueue
 /* decoder.c: set in the projector process only, NULL elsewhere */
 extern CqrsQueue *cqrs_decoding_queue;
 extern void cqrs_queue_reset(CqrsQueue *queue);
+extern int	cqrs_queue_unspill(CqrsQueue *queue, CqrsRecord *records, int max);
 
 /* projector.c */
 typedef struct CqrsApplyStats
@@ -192,6 +203,7 @@ typedef struct CqrsApplyStats
 
 extern void cqrs_project(CqrsRecord *records, int nrecords,
 						 CqrsApplyStats *stats);
+extern void cqrs_stats_add(CqrsApplyStats *to, const CqrsApplyStats *from);
 extern void cqrs_project_forget(void);
 extern void cqrs_save_offset(const char *slot_name, XLogRecPtr lsn);
 extern XLogRecPtr cqrs_load_offset(const char *slot_name);

@@ -30,6 +30,7 @@
 #include "replication/logical.h"
 #include "replication/origin.h"
 #include "replication/output_plugin.h"
+#include "storage/buffile.h"
 #include "utils/builtins.h"
 #include "utils/json.h"
 #include "utils/lsyscache.h"
@@ -70,11 +71,29 @@ typedef struct CqrsDecodingState
 } CqrsDecodingState;
 
 /*
+ * A spilled command as written to the temporary file, followed by the
+ * bytes of its command type, aggregate id, traceparent and payload (a
+ * Jsonb varlena); a length of -1 stands for NULL.
+ */
+typedef struct CqrsSpilled
+{
+	int64		log_id;
+	pg_uuid_t	command_id;
+	int64		sequence_id;
+	int32		len[4];
+} CqrsSpilled;
+
+/*
  * Empty the queue, keeping its allocation, and forget its records.
  */
 void
 cqrs_queue_reset(CqrsQueue *queue)
 {
+	if (queue->spill != NULL)
+		BufFileClose(queue->spill);
+	queue->spill = NULL;
+	queue->nspilled = 0;
+	queue->nunspilled = 0;
 	MemoryContextReset(queue->context);
 	queue->records = NULL;
 	queue->nrecords = 0;
@@ -210,7 +229,115 @@ decoder_text(CqrsDecodingState *state, HeapTuple tuple, TupleDesc desc, int c)
 }
 
 /*
- * Append the command to the projector's queue, in the queue's context.
+ * Write the command to the queue's temporary file.
+ */
+static void
+decoder_spill(CqrsDecodingState *state, HeapTuple tuple, TupleDesc desc)
+{
+	CqrsQueue  *queue = state->queue;
+	CqrsSpilled hdr;
+	void	   *data[4];
+	bool		isnull;
+	Datum		d;
+
+	memset(&hdr, 0, sizeof(hdr));
+	d = decoder_column(state, tuple, desc, COL_LOG_ID, &isnull);
+	hdr.log_id = isnull ? 0 : DatumGetInt64(d);
+	d = decoder_column(state, tuple, desc, COL_COMMAND_ID, &isnull);
+	if (!isnull)
+		memcpy(&hdr.command_id, DatumGetUUIDP(d), sizeof(pg_uuid_t));
+	d = decoder_column(state, tuple, desc, COL_SEQUENCE_ID, &isnull);
+	hdr.sequence_id = isnull ? 0 : DatumGetInt64(d);
+
+	for (int i = 0; i < 4; i++)
+	{
+		static const int cols[4] = {COL_COMMAND_TYPE, COL_AGGREGATE_ID,
+		COL_TRACEPARENT, COL_PAYLOAD};
+
+		d = decoder_column(state, tuple, desc, cols[i], &isnull);
+		if (isnull)
+		{
+			hdr.len[i] = -1;
+			data[i] = NULL;
+		}
+		else if (cols[i] == COL_PAYLOAD)
+		{
+			Jsonb	   *payload = DatumGetJsonbP(d);
+
+			hdr.len[i] = VARSIZE(payload);
+			data[i] = payload;
+		}
+		else
+		{
+			text	   *t = DatumGetTextPP(d);
+
+			hdr.len[i] = VARSIZE_ANY_EXHDR(t);
+			data[i] = VARDATA_ANY(t);
+		}
+	}
+
+	BufFileWrite(queue->spill, &hdr, sizeof(hdr));
+	for (int i = 0; i < 4; i++)
+		if (hdr.len[i] > 0)
+			BufFileWrite(queue->spill, data[i], hdr.len[i]);
+	queue->nspilled++;
+}
+
+/*
+ * Read up to max spilled commands back into records, allocated in the
+ * current memory context; returns how many.  They all belong to the last
+ * transaction decoded.
+ */
+int
+cqrs_queue_unspill(CqrsQueue *queue, CqrsRecord *records, int max)
+{
+	int			n = 0;
+
+	if (queue->spill == NULL)
+		return 0;
+	if (queue->nunspilled == 0 &&
+		BufFileSeek(queue->spill, 0, 0, SEEK_SET) != 0)
+		ereport(ERROR,
+				(errcode_for_file_access(),
+				 errmsg("could not rewind cqrs spill file: %m")));
+
+	while (n < max && queue->nunspilled < queue->nspilled)
+	{
+		CqrsRecord *rec = &records[n++];
+		CqrsSpilled hdr;
+		char	   *data[4];
+
+		CQRS_BUFFILE_READ(queue->spill, &hdr, sizeof(hdr));
+		for (int i = 0; i < 4; i++)
+		{
+			if (hdr.len[i] < 0)
+			{
+				data[i] = NULL;
+				continue;
+			}
+			data[i] = palloc(hdr.len[i] + 1);
+			if (hdr.len[i] > 0)
+				CQRS_BUFFILE_READ(queue->spill, data[i], hdr.len[i]);
+			data[i][hdr.len[i]] = '\0';
+		}
+		memset(rec, 0, sizeof(CqrsRecord));
+		rec->log_id = hdr.log_id;
+		rec->command_id = hdr.command_id;
+		rec->sequence_id = hdr.sequence_id;
+		rec->command_type = data[0];
+		rec->aggregate_id = data[1];
+		rec->traceparent = data[2];
+		rec->payload = (Jsonb *) data[3];
+		rec->commit_lsn = queue->last_commit_lsn;
+		rec->commit_time = queue->last_commit_time;
+		queue->nunspilled++;
+	}
+	return n;
+}
+
+/*
+ * Append the command to the projector's queue, in the queue's context;
+ * to its temporary file once the queue holds cqrs.projector_work_mem.
  */
 static void
 decoder_enqueue(CqrsDecodingState *state, HeapTuple tuple, TupleDesc desc)
@@ -220,6 +347,21 @@ decoder_enqueue(CqrsDecodingState *state, HeapTuple tuple, TupleDesc desc)
 	CqrsRecord *rec;
 	bool		isnull;
 	Datum		d;
+
+	if (queue->spill == NULL &&
+		MemoryContextMemAllocated(queue->context, true) >=
+		(Size) cqrs_projector_work_mem * 1024)
+	{
+		/* outlives the transaction decoding runs in; closed by reset */
+		queue->spill = BufFileCreateTemp(true);
+	}
+	if (queue->spill != NULL)
+	{
+		/* what detoasting allocates goes with the change */
+		MemoryContextSwitchTo(old);
+		decoder_spill(state, tuple, desc);
+		return;
+	}
 
 	if (queue->nrecords == queue->capacity)
 	{

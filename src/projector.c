@@ -195,8 +195,8 @@ projector_array(Datum *elems, bool *nulls, int n, Oid elemtype)
 }
 
 /* Add the counts of "from" to "to". */
-static void
-stats_add(CqrsApplyStats *to, const CqrsApplyStats *from)
+void
+cqrs_stats_add(CqrsApplyStats *to, const CqrsApplyStats *from)
 {
 	to->applied += from->applied;
 	to->skipped += from->skipped;
@@ -1031,7 +1031,7 @@ projector_fold(CqrsRecord *records, int lo, int hi, CqrsApplyStats *stats,
 
 	projector_write(&fr, norders);
 
-	stats_add(stats, &fr.stats);
+	cqrs_stats_add(stats, &fr.stats);
 
 	if (fr.stats.parked > 0)
 		parked_known = 1;
@@ -1162,7 +1162,7 @@ projector_range(CqrsRecord *records, int lo, int hi, CqrsApplyStats *stats,
 			projector_range(records, mid, hi, &local, false);
 		}
 	}
-	stats_add(stats, &local);
+	cqrs_stats_add(stats, &local);
 }
 
 /*

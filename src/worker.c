@@ -555,32 +555,22 @@ worker_release_memory(void)
 }
 
 /*
- * Apply the queued commands in one transaction, retrying with backoff
- * until it commits.  Returns false when projection was switched off or the
- * extension dropped meanwhile; the batch is then not applied.
+ * Apply one part of a batch in one transaction, retrying with backoff
+ * until it commits.  The last part of a batch ("last") also records the
+ * batch's position, in the table and the replication origin; an earlier
+ * part commits without it, so that after a crash the whole batch is
+ * delivered again, and the version rule skips what was applied.  The
+ * orders in "redelivered" were applied by an earlier run: they go to the
+ * Redis backlog.  Returns false when projection was switched off or the
+ * extension dropped meanwhile; the part is then not applied.
  */
 static bool
-worker_apply(CqrsQueue *queue, XLogRecPtr skip_upto, CqrsApplyStats *stats)
+worker_apply_part(CqrsQueue *queue, CqrsRecord *records, int n, bool last,
+				  List *redelivered, CqrsApplyStats *stats)
 {
 	volatile int attempt = 0;
 	volatile long delay = 0;
-	CqrsRecord *records = queue->records;
-	int			n = 0;
-	List	   *volatile redelivered = NIL;
 	ListCell   *lc;
-
-	/*
-	 * Drop what an earlier run applied already.  Its Redis writes may not
-	 * have happened (the slot is confirmed after them, but a crash can
-	 * come between): those orders go to the Redis backlog.
-	 */
-	for (int i = 0; i < queue->nrecords; i++)
-	{
-		if (queue->records[i].commit_lsn > skip_upto)
-			records[n++] = queue->records[i];
-		else if (queue->records[i].aggregate_id != NULL)
-			redelivered = lappend(redelivered, queue->records[i].aggregate_id);
-	}
 
 	for (;;)
 	{
@@ -608,10 +598,12 @@ worker_apply(CqrsQueue *queue, XLogRecPtr skip_upto, CqrsApplyStats *stats)
 						 errmsg("%lld commands of one batch failed on their own",
 								(long long) stats->poisoned),
 						 errdetail("So many failures point at the read model or its triggers, not at the commands; nothing was dead-lettered.")));
-			cqrs_save_offset(cqrs_slot_name, queue->last_commit_lsn);
-
-			replorigin_session_origin_lsn = queue->last_commit_lsn;
-			replorigin_session_origin_timestamp = queue->last_commit_time;
+			if (last)
+			{
+				cqrs_save_offset(cqrs_slot_name, queue->last_commit_lsn);
+				replorigin_session_origin_lsn = queue->last_commit_lsn;
+				replorigin_session_origin_timestamp = queue->last_commit_time;
+			}
 			worker_commit();
 			pgstat_report_activity(STATE_IDLE, NULL);
 			done = true;
@@ -656,9 +648,9 @@ worker_apply(CqrsQueue *queue, XLogRecPtr skip_upto, CqrsApplyStats *stats)
 	worker_record_lag(records, n, GetCurrentTimestamp());
 
 	/*
-	 * Write the batch through to Redis, or put its orders in the Redis
+	 * Write the part through to Redis, or put its orders in the Redis
 	 * backlog, before anything confirms the slot past the batch.  Redis
-	 * must never hold a row the read model can still lose: the batch, and
+	 * must never hold a row the read model can still lose: the part, and
 	 * the commands it read before they were flushed, go to disk first.
 	 */
 	if (cqrs_redis_batch_pending() && GetFlushRecPtr(NULL) < XactLastCommitEnd)
@@ -668,6 +660,95 @@ worker_apply(CqrsQueue *queue, XLogRecPtr skip_upto, CqrsApplyStats *stats)
 		worker_begin();
 		cqrs_redis_backlog_failed();
 		worker_commit();
+	}
+	return true;
+}
+
+/*
+ * Keep the records an earlier run has not applied (committed after
+ * skip_upto), in place; list the orders of the others in *redelivered.
+ * Returns how many are kept.
+ */
+static int
+worker_unapplied(CqrsRecord *records, int n, XLogRecPtr skip_upto,
+				 List **redelivered)
+{
+	int			kept = 0;
+
+	for (int i = 0; i < n; i++)
+	{
+		if (records[i].commit_lsn > skip_upto)
+			records[kept++] = records[i];
+		else if (records[i].aggregate_id != NULL)
+			*redelivered = lappend(*redelivered, records[i].aggregate_id);
+	}
+	return kept;
+}
+
+/*
+ * Apply the queued commands: in one transaction, or, when they are more
+ * than cqrs.batch_size_max (one large transaction decoded, possibly
+ * spilled to a file), in parts of at most that many, so that neither the
+ * queue nor the apply holds more than a bounded amount of memory.  Only
+ * the last part commits the position.  Returns false when projection was
+ * switched off or the extension dropped meanwhile.
+ */
+static bool
+worker_apply(CqrsQueue *queue, XLogRecPtr skip_upto, CqrsApplyStats *stats)
+{
+	static MemoryContext part_context = NULL;
+	int			part_max = cqrs_batch_size_max;
+	List	   *redelivered = NIL;
+	int			n;
+	int			lo = 0;
+
+	memset(stats, 0, sizeof(CqrsApplyStats));
+	n = worker_unapplied(queue->records, queue->nrecords, skip_upto,
+						 &redelivered);
+	if (part_context == NULL)
+		part_context = AllocSetContextCreate(worker_context,
+											 "cqrs unspilled part",
+											 ALLOCSET_DEFAULT_SIZES);
+
+	for (;;)
+	{
+		CqrsApplyStats part;
+		CqrsRecord *records = NULL;
+		int			count = 0;
+		bool		last;
+
+		if (lo < n)
+		{
+			records = &queue->records[lo];
+			count = Min(part_max, n - lo);
+			lo += count;
+		}
+		else if (queue->nunspilled < queue->nspilled)
+		{
+			MemoryContext old = MemoryContextSwitchTo(part_context);
+
+			records = palloc(sizeof(CqrsRecord) * part_max);
+			count = cqrs_queue_unspill(queue, records, part_max);
+			count = worker_unapplied(records, count, skip_upto, &redelivered);
+			MemoryContextSwitchTo(old);
+		}
+		/* else nothing is left, but the position is still to record */
+		last = (lo >= n && queue->nunspilled >= queue->nspilled);
+
+		if (!worker_apply_part(queue, records, count, last, redelivered,
+							   &part))
+		{
+			list_free(redelivered);
+			MemoryContextReset(part_context);
+			return false;
+		}
+		cqrs_stats_add(stats, &part);
+		list_free(redelivered);
+		redelivered = NIL;
+		MemoryContextReset(part_context);
+		if (last)
+			break;
+		CHECK_FOR_INTERRUPTS();
 	}
 	return true;
 }
@@ -992,7 +1073,7 @@ worker_stream(void)
 
 			old = CurrentMemoryContext;
 			while (ctx->reader->EndRecPtr < end_of_wal &&
-				   queue->nrecords < target)
+				   queue->nrecords < target && queue->spill == NULL)
 			{
 				XLogRecord *record;
 				char	   *errm = NULL;
@@ -1034,7 +1115,7 @@ worker_stream(void)
 		{
 			CqrsApplyStats stats;
 			XLogRecPtr	position = queue->last_commit_lsn;
-			int			nrecords = queue->nrecords;
+			int64		nrecords = queue->nrecords + queue->nspilled;
 			double		ms;
 
 			if (!worker_apply(queue, skip_upto, &stats))
@@ -1061,12 +1142,13 @@ worker_stream(void)
 			SpinLockAcquire(&cqrs_shared->mutex);
 			cqrs_shared->applied_total += stats.applied;
 			cqrs_shared->dead_letter_total += stats.dead;
+			cqrs_shared->spilled_total += queue->nspilled;
 			cqrs_shared->flush_histogram[worker_flush_bucket(ms)]++;
 			cqrs_shared->flush_seconds_sum += ms / 1000.0;
 			if (cqrs_shared->wake_lsn > position)
 				cqrs_shared->pending_since = queue->last_commit_time;
 			cqrs_shared->batches_total++;
-			cqrs_shared->last_batch_size = nrecords;
+			cqrs_shared->last_batch_size = (int) Min(nrecords, PG_INT32_MAX);
 			cqrs_shared->last_batch_ms = ms;
 			cqrs_shared->batch_size = target;
 			cqrs_shared->state = caught_up ? CQRS_STATE_RUNNING :

@@ -73,6 +73,7 @@ my %want = map { my ($k, $v) = split /\|/; ($k => $v) } split /\n/, sql(q{
 	 WHERE name IN ('cqrs_commands_total', 'cqrs_command_errors_total')});
 for my $name ('cqrs_projection_lag_seconds', 'cqrs_slot_lag_bytes', 'cqrs_parked',
 	'cqrs_projected_total', 'cqrs_dead_letter_total', 'cqrs_slot_lost_total',
+	'cqrs_spilled_total',
 	'cqrs_cache_hit_ratio',
 	'cqrs_batch_flush_duration_seconds_bucket', 'cqrs_batch_flush_duration_seconds_sum',
 	'cqrs_batch_flush_duration_seconds_count', 'cqrs_redis_connected',
