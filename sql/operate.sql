@@ -24,7 +24,9 @@ INSERT INTO cqrs.projector_state (singleton) VALUES (false);
 SELECT (cqrs.submit_order('op-1', 'u', 1,
         'd0000000-0000-4000-8000-000000000001')).sequence_id;
 SELECT cqrs.wait_for('d0000000-0000-4000-8000-000000000001', '50 ms');
-SELECT cqrs.wait_for('d0000000-0000-4000-8000-0000000000ff', '0');
+-- a command that is not in the log is an error at once, not a wait
+SELECT cqrs.wait_for('d0000000-0000-4000-8000-0000000000ff', '1 hour');
+\echo :SQLSTATE
 -- processed = the order's version reached the command's sequence
 INSERT INTO cqrs.read_model (order_id, user_id, total_amount, status, version)
 VALUES ('op-1', 'u', 1, 'created', 1);
@@ -127,9 +129,11 @@ BEGIN;
 SELECT cqrs.pause();
 PREPARE TRANSACTION 'regress_pause';
 \echo :SQLSTATE
--- repairs of commands that are neither dead-lettered nor parked do nothing
+-- repairs of commands that are neither dead-lettered nor parked are errors
 SELECT cqrs.retry_dead_letter('d0000000-0000-4000-8000-0000000000ff');
+\echo :SQLSTATE
 SELECT cqrs.skip_parked('d0000000-0000-4000-8000-0000000000ff');
+\echo :SQLSTATE
 SELECT paused, changed_by FROM cqrs.projector_state;
 RESET ROLE;
 DROP ROLE regress_op_app, regress_op_report, regress_op_ops, regress_op_nobody,

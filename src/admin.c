@@ -122,6 +122,8 @@ worker_status(PG_FUNCTION_ARGS)
 	else if (snap.leader_pid == 0)
 		values[0] = CStringGetTextDatum(snap.state == CQRS_STATE_ERROR ?
 										"error" : "starting");
+	else if (snap.pause_requested && snap.state != CQRS_STATE_PAUSED)
+		values[0] = CStringGetTextDatum("pausing");	/* until it stops */
 	else
 		values[0] = CStringGetTextDatum(state_names[snap.state]);
 	nulls[0] = false;
@@ -197,6 +199,7 @@ lag_histogram(PG_FUNCTION_ARGS)
  * commit must tell the projectors.
  */
 static bool control_changed = false;
+static int	control_paused = -1;	/* what pause()/resume() asked, or -1 */
 static bool control_callback_registered = false;
 
 static void
@@ -207,8 +210,9 @@ admin_xact_callback(XactEvent event, void *arg)
 		case XACT_EVENT_COMMIT:
 		case XACT_EVENT_PARALLEL_COMMIT:
 			if (control_changed)
-				cqrs_control_changed();
+				cqrs_control_changed(control_paused);
 			control_changed = false;
+			control_paused = -1;
 			break;
 		case XACT_EVENT_PRE_PREPARE:
 			/* COMMIT PREPARED runs no callback: the projector would never know */
@@ -220,6 +224,7 @@ admin_xact_callback(XactEvent event, void *arg)
 		case XACT_EVENT_ABORT:
 		case XACT_EVENT_PARALLEL_ABORT:
 			control_changed = false;
+			control_paused = -1;
 			break;
 		default:
 			break;
@@ -287,6 +292,7 @@ admin_set_paused(bool paused)
 	cqrs_spi_finish(&scope);
 	/* the trigger does too, but an installation not yet updated to 0.2.0 has none */
 	admin_note_control_change();
+	control_paused = paused ? 1 : 0;
 }
 
 /*
@@ -391,11 +397,31 @@ admin_command_done(void *arg)
 	return done;
 }
 
+/* cqrs.wait_for(): is the command in the log at all? */
+static bool
+admin_command_known(pg_uuid_t *command_id)
+{
+	static SPIPlanPtr plan = NULL;
+	static const char *sql =
+		"SELECT EXISTS (SELECT FROM cqrs.command_log"
+		" WHERE command_id OPERATOR(pg_catalog.=) $1)";
+	Oid			argtypes[1] = {UUIDOID};
+	Datum		values[1] = {UUIDPGetDatum(command_id)};
+	bool		isnull;
+
+	(void) cqrs_exec(cqrs_keep_plan(&plan, sql, 1, argtypes), values, NULL, 1,
+					 SPI_OK_SELECT);
+	return DatumGetBool(SPI_getbinval(SPI_tuptable->vals[0],
+									  SPI_tuptable->tupdesc, 1, &isnull));
+}
+
 /*
  * cqrs.wait_for(command_id uuid, timeout interval) RETURNS boolean: true
  * once the command is processed (applied, or dead-lettered), false at the
  * timeout.  It reads the read model, the log and dead_letter, all of which
- * a streaming standby replays, so it works there too.
+ * a streaming standby replays, so it works there too.  On the primary, a
+ * command that is not in the log is an error at once rather than a wait
+ * for the timeout; a standby waits for it, as it may not have arrived yet.
  */
 Datum
 wait_for(PG_FUNCTION_ARGS)
@@ -413,6 +439,13 @@ wait_for(PG_FUNCTION_ARGS)
 				 errhint("Call it in a READ COMMITTED transaction.")));
 
 	cqrs_spi_connect_as_owner(&scope);
+	if (!RecoveryInProgress() && !admin_command_known(command_id))
+		ereport(ERROR,
+				(errcode(ERRCODE_UNDEFINED_OBJECT),
+				 errmsg("command %s is not in the command log",
+						DatumGetCString(DirectFunctionCall1(uuid_out,
+															UUIDPGetDatum(command_id)))),
+				 errhint("Wait for a command after the transaction that submitted it has committed.")));
 	result = admin_wait(admin_command_done, command_id, timeout_ms,
 						RecoveryInProgress() ? CQRS_STANDBY_POLL_MS : 1000);
 	cqrs_spi_finish(&scope);

@@ -107,10 +107,12 @@ retry_dead_letter(PG_FUNCTION_ARGS)
 	(void) cqrs_exec(cqrs_keep_plan(&find_plan, find_sql, 1, find_types),
 						 values, NULL, 0, SPI_OK_SELECT);
 	if (SPI_processed == 0)
-	{
-		cqrs_spi_finish(&scope);
-		PG_RETURN_BOOL(false);
-	}
+		ereport(ERROR,
+				(errcode(ERRCODE_UNDEFINED_OBJECT),
+				 errmsg("command %s is not dead-lettered",
+						DatumGetCString(DirectFunctionCall1(uuid_out,
+															UUIDPGetDatum(command_id)))),
+				 errhint("cqrs.dead_letter lists the commands that are.")));
 
 	memset(&rec, 0, sizeof(rec));
 	rec.command_id = *command_id;
@@ -201,6 +203,12 @@ skip_parked(PG_FUNCTION_ARGS)
 	(void) cqrs_exec(cqrs_keep_plan(&plan, sql, 2, types),
 						 values, NULL, 0, SPI_OK_INSERT);
 	n = SPI_processed;
+	if (n == 0)
+		ereport(ERROR,
+				(errcode(ERRCODE_UNDEFINED_OBJECT),
+				 errmsg("command %s is not parked",
+						DatumGetCString(DirectFunctionCall1(uuid_out, values[0]))),
+				 errhint("cqrs.parked lists the commands that are.")));
 	cqrs_spi_finish(&scope);
 
 	if (n > 0 && cqrs_shared != NULL)

@@ -130,7 +130,7 @@ cqrs_wake_projector(XLogRecPtr commit_end, TimestampTz commit_time)
  * cqrs.projector_state again, and wake the leader.
  */
 void
-cqrs_control_changed(void)
+cqrs_control_changed(int paused)
 {
 	Latch	   *latch;
 
@@ -138,6 +138,8 @@ cqrs_control_changed(void)
 		return;
 	SpinLockAcquire(&cqrs_shared->mutex);
 	cqrs_shared->control_generation++;
+	if (paused >= 0)
+		cqrs_shared->pause_requested = (paused != 0);
 	latch = cqrs_shared->leader_latch;
 	SpinLockRelease(&cqrs_shared->mutex);
 	if (latch != NULL)

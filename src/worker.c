@@ -867,6 +867,12 @@ worker_paused(void)
 		}
 		worker_commit();
 		control_seen = generation;
+
+		/* what status shows, unless a pause or resume committed meanwhile */
+		SpinLockAcquire(&cqrs_shared->mutex);
+		if (cqrs_shared->control_generation == generation)
+			cqrs_shared->pause_requested = control_paused;
+		SpinLockRelease(&cqrs_shared->mutex);
 	}
 	return control_paused;
 }

@@ -3,12 +3,14 @@
 # accepted; resume catches up with nothing lost or applied twice; the
 # schema-change procedure (pause, DDL, resume); the read-your-writes fences
 # cqrs.wait_for() and cqrs.wait_for_lsn() wake when the projector applies,
-# and time out while it is paused.
+# and time out while it is paused; status says "pausing" until the batch
+# being applied when cqrs.pause() commits is done.
 use strict;
 use warnings;
 use FindBin;
 use lib $FindBin::RealBin;
 use CqrsTest;
+use IPC::Run;
 use PostgreSQL::Test::Utils;
 use Test::More;
 use Time::HiRes qw(time);
@@ -161,6 +163,36 @@ cmp_ok($m{cqrs_projected_total}, '>', 0, 'projected commands are counted');
 cmp_ok($m{cqrs_dead_letter_total}, '>=', 1, 'dead letters are counted');
 cmp_ok($m{cqrs_batch_flush_duration_seconds_count}, '>', 0, 'batches are timed');
 is($m{cqrs_paused}, '0', 'not paused');
+
+# Between cqrs.pause() and the projector stopping, status says "pausing":
+# here the batch being applied waits for a row a session holds locked.
+sql(q{SELECT cqrs.submit_order('pz-1', 'u', 1)});
+wait_projected($node);
+my ($lout, $lerr) = ('', '');
+my $locker = IPC::Run::start(
+	[ 'psql', '-X', '-q', '-d', $node->connstr('postgres'),
+	  '-c', q{BEGIN; SELECT FROM cqrs.read_model WHERE order_id = 'pz-1' FOR UPDATE; SELECT pg_sleep(60)} ],
+	'>', \$lout, '2>', \$lerr);
+$node->poll_query_until('postgres', q{SELECT count(*) > 0 FROM pg_stat_activity
+	WHERE wait_event = 'PgSleep' AND pid <> pg_backend_pid()})
+  or die 'the locking session did not start';
+sql(q{SELECT cqrs.ship_order('pz-1')});
+$node->poll_query_until('postgres', q{SELECT a.wait_event_type = 'Lock'
+	FROM cqrs.status s JOIN pg_stat_activity a ON a.pid = s.leader_pid})
+  or die 'the batch does not wait for the lock';
+sql(q{SELECT cqrs.pause()});
+is(sql(q{SELECT state FROM cqrs.status}), 'pausing',
+	'right after cqrs.pause(), with a batch still being applied: pausing');
+$node->safe_psql('postgres', q{SELECT pg_terminate_backend(pid) FROM pg_stat_activity
+	WHERE wait_event = 'PgSleep'});
+$locker->finish;
+$node->poll_query_until('postgres', q{SELECT state = 'paused' FROM cqrs.status})
+  or die 'the projector did not pause after its batch';
+is(sql(q{SELECT status FROM cqrs.read_model WHERE order_id = 'pz-1'}), 'shipped',
+	'the batch it was applying was finished first');
+sql(q{SELECT cqrs.resume()});
+$node->poll_query_until('postgres', q{SELECT state = 'running' FROM cqrs.status})
+  or die 'the projector did not resume';
 
 $node->stop;
 done_testing();

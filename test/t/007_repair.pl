@@ -39,8 +39,10 @@ is(sql(q{SELECT status || ':' || version || ':' || total_amount FROM cqrs.read_m
 is(sql(q{SELECT count(*) FROM cqrs.dead_letter WHERE aggregate_id = 'big-1'}) .
 	sql(q{SELECT count(*) FROM cqrs.parked WHERE aggregate_id = 'big-1'}), '00',
 	'nothing of the order is left dead-lettered or parked');
-is(sql(qq{SELECT cqrs.retry_dead_letter('$create')}), 'f',
-	'a command that is not dead-lettered is not retried');
+my ($rc, $out, $err) = $node->psql('postgres',
+	qq{SELECT cqrs.retry_dead_letter('$create')}, extra_params => [ '-v', 'VERBOSITY=verbose' ]);
+like($err, qr/ERROR:  42704: command $create is not dead-lettered/,
+	'a command that is not dead-lettered is not retried: an error says so');
 
 # An invalid transition stays invalid; a command whose order moved on is
 # refused.
@@ -94,7 +96,10 @@ is(sql(qq{SELECT cqrs.skip_parked('$late')}), 't', 'skip_parked takes it');
 like(sql(qq{SELECT reason FROM cqrs.dead_letter WHERE command_id = '$late'}),
 	qr/skipped with cqrs.skip_parked\(\) by postgres while waiting for sequence 2/,
 	'the dead letter says who skipped it and what it waited for');
-is(sql(qq{SELECT cqrs.skip_parked('$late')}), 'f', 'a command not parked is not skipped');
+($rc, $out, $err) = $node->psql('postgres',
+	qq{SELECT cqrs.skip_parked('$late')}, extra_params => [ '-v', 'VERBOSITY=verbose' ]);
+like($err, qr/ERROR:  42704: command $late is not parked/,
+	'a command not parked is not skipped: an error says so');
 
 # A read model damaged by hand: one row changed, one deleted, one added.
 sql(q{UPDATE cqrs.read_model SET status = 'shipped' WHERE order_id = 'g-1'});
