@@ -1,12 +1,14 @@
 #!/usr/bin/env bash
 # test/check.sh: build, install and run every cqrs test (pg_regress,
-# isolation and TAP), on throwaway server instances the tests start and
-# stop.
+# isolation and TAP, on throwaway server instances the tests start and
+# stop; the setup's wait for apt's lock; the README's examples, on a fresh
+# demo cluster that is stopped afterwards).
 # Works as root on a fresh Debian 12 (installs what it needs with apt) or as
 # an ordinary user who has the packages and can write the install
 # directories.  Exit status 0 means every test passed.
 set -euo pipefail
 . "$(dirname "$0")/lib.sh"
+cqrs_become_root "$@"
 
 cqrs_install_deps
 cqrs_build_install
@@ -22,11 +24,9 @@ status=0
 passed=0
 failed=0
 : > "$work/check.log"
-for suite in "ISOLATION= TAP_TESTS=" "REGRESS= TAP_TESTS=" "REGRESS= ISOLATION="; do
-	suite_status=0
-	# shellcheck disable=SC2086
-	cqrs_as_pg make -C "$work" -s installcheck $suite 2>&1 |
-		tee "$work/suite.log" || suite_status=1
+run_suite() {
+	local suite_status=0 p f
+	"$@" 2>&1 | tee "$work/suite.log" || suite_status=1
 	cat "$work/suite.log" >> "$work/check.log"
 	read -r p f < <(cqrs_suite_counts "$work/suite.log")
 	if [ "$suite_status" -ne 0 ]; then
@@ -35,7 +35,16 @@ for suite in "ISOLATION= TAP_TESTS=" "REGRESS= TAP_TESTS=" "REGRESS= ISOLATION="
 	fi
 	passed=$((passed + p))
 	failed=$((failed + f))
+}
+for suite in "ISOLATION= TAP_TESTS=" "REGRESS= TAP_TESTS=" "REGRESS= ISOLATION="; do
+	# shellcheck disable=SC2086
+	run_suite cqrs_as_pg make -C "$work" -s installcheck $suite
 done
+
+# The setup's own behaviour, then the README's examples on a fresh demo
+# cluster (they use Redis: not on a build without hiredis).
+run_suite bash "$CQRS_ROOT/test/apt-wait.sh"
+[ "${WITH_HIREDIS:-}" = no ] || run_suite bash "$CQRS_ROOT/test/readme.sh"
 
 # Show what failed: the diffs and the server logs of the test instances.
 if [ "$status" -ne 0 ]; then

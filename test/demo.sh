@@ -8,7 +8,8 @@
 # and an application role, sends commands through it (including a retry
 # and rejected ones), shows the command log, then the read model the
 # projector made of it and the same orders in Redis.  The cluster keeps
-# running so you can look around; "bash test/demo.sh stop" stops it.
+# running so you can look around; "bash test/demo.sh stop" stops it, and
+# "bash test/demo.sh psql [ARGS...]" opens psql on it as the superuser.
 set -euo pipefail
 . "$(dirname "$0")/lib.sh"
 
@@ -17,6 +18,24 @@ DEMO_PORT=${CQRS_DEMO_PORT:-54320}
 
 REDIS_DIR=$DEMO_DIR-redis
 REDIS_PORT=${CQRS_DEMO_REDIS_PORT:-54321}
+
+if [ "${1:-}" = psql ]; then
+	# as the cluster's owner, from any user that can become it
+	shift
+	owner=$(stat -c %U "$DEMO_DIR/data" 2>/dev/null) || {
+		cqrs_log "no demo cluster in $DEMO_DIR: start it with bash test/demo.sh"
+		exit 1
+	}
+	cmd=("$("$PG_CONFIG" --bindir)/psql" -X -h "$DEMO_DIR" -p "$DEMO_PORT" -U postgres -d postgres "$@")
+	if [ "$(id -un)" = "$owner" ]; then
+		exec "${cmd[@]}"
+	elif [ "$(id -u)" -eq 0 ]; then
+		exec runuser -u "$owner" -- "${cmd[@]}"
+	else
+		exec sudo -u "$owner" -- "${cmd[@]}"
+	fi
+fi
+cqrs_become_root "$@"
 
 if [ "${1:-}" = stop ]; then
 	cqrs_cluster_stop "$DEMO_DIR"
@@ -124,7 +143,7 @@ fi
 cat <<EOF2
 
 The demo cluster is running.  Connect with:
-  runuser -u postgres -- psql -h $DEMO_DIR -p $DEMO_PORT postgres
+  bash test/demo.sh psql
 Stop it with:
   bash test/demo.sh stop
 EOF2

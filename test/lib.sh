@@ -58,7 +58,7 @@ cqrs_install_deps() {
 	fi
 	cqrs_log "installing:$missing"
 	export DEBIAN_FRONTEND=noninteractive
-	apt-get update -qq
+	cqrs_apt_get update -qq
 	# Package daemons (PostgreSQL's "main" cluster, Prometheus and its
 	# exporter, which come for promtool and the exporter test) are not
 	# started: the tests and the demo run servers of their own.
@@ -68,8 +68,47 @@ cqrs_install_deps() {
 		chmod +x /usr/sbin/policy-rc.d
 		policy=1
 	fi
-	apt-get install -y -qq --no-install-recommends $missing >/dev/null
+	cqrs_apt_get install -y -qq --no-install-recommends $missing >/dev/null
 	[ -n "$policy" ] && rm -f /usr/sbin/policy-rc.d
+	return 0
+}
+
+# apt-get "$@", waiting for another package manager (unattended-upgrades,
+# a second apt) to finish rather than failing on its lock: up to
+# CQRS_APT_WAIT seconds (default 600).
+cqrs_apt_get() {
+	local err waited=0 limit=${CQRS_APT_WAIT:-600} status
+	err=$(mktemp)
+	while :; do
+		status=0
+		apt-get -o DPkg::Lock::Timeout=5 "$@" 2>"$err" || status=$?
+		[ "$status" -eq 0 ] && break
+		if ! grep -qE 'Could not get lock|Unable to (lock|acquire)' "$err" ||
+			[ "$waited" -ge "$limit" ]; then
+			cat "$err" >&2
+			rm -f "$err"
+			return "$status"
+		fi
+		[ "$waited" -eq 0 ] && cqrs_log "another package manager holds apt's lock: waiting for it (up to ${limit}s)"
+		sleep 5
+		waited=$((waited + 10))
+	done
+	rm -f "$err"
+}
+
+# Missing root rights: a user who cannot install packages or write
+# PostgreSQL's install directories runs the calling script ($0, with "$@")
+# again as root through sudo, when sudo is there, keeping the environment
+# (the scripts' settings: PG_CONFIG, DURATION, ...).
+cqrs_become_root() {
+	[ "$(id -u)" -eq 0 ] && return 0
+	if cqrs_install_deps >/dev/null 2>&1 && [ -w "$("$PG_CONFIG" --pkglibdir)" ]; then
+		return 0
+	fi
+	if command -v sudo >/dev/null; then
+		cqrs_log "this needs root: running it again with sudo"
+		exec sudo --preserve-env bash "$0" "$@"
+	fi
 	return 0
 }
 

@@ -7,6 +7,7 @@
 # full benchmark (make bench) is not.
 set -euo pipefail
 . "$(dirname "$0")/lib.sh"
+cqrs_become_root "$@"
 
 DIR=${CQRS_SMOKE_DIR:-/tmp/cqrs-smoke}
 PORT=${CQRS_SMOKE_PORT:-54340}

@@ -9,6 +9,7 @@
 # every run passed.  A failed run's server logs are printed.
 set -euo pipefail
 . "$(dirname "$0")/lib.sh"
+cqrs_become_root "$@"
 
 if [ $# -lt 2 ] || ! [ "$1" -gt 0 ] 2>/dev/null; then
 	echo "usage: $0 N SCRIPT..." >&2

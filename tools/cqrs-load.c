@@ -227,10 +227,21 @@ count_pg_error(PGconn *conn, PGresult *res)
 		count_error(state ? state : "unknown");
 }
 
+/*
+ * Connect to opt_db.  Run as root, with no role named (PGUSER or user= in
+ * -d), it connects as postgres rather than as a role "root" that
+ * PostgreSQL installations do not have; a role named in -d still wins.
+ */
 static PGconn *
 pg_connect(bool fatal)
 {
-	PGconn	   *conn = PQconnectdb(opt_db);
+	const char *keywords[3] = {"user", "dbname", NULL};
+	const char *values[3] = {NULL, opt_db, NULL};
+	PGconn	   *conn;
+
+	if (geteuid() == 0 && getenv("PGUSER") == NULL)
+		values[0] = "postgres";
+	conn = PQconnectdbParams(keywords, values, 1);
 
 	if (PQstatus(conn) != CONNECTION_OK)
 	{
@@ -899,7 +910,8 @@ usage(FILE *f)
 	fprintf(f,
 			"cqrs-load: load generator for the cqrs extension\n\n"
 			"Usage: cqrs-load [OPTION]...\n\n"
-			"  -d, --dbname=CONNINFO     libpq connection string (default \"dbname=postgres\")\n"
+			"  -d, --dbname=CONNINFO     libpq connection string (default \"dbname=postgres\";\n"
+			"                            run as root, the role is postgres unless PGUSER or user= names one)\n"
 			"  -r, --redis=URL           redis://[[user]:password@]host[:port][/db]; none: read the database only\n"
 			"  -w, --writers=N           writer threads (default 4; 0: no writes)\n"
 			"  -W, --write-rate=R        writes per second, all writers (default 0: flat out)\n"

@@ -17,6 +17,7 @@
 #   DURATION=20 ROUNDS=9 MODES=off bash test/bench/append.sh
 set -euo pipefail
 . "$(dirname "$0")/../lib.sh"
+cqrs_become_root "$@"
 . "$(dirname "$0")/common.sh"
 
 ROUNDS=${ROUNDS:-7}

@@ -12,6 +12,7 @@
 #   COMMANDS=100000 bash test/bench/bulk.sh
 set -euo pipefail
 . "$(dirname "$0")/../lib.sh"
+cqrs_become_root "$@"
 . "$(dirname "$0")/common.sh"
 
 COMMANDS=${COMMANDS:-1000000}

@@ -21,6 +21,7 @@
 #   DURATION=10 CLIENTS=4 RATE=100 bash test/bench/projection.sh
 set -euo pipefail
 . "$(dirname "$0")/../lib.sh"
+cqrs_become_root "$@"
 . "$(dirname "$0")/common.sh"
 
 ROUNDS=${ROUNDS:-5}

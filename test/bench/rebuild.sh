@@ -20,6 +20,7 @@
 #   ORDERS=200000 ROUNDS=5 bash test/bench/rebuild.sh
 set -euo pipefail
 . "$(dirname "$0")/../lib.sh"
+cqrs_become_root "$@"
 . "$(dirname "$0")/common.sh"
 
 ORDERS=${ORDERS:-400000}

@@ -12,6 +12,7 @@
 #   DURATION=10 ROUNDS=7 CLIENTS=4 SYNC=off bash test/bench/redis.sh
 set -euo pipefail
 . "$(dirname "$0")/../lib.sh"
+cqrs_become_root "$@"
 . "$(dirname "$0")/common.sh"
 
 ROUNDS=${ROUNDS:-7}

@@ -26,6 +26,7 @@
 #   DURATION=10 ROUNDS=3 PROD_SECONDS=60 ORDERS=200000 bash test/bench/suite.sh
 set -euo pipefail
 . "$(dirname "$0")/../lib.sh"
+cqrs_become_root "$@"
 . "$(dirname "$0")/common.sh"
 
 ROUNDS=${ROUNDS:-3}
@@ -39,7 +40,7 @@ chmod 777 "$OUT"
 
 cqrs_install_deps
 command -v gnuplot >/dev/null || {
-	[ "$(id -u)" -eq 0 ] && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends gnuplot-nox >/dev/null
+	[ "$(id -u)" -eq 0 ] && DEBIAN_FRONTEND=noninteractive cqrs_apt_get install -y -qq --no-install-recommends gnuplot-nox >/dev/null
 }
 make -C "$CQRS_ROOT" -s tools/cqrs-load
 bench_start
