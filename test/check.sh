@@ -43,7 +43,7 @@ done
 
 # The setup's own behaviour, then the README's examples on a fresh demo
 # cluster (they use Redis: not on a build without hiredis).
-run_suite bash "$CQRS_ROOT/test/apt-wait.sh"
+run_suite bash "$CQRS_ROOT/test/setup.sh"
 [ "${WITH_HIREDIS:-}" = no ] || run_suite bash "$CQRS_ROOT/test/readme.sh"
 
 # Show what failed: the diffs and the server logs of the test instances.

@@ -1,10 +1,14 @@
 #!/usr/bin/env bash
-# test/apt-wait.sh: the setup waits for a package manager that holds apt's
-# locks instead of failing.  Holds the dpkg front-end lock, then the
-# package lists' lock, for a few seconds each, the way apt and dpkg take
-# them (fcntl), and runs cqrs_apt_get meanwhile: it must wait, say so,
-# and succeed once the lock is free.  Needs root (apt's locks are root's);
-# closes with pg_regress's count line.
+# test/setup.sh: what the README's two commands do before any test.
+#
+# They wait for a package manager that holds apt's locks instead of
+# failing: the dpkg front-end lock, then the package lists' lock, are held
+# for a few seconds each the way apt and dpkg take them (fcntl), while
+# cqrs_apt_get runs: it must wait, say so, and succeed once the lock is
+# free.  A user with sudo but without root gets them run again through
+# sudo: a throwaway user with passwordless sudo (sudo installed for it)
+# runs "test/demo.sh stop" from a copy of the tree.  Needs root; closes
+# with pg_regress's count line.
 set -uo pipefail
 . "$(dirname "$0")/lib.sh"
 
@@ -54,7 +58,24 @@ for what in "install make:/var/lib/dpkg/lock-frontend" "update:/var/lib/apt/list
 	grep -q "another package manager holds apt's lock" "$log"
 	check $? "and said why" "$log"
 done
-rm -f "$log"
+
+# a sudo user: the script runs itself again as root
+command -v sudo >/dev/null ||
+	DEBIAN_FRONTEND=noninteractive cqrs_apt_get install -y -qq --no-install-recommends sudo >/dev/null
+user=cqrs_sudo_test
+id "$user" >/dev/null 2>&1 || useradd --create-home "$user"
+echo "$user ALL=(ALL) NOPASSWD: ALL" > /etc/sudoers.d/cqrs_sudo_test
+tree=$(cqrs_test_tree)
+chmod -R a+rX "$tree"
+(cd "$tree" && CQRS_DEMO_DIR=$tree/no-demo runuser -u "$user" -- bash test/demo.sh stop) >"$log" 2>&1
+check $? "a sudo user's demo.sh stop succeeds" "$log"
+grep -q "this needs root: running it again with sudo" "$log"
+check $? "... run again through sudo" "$log"
+grep -q "demo cluster in .* stopped" "$log"
+check $? "... and done as root" "$log"
+rm -f /etc/sudoers.d/cqrs_sudo_test
+userdel --remove "$user" 2>/dev/null
+rm -rf "$tree" "$log"
 
 if [ "$failed" -eq 0 ]; then
 	echo "All $passed tests passed."
