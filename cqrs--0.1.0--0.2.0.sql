@@ -32,3 +32,15 @@ COMMENT ON FUNCTION cqrs.projector_state_changed() IS
 CREATE TRIGGER projector_state_changed
 	AFTER INSERT OR UPDATE OR DELETE OR TRUNCATE ON cqrs.projector_state
 	FOR EACH STATEMENT EXECUTE FUNCTION cqrs.projector_state_changed();
+
+-- What the functions now say about commands in flight and unknown ids.
+COMMENT ON FUNCTION cqrs.wait_for(uuid, interval) IS
+	'Wait until the command is processed (applied or dead-lettered); false at the timeout.  A command not in the log is an error on the primary; a standby waits for it';
+COMMENT ON FUNCTION cqrs.retry_dead_letter(uuid) IS
+	'Project a dead-lettered command again after a fix; true when applied, false when dead-lettered again; an error when it is not dead-lettered';
+COMMENT ON FUNCTION cqrs.skip_parked(uuid) IS
+	'Stop waiting for the missing predecessor of a parked command: move it to cqrs.dead_letter; an error when it is not parked';
+COMMENT ON FUNCTION cqrs.lag_histogram() IS
+	'Commit-to-read-model latency of the commands projected from the slot since the server started, per bucket; commands applied by folding the log are not counted';
+COMMENT ON FUNCTION cqrs.verify() IS
+	'Orders where the read model differs from the fold of the command log, commands not yet projected included; no rows means consistent';
