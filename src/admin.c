@@ -489,6 +489,8 @@ wait_for_lsn(PG_FUNCTION_ARGS)
 		ereport(ERROR,
 				(errcode(ERRCODE_OBJECT_NOT_IN_PREREQUISITE_STATE),
 				 errmsg("cqrs is not in shared_preload_libraries")));
+	if (!admin_lsn_done(&lsn))
+		cqrs_request_read(lsn);
 	PG_RETURN_BOOL(admin_wait(admin_lsn_done, &lsn, timeout_ms, 1000));
 }
 

@@ -115,6 +115,8 @@ typedef struct CqrsShared
 	TimestampTz last_error_at;
 	uint64		control_generation;	/* bumped when cqrs.pause() or
 										 * cqrs.resume() commits */
+	XLogRecPtr	read_lsn;		/* where cqrs.wait_for_lsn() waiters need
+								 * the projector to read to */
 	bool		pause_requested;	/* what the last of them asked for, or
 									 * what the projector last read */
 	ConditionVariable applied_cv;	/* broadcast when applied_lsn moves */
@@ -148,6 +150,8 @@ extern void cqrs_set_error(const char *message);
 extern void cqrs_wake_projector(XLogRecPtr commit_end, TimestampTz commit_time);
 extern double cqrs_lag_seconds(CqrsShared *snap, TimestampTz now);
 extern void cqrs_control_changed(int paused);
+extern XLogRecPtr cqrs_insert_end(void);
+extern void cqrs_request_read(XLogRecPtr lsn);
 extern void cqrs_set_applied(XLogRecPtr lsn, bool only_forward);
 extern void cqrs_count_command_error(int sqlerrcode);
 extern XLogRecPtr cqrs_slot_confirmed_lsn(void);

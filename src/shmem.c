@@ -14,6 +14,8 @@
  */
 #include "postgres.h"
 
+#include "access/xlog.h"
+#include "access/xlog_internal.h"
 #include "miscadmin.h"
 #include "replication/slot.h"
 #include "storage/ipc.h"
@@ -119,6 +121,48 @@ cqrs_wake_projector(XLogRecPtr commit_end, TimestampTz commit_time)
 		cqrs_shared->pending_since = commit_time;
 	if (commit_end > cqrs_shared->wake_lsn)
 		cqrs_shared->wake_lsn = commit_end;
+	latch = cqrs_shared->leader_latch;
+	SpinLockRelease(&cqrs_shared->mutex);
+	if (latch != NULL)
+		SetLatch(latch);
+}
+
+/*
+ * The end of the WAL reserved so far, as a position XLogFlush() accepts.
+ * GetXLogInsertRecPtr() names where the next record will start, which at
+ * a page boundary is past the page header not written yet.
+ */
+XLogRecPtr
+cqrs_insert_end(void)
+{
+	XLogRecPtr	insert = GetXLogInsertRecPtr();
+
+	if (XLogSegmentOffset(insert, wal_segment_size) == SizeOfXLogLongPHD)
+		insert -= SizeOfXLogLongPHD;
+	else if (insert % XLOG_BLCKSZ == SizeOfXLogShortPHD)
+		insert -= SizeOfXLogShortPHD;
+	return insert;
+}
+
+/*
+ * A waiter (cqrs.wait_for_lsn()) needs the projector to have read up to
+ * lsn.  Commits wake it and have it read as far as they end, but WAL after
+ * the last commit that nobody flushes (a running-transactions record at
+ * the end of an idle server's WAL) would keep it short of lsn for good:
+ * ask it to write and read that far too.  Unlike a commit, this is no
+ * command waiting, so the lag is left alone.
+ */
+void
+cqrs_request_read(XLogRecPtr lsn)
+{
+	Latch	   *latch;
+
+	if (cqrs_shared == NULL)
+		return;
+	lsn = Min(lsn, cqrs_insert_end());
+	SpinLockAcquire(&cqrs_shared->mutex);
+	if (lsn > cqrs_shared->read_lsn)
+		cqrs_shared->read_lsn = lsn;
 	latch = cqrs_shared->leader_latch;
 	SpinLockRelease(&cqrs_shared->mutex);
 	if (latch != NULL)

@@ -754,23 +754,6 @@ worker_apply(CqrsQueue *queue, XLogRecPtr skip_upto, CqrsApplyStats *stats)
 }
 
 /*
- * The end of the WAL reserved so far, as a position XLogFlush() accepts.
- * GetXLogInsertRecPtr() names where the next record will start, which at
- * a page boundary is past the page header not written yet.
- */
-static XLogRecPtr
-worker_insert_end(void)
-{
-	XLogRecPtr	insert = GetXLogInsertRecPtr();
-
-	if (XLogSegmentOffset(insert, wal_segment_size) == SizeOfXLogLongPHD)
-		insert -= SizeOfXLogLongPHD;
-	else if (insert % XLOG_BLCKSZ == SizeOfXLogShortPHD)
-		insert -= SizeOfXLogShortPHD;
-	return insert;
-}
-
-/*
  * Is the projector under load (its last batch was busy)?  Then the WAL
  * writer writes each page of WAL as it fills, and waiting a moment for it
  * costs less than a flush of our own.
@@ -812,7 +795,7 @@ worker_page_read(XLogReaderState *state, XLogRecPtr targetPagePtr,
 	}
 	if (upto < need)
 	{
-		XLogFlush(Min(need, worker_insert_end()));
+		XLogFlush(Min(need, cqrs_insert_end()));
 		upto = GetXLogWriteRecPtr();
 	}
 
@@ -1047,7 +1030,7 @@ worker_stream(void)
 		 * out ourselves.
 		 */
 		SpinLockAcquire(&cqrs_shared->mutex);
-		wake_lsn = cqrs_shared->wake_lsn;
+		wake_lsn = Max(cqrs_shared->wake_lsn, cqrs_shared->read_lsn);
 		SpinLockRelease(&cqrs_shared->mutex);
 		end_of_wal = GetXLogWriteRecPtr();
 		if (end_of_wal < wake_lsn && !worker_busy)

@@ -1,7 +1,8 @@
 # Committing a command wakes the projector: with cqrs.poll_interval at an
 # hour, commands still reach the read model at once, with
 # synchronous_commit on and off.  The latencies are printed, not asserted
-# beyond "long before the poll interval": test/bench measures them.
+# beyond "long before the poll interval": test/bench measures them.  And
+# cqrs.wait_for_lsn() at the end of an idle server's WAL returns at once.
 use strict;
 use warnings;
 use FindBin;
@@ -48,6 +49,18 @@ for my $sc ('on', 'off')
 		       round(percentile_cont(0.99) WITHIN GROUP (ORDER BY ms)::numeric, 2) || ' / ' ||
 		       round(max(ms)::numeric, 2) FROM lag WHERE sc = '$sc'});
 }
+
+# cqrs.wait_for_lsn() on an idle server whose WAL ends with a record that
+# is no commit and that nobody writes out (here a non-transactional
+# logical message; on an idle 17, a running-transactions record): the
+# waiter has the projector read that far instead of waiting for a commit
+# that does not come.
+$node->safe_psql('postgres', q{SELECT cqrs.submit_order('idle-1', 'u', 1)});
+$node->safe_psql('postgres', q{SELECT cqrs.wait_for_lsn(pg_current_wal_insert_lsn(), '10 s')});
+$node->safe_psql('postgres', q{SELECT pg_logical_emit_message(false, 'cqrs-test', 'idle')});
+is($node->safe_psql('postgres', q{
+	SELECT cqrs.wait_for_lsn(pg_current_wal_insert_lsn(), '3 s')}), 't',
+	'wait_for_lsn passes a trailing record that is not a commit');
 
 $node->stop;
 done_testing();
