@@ -4,6 +4,7 @@ EXTENSION = cqrs
 MODULE_big = cqrs
 OBJS = \
 	src/cqrs.o \
+	src/catalog.o \
 	src/commands.o \
 	src/guard.o \
 	src/uuidv7.o \
@@ -32,7 +33,7 @@ PG_CFLAGS = -Wall -Wextra -Wno-unused-parameter $(CQRS_CFLAGS)
 
 # pg_regress: SQL behaviour of the command path.
 REGRESS = setup uuidv7 submit ship_cancel validation append_only privileges \
-	search_path operate decoder
+	search_path operate decoder domains
 REGRESS_OPTS = --temp-config=$(srcdir)/test/cqrs.conf \
 	--temp-instance=./tmp_check_regress --port=54391
 

@@ -44,3 +44,118 @@ COMMENT ON FUNCTION cqrs.lag_histogram() IS
 	'Commit-to-read-model latency of the commands projected from the slot since the server started, per bucket; commands applied by folding the log are not counted';
 COMMENT ON FUNCTION cqrs.verify() IS
 	'Orders where the read model differs from the fold of the command log, commands not yet projected included; no rows means consistent';
+
+-- Domains declared in SQL.  An aggregate type names a kind of aggregate
+-- (orders, accounts); a command type acts on one aggregate type, and
+-- "creates" ones come first (sequence 1).  Aggregate ids are one namespace
+-- across types, as stream names are in an event store: an aggregate is of
+-- the type of its first command.  Rows are written only by the functions
+-- below, which record the calling role as the owner: a validator runs as
+-- that role.  The built-in orders domain is declared here too.
+CREATE TABLE cqrs.aggregate_type (
+	name text COLLATE pg_catalog."C" NOT NULL,
+	owner pg_catalog.regrole NOT NULL,
+	builtin boolean NOT NULL DEFAULT false,
+	created_at timestamptz NOT NULL DEFAULT pg_catalog.now(),
+	CONSTRAINT aggregate_type_pkey PRIMARY KEY (name)
+);
+COMMENT ON TABLE cqrs.aggregate_type IS
+	'Kinds of aggregate commands act on; written by cqrs.create_aggregate_type() and cqrs.drop_aggregate_type()';
+
+CREATE TABLE cqrs.command_type (
+	name text COLLATE pg_catalog."C" NOT NULL,
+	aggregate_type text COLLATE pg_catalog."C" NOT NULL,
+	creates boolean NOT NULL,
+	payload_type pg_catalog.regtype,
+	validator pg_catalog.regprocedure,
+	owner pg_catalog.regrole NOT NULL,
+	builtin boolean NOT NULL DEFAULT false,
+	created_at timestamptz NOT NULL DEFAULT pg_catalog.now(),
+	CONSTRAINT command_type_pkey PRIMARY KEY (name),
+	CONSTRAINT command_type_aggregate_type_fkey FOREIGN KEY (aggregate_type)
+		REFERENCES cqrs.aggregate_type (name)
+);
+COMMENT ON TABLE cqrs.command_type IS
+	'Commands cqrs.submit() accepts: their aggregate type, whether they create it, the composite type their payload must fit and an optional validator; written by cqrs.create_command_type() and cqrs.drop_command_type()';
+
+INSERT INTO cqrs.aggregate_type (name, owner, builtin)
+	VALUES ('order', CAST(CAST(CURRENT_USER AS text) AS pg_catalog.regrole), true);
+INSERT INTO cqrs.command_type (name, aggregate_type, creates, owner, builtin)
+	VALUES ('CREATE_ORDER', 'order', true, CAST(CAST(CURRENT_USER AS text) AS pg_catalog.regrole), true),
+		   ('SHIP_ORDER', 'order', false, CAST(CAST(CURRENT_USER AS text) AS pg_catalog.regrole), true),
+		   ('CANCEL_ORDER', 'order', false, CAST(CAST(CURRENT_USER AS text) AS pg_catalog.regrole), true);
+
+-- Users' definitions go into dumps; the built-in ones come with the
+-- extension.
+SELECT pg_catalog.pg_extension_config_dump('cqrs.aggregate_type', 'WHERE NOT builtin');
+SELECT pg_catalog.pg_extension_config_dump('cqrs.command_type', 'WHERE NOT builtin');
+
+-- Whoever changes the definitions, every backend reads them again from
+-- its next command once the change commits.
+CREATE FUNCTION cqrs.command_type_changed()
+RETURNS trigger
+AS 'MODULE_PATHNAME', 'command_type_changed'
+LANGUAGE C;
+REVOKE ALL ON FUNCTION cqrs.command_type_changed() FROM PUBLIC;
+COMMENT ON FUNCTION cqrs.command_type_changed() IS
+	'Trigger making every backend read cqrs.command_type again, at commit';
+CREATE TRIGGER command_type_changed
+	AFTER INSERT OR UPDATE OR DELETE OR TRUNCATE ON cqrs.command_type
+	FOR EACH STATEMENT EXECUTE FUNCTION cqrs.command_type_changed();
+
+-- The log takes any declared command type; cqrs.submit() checks it.
+ALTER TABLE cqrs.command_log DROP CONSTRAINT command_log_command_type_check;
+COMMENT ON TABLE cqrs.command_log IS
+	'Append-only log of every accepted command; written only by the command functions';
+COMMENT ON COLUMN cqrs.command_log.aggregate_id IS
+	'The aggregate the command is about (for the built-in commands, the order)';
+
+CREATE FUNCTION cqrs.create_aggregate_type(name text)
+RETURNS void
+AS 'MODULE_PATHNAME', 'create_aggregate_type'
+LANGUAGE C;
+COMMENT ON FUNCTION cqrs.create_aggregate_type(text) IS
+	'Declare a kind of aggregate, owned by the calling role';
+
+CREATE FUNCTION cqrs.create_command_type(name text, aggregate_type text,
+		creates boolean, payload_type pg_catalog.regtype DEFAULT NULL,
+		validator pg_catalog.regprocedure DEFAULT NULL)
+RETURNS void
+AS 'MODULE_PATHNAME', 'create_command_type'
+LANGUAGE C;
+COMMENT ON FUNCTION cqrs.create_command_type(text, text, boolean, pg_catalog.regtype, pg_catalog.regprocedure) IS
+	'Declare a command type: its aggregate type, whether it creates the aggregate, the composite type its payload must fit, and a validator (aggregate_id text, payload jsonb) RETURNS void run as the calling role';
+
+CREATE FUNCTION cqrs.drop_command_type(name text)
+RETURNS void
+AS 'MODULE_PATHNAME', 'drop_command_type'
+LANGUAGE C;
+COMMENT ON FUNCTION cqrs.drop_command_type(text) IS
+	'Drop a declared command type that no command in the log has';
+
+CREATE FUNCTION cqrs.drop_aggregate_type(name text)
+RETURNS void
+AS 'MODULE_PATHNAME', 'drop_aggregate_type'
+LANGUAGE C;
+COMMENT ON FUNCTION cqrs.drop_aggregate_type(text) IS
+	'Drop a declared aggregate type that no command type acts on';
+
+CREATE FUNCTION cqrs.submit(command_type text, aggregate_id text,
+		payload jsonb, command_id uuid DEFAULT NULL,
+		sequence_id bigint DEFAULT NULL)
+RETURNS cqrs.receipt
+AS 'MODULE_PATHNAME', 'submit'
+LANGUAGE C;
+COMMENT ON FUNCTION cqrs.submit(text, text, jsonb, uuid, bigint) IS
+	'Validate a command of any declared type and append it to cqrs.command_log';
+
+REVOKE ALL ON cqrs.aggregate_type, cqrs.command_type FROM PUBLIC;
+REVOKE ALL ON FUNCTION cqrs.create_aggregate_type(text),
+	cqrs.create_command_type(text, text, boolean, pg_catalog.regtype, pg_catalog.regprocedure),
+	cqrs.drop_command_type(text), cqrs.drop_aggregate_type(text),
+	cqrs.submit(text, text, jsonb, uuid, bigint) FROM PUBLIC;
+GRANT SELECT ON cqrs.aggregate_type, cqrs.command_type TO cqrs_admin, cqrs_writer;
+GRANT EXECUTE ON FUNCTION cqrs.create_aggregate_type(text),
+	cqrs.create_command_type(text, text, boolean, pg_catalog.regtype, pg_catalog.regprocedure),
+	cqrs.drop_command_type(text), cqrs.drop_aggregate_type(text) TO cqrs_admin;
+GRANT EXECUTE ON FUNCTION cqrs.submit(text, text, jsonb, uuid, bigint) TO cqrs_writer;

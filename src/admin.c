@@ -403,16 +403,24 @@ admin_command_known(pg_uuid_t *command_id)
 {
 	static SPIPlanPtr plan = NULL;
 	static const char *sql =
-		"SELECT EXISTS (SELECT FROM cqrs.command_log"
-		" WHERE command_id OPERATOR(pg_catalog.=) $1)";
+		"SELECT command_type FROM cqrs.command_log"
+		" WHERE command_id OPERATOR(pg_catalog.=) $1";
 	Oid			argtypes[1] = {UUIDOID};
 	Datum		values[1] = {UUIDPGetDatum(command_id)};
 	bool		isnull;
+	char	   *type;
 
-	(void) cqrs_exec(cqrs_keep_plan(&plan, sql, 1, argtypes), values, NULL, 1,
-					 SPI_OK_SELECT);
-	return DatumGetBool(SPI_getbinval(SPI_tuptable->vals[0],
-									  SPI_tuptable->tupdesc, 1, &isnull));
+	if (cqrs_exec(cqrs_keep_plan(&plan, sql, 1, argtypes), values, NULL, 1,
+				  SPI_OK_SELECT) == 0)
+		return false;
+	type = TextDatumGetCString(SPI_getbinval(SPI_tuptable->vals[0],
+											 SPI_tuptable->tupdesc, 1, &isnull));
+	if (!cqrs_is_order_command(type))
+		ereport(ERROR,
+				(errcode(ERRCODE_FEATURE_NOT_SUPPORTED),
+				 errmsg("no projection follows commands of type \"%s\"", type),
+				 errdetail("Only the orders' commands are projected, into cqrs.read_model.")));
+	return true;
 }
 
 /*

@@ -70,6 +70,7 @@
 PG_FUNCTION_INFO_V1(submit_order);
 PG_FUNCTION_INFO_V1(ship_order);
 PG_FUNCTION_INFO_V1(cancel_order);
+PG_FUNCTION_INFO_V1(submit);
 
 /* Upper bound of an order amount, inclusive. */
 #define CQRS_MAX_AMOUNT			INT64CONST(1000000000000000)
@@ -78,7 +79,10 @@ PG_FUNCTION_INFO_V1(cancel_order);
 typedef struct CqrsCommand
 {
 	CqrsCommandType type;
-	text	   *order_id;
+	const char *type_name;
+	const char *noun;			/* what the aggregate is: "order", ... */
+	bool		creates;		/* must be the aggregate's sequence 1 */
+	text	   *order_id;		/* the aggregate's id */
 	pg_uuid_t	command_id;
 	bool		sequence_given; /* caller chose sequence_id */
 	int64		sequence_id;
@@ -204,13 +208,31 @@ cmd_get_amount(FunctionCallInfo fcinfo, int argno)
  * NULL) and sequence_id (at least 1 when given) from their argument slots.
  */
 static void
+cmd_init_common(CqrsCommand *cmd, FunctionCallInfo fcinfo,
+				int command_id_arg, int sequence_arg);
+
+static void
 cmd_init(CqrsCommand *cmd, CqrsCommandType type, FunctionCallInfo fcinfo,
 		 int command_id_arg, int sequence_arg)
 {
 	memset(cmd, 0, sizeof(CqrsCommand));
 	cmd->type = type;
+	cmd->type_name = cqrs_command_type_names[type];
+	cmd->noun = "order";
+	cmd->creates = (type == CQRS_CREATE_ORDER);
 	cmd->order_id = cmd_get_id(fcinfo, 0, "order_id");
+	cmd_init_common(cmd, fcinfo, command_id_arg, sequence_arg);
+}
 
+/*
+ * The part of cmd_init() every command type shares: command_id (a fresh
+ * UUIDv7 when NULL) and sequence_id (at least 1 when given; 1 exactly for
+ * a command that creates its aggregate, never 1 for another).
+ */
+static void
+cmd_init_common(CqrsCommand *cmd, FunctionCallInfo fcinfo,
+				int command_id_arg, int sequence_arg)
+{
 	if (PG_ARGISNULL(command_id_arg))
 		cqrs_generate_uuidv7(&cmd->command_id);
 	else
@@ -227,19 +249,21 @@ cmd_init(CqrsCommand *cmd, CqrsCommandType type, FunctionCallInfo fcinfo,
 					 errmsg("sequence_id must be at least 1"),
 					 errdetail("The value given was " INT64_FORMAT ".",
 							   cmd->sequence_id)));
-		if (type == CQRS_CREATE_ORDER && cmd->sequence_id != 1)
+		if (cmd->creates && cmd->sequence_id != 1)
 			ereport(ERROR,
 					(errcode(ERRCODE_INVALID_PARAMETER_VALUE),
-					 errmsg("sequence_id of a CREATE_ORDER command must be 1"),
+					 errmsg("sequence_id of a %s command must be 1", cmd->type_name),
 					 errdetail("The value given was " INT64_FORMAT ".",
 							   cmd->sequence_id)));
-		if (type != CQRS_CREATE_ORDER && cmd->sequence_id == 1)
+		if (!cmd->creates && cmd->sequence_id == 1)
 			ereport(ERROR,
 					(errcode(ERRCODE_INVALID_PARAMETER_VALUE),
+					 cmd->type == CQRS_DECLARED_COMMAND ?
+					 errmsg("sequence_id 1 is reserved for the command that creates the %s", cmd->noun) :
 					 errmsg("sequence_id 1 is reserved for the CREATE_ORDER command of an order"),
 					 errhint("Pass sequence_id NULL to have the server assign the next one.")));
 	}
-	else if (type == CQRS_CREATE_ORDER)
+	else if (cmd->creates)
 	{
 		cmd->sequence_given = true;
 		cmd->sequence_id = 1;
@@ -318,27 +342,68 @@ cmd_lock_key(const void *key, int len, uint16 space)
 }
 
 /*
- * The highest sequence_id the order has in the log; ERROR when it has none.
- * Called with the order lock held, so no other transaction can append to
- * the order before we commit.
+ * The highest sequence_id the aggregate has in the log; ERROR when it has
+ * none and must_exist (0 otherwise), or when its first command is of
+ * another aggregate type (aggregate ids are one namespace: an aggregate is
+ * of the type of its first command).  Called with the aggregate's lock held, so no other
+ * transaction can append to it before we commit.
  */
 static int64
-cmd_last_sequence(text *order_id)
+cmd_last_sequence(CqrsCommand *cmd, bool must_exist)
 {
 	static const char *sql =
-		"SELECT sequence_id FROM cqrs.command_log"
-		" WHERE aggregate_id OPERATOR(pg_catalog.=) $1"
-		" ORDER BY sequence_id DESC LIMIT 1";
+		"SELECT l.sequence_id, f.command_type"
+		" FROM (SELECT sequence_id FROM cqrs.command_log"
+		"       WHERE aggregate_id OPERATOR(pg_catalog.=) $1"
+		"       ORDER BY sequence_id DESC LIMIT 1) AS l"
+		" LEFT JOIN cqrs.command_log AS f"
+		" ON f.aggregate_id OPERATOR(pg_catalog.=) $1"
+		" AND f.sequence_id OPERATOR(pg_catalog.=) 1";
 	Oid			argtypes[1] = {TEXTOID};
-	Datum		values[1] = {PointerGetDatum(order_id)};
+	Datum		values[1] = {PointerGetDatum(cmd->order_id)};
+	bool		isnull;
+	Datum		first;
 
 	if (!cmd_exec(cqrs_keep_plan(&last_sequence_plan, sql, 1, argtypes),
 				  values, NULL, SPI_OK_SELECT))
+	{
+		if (!must_exist)
+			return 0;
 		ereport(ERROR,
 				(errcode(ERRCODE_FOREIGN_KEY_VIOLATION),
-				 errmsg("order \"%s\" does not exist", text_to_cstring(order_id)),
-				 errdetail("The command log has no command for this order."),
+				 errmsg("%s \"%s\" does not exist", cmd->noun,
+						text_to_cstring(cmd->order_id)),
+				 errdetail("The command log has no command for this %s.", cmd->noun),
+				 cmd->type == CQRS_DECLARED_COMMAND ?
+				 errhint("Submit the command that creates it first, or pass an explicit sequence_id.") :
 				 errhint("Submit the order with cqrs.submit_order() first, or pass an explicit sequence_id.")));
+	}
+
+	first = SPI_getbinval(SPI_tuptable->vals[0], SPI_tuptable->tupdesc, 2, &isnull);
+	if (!isnull)
+	{
+		char	   *first_type = TextDatumGetCString(first);
+		const char *first_aggregate = "order";
+
+		if (cmd->type == CQRS_DECLARED_COMMAND ||
+			(strcmp(first_type, "CREATE_ORDER") != 0 &&
+			 strcmp(first_type, "SHIP_ORDER") != 0 &&
+			 strcmp(first_type, "CANCEL_ORDER") != 0))
+		{
+			const CqrsCommandDef *def = cqrs_command_def(first_type);
+
+			first_aggregate = def ? def->aggregate_type : "(undeclared)";
+		}
+		if (strcmp(first_aggregate, cmd->noun) != 0)
+			ereport(ERROR,
+					(errcode(ERRCODE_FOREIGN_KEY_VIOLATION),
+					 errmsg("%s \"%s\" does not exist", cmd->noun,
+							text_to_cstring(cmd->order_id)),
+					 errdetail("\"%s\" is a%s %s: its first command is %s.",
+							   text_to_cstring(cmd->order_id),
+							   strchr("aeiou", first_aggregate[0]) ? "n" : "",
+							   first_aggregate, first_type)));
+	}
 	return DatumGetInt64(cmd_result(1));
 }
 
@@ -373,7 +438,7 @@ cmd_insert(CqrsCommand *cmd, CqrsReceipt *receipt)
 	SPIPlanPtr	plan;
 
 	values[0] = UUIDPGetDatum(&cmd->command_id);
-	values[1] = CStringGetTextDatum(cqrs_command_type_names[cmd->type]);
+	values[1] = CStringGetTextDatum(cmd->type_name);
 	values[2] = PointerGetDatum(cmd->order_id);
 	values[3] = Int64GetDatum(cmd->sequence_id);
 	values[4] = JsonbPGetDatum(cmd->payload);
@@ -423,7 +488,7 @@ cmd_resolve_conflict(CqrsCommand *cmd, CqrsReceipt *receipt)
 	char	   *holder = NULL;
 
 	values[0] = UUIDPGetDatum(&cmd->command_id);
-	values[1] = CStringGetTextDatum(cqrs_command_type_names[cmd->type]);
+	values[1] = CStringGetTextDatum(cmd->type_name);
 	values[2] = PointerGetDatum(cmd->order_id);
 	values[3] = JsonbPGetDatum(cmd->payload);
 	values[4] = Int64GetDatum(cmd->sequence_id);
@@ -458,24 +523,24 @@ cmd_resolve_conflict(CqrsCommand *cmd, CqrsReceipt *receipt)
 				 values, NULL, SPI_OK_SELECT))
 		holder = DatumGetCString(DirectFunctionCall1(uuid_out, cmd_result(1)));
 
-	if (cmd->type == CQRS_CREATE_ORDER)
+	if (cmd->creates)
 		ereport(ERROR,
 				(errcode(ERRCODE_UNIQUE_VIOLATION),
-				 errmsg("order \"%s\" already exists",
+				 errmsg("%s \"%s\" already exists", cmd->noun,
 						text_to_cstring(cmd->order_id)),
 				 holder ? errdetail("It was created by command %s.", holder) : 0));
 
 	if (!cmd->sequence_given)
 		ereport(ERROR,
 				(errcode(ERRCODE_T_R_SERIALIZATION_FAILURE),
-				 errmsg("could not serialize access due to a concurrent command on order \"%s\"",
-						text_to_cstring(cmd->order_id)),
+				 errmsg("could not serialize access due to a concurrent command on %s \"%s\"",
+						cmd->noun, text_to_cstring(cmd->order_id)),
 				 errhint("The transaction might succeed if retried.")));
 
 	ereport(ERROR,
 			(errcode(ERRCODE_UNIQUE_VIOLATION),
-			 errmsg("sequence_id " INT64_FORMAT " of order \"%s\" is already taken",
-					cmd->sequence_id, text_to_cstring(cmd->order_id)),
+			 errmsg("sequence_id " INT64_FORMAT " of %s \"%s\" is already taken",
+					cmd->sequence_id, cmd->noun, text_to_cstring(cmd->order_id)),
 			 holder ? errdetail("It is held by command %s.", holder) : 0));
 }
 
@@ -656,16 +721,18 @@ cmd_append(CqrsCommand *cmd, CqrsReceipt *receipt)
 	cmd_lock(cmd);
 	if (!cmd->sequence_given)
 	{
-		int64		last = cmd_last_sequence(cmd->order_id);
+		int64		last = cmd_last_sequence(cmd, true);
 
 		if (pg_add_s64_overflow(last, 1, &cmd->sequence_id))
 			ereport(ERROR,
 					(errcode(ERRCODE_NUMERIC_VALUE_OUT_OF_RANGE),
-					 errmsg("order \"%s\" has no sequence_id left",
-							text_to_cstring(cmd->order_id)),
+					 errmsg("%s \"%s\" has no sequence_id left",
+							cmd->noun, text_to_cstring(cmd->order_id)),
 					 errdetail("Its last command has sequence_id " INT64_FORMAT ", the largest a bigint holds.",
 							   last)));
 	}
+	else if (!cmd->creates)
+		(void) cmd_last_sequence(cmd, false);	/* of another type? */
 
 	if (!cmd_insert(cmd, receipt))
 		cmd_resolve_conflict(cmd, receipt);
@@ -817,4 +884,65 @@ Datum
 cancel_order(PG_FUNCTION_ARGS)
 {
 	return cmd_run(fcinfo, build_cancel);
+}
+
+/*
+ * cqrs.submit(command_type text, aggregate_id text, payload jsonb,
+ *			   command_id uuid, sequence_id bigint) RETURNS cqrs.receipt
+ *
+ * A command of any declared type: its payload checked against the type's
+ * payload type, then by its validator, run as the role that declared it.
+ */
+static void
+build_declared(FunctionCallInfo fcinfo, CqrsCommand *cmd)
+{
+	char	   *type_name;
+	const CqrsCommandDef *def;
+	Jsonb	   *payload;
+
+	if (PG_ARGISNULL(0))
+		ereport(ERROR,
+				(errcode(ERRCODE_NULL_VALUE_NOT_ALLOWED),
+				 errmsg("command_type must not be null")));
+	type_name = text_to_cstring(PG_GETARG_TEXT_PP(0));
+	def = cqrs_command_def(type_name);
+	if (def == NULL)
+		ereport(ERROR,
+				(errcode(ERRCODE_INVALID_PARAMETER_VALUE),
+				 errmsg("command type \"%s\" does not exist", type_name),
+				 errhint("cqrs.command_type lists the declared ones; cqrs.create_command_type() declares one.")));
+	if (def->builtin)
+		ereport(ERROR,
+				(errcode(ERRCODE_FEATURE_NOT_SUPPORTED),
+				 errmsg("command type \"%s\" is submitted with its own function", type_name),
+				 errhint("Use cqrs.submit_order(), cqrs.ship_order() or cqrs.cancel_order().")));
+
+	memset(cmd, 0, sizeof(CqrsCommand));
+	cmd->type = CQRS_DECLARED_COMMAND;
+	cmd->type_name = pstrdup(type_name);
+	cmd->noun = pstrdup(def->aggregate_type);
+	cmd->creates = def->creates;
+	cmd->order_id = cmd_get_id(fcinfo, 1, "aggregate_id");
+	cmd_init_common(cmd, fcinfo, 3, 4);
+
+	if (PG_ARGISNULL(2))
+		ereport(ERROR,
+				(errcode(ERRCODE_NULL_VALUE_NOT_ALLOWED),
+				 errmsg("payload must not be null")));
+	payload = PG_GETARG_JSONB_P(2);
+	if (VARSIZE(payload) > CQRS_MAX_PAYLOAD_BYTES)
+		ereport(ERROR,
+				(errcode(ERRCODE_PROGRAM_LIMIT_EXCEEDED),
+				 errmsg("payload is too large"),
+				 errdetail("It is %d bytes long; the limit is %d bytes.",
+						   (int) VARSIZE(payload), CQRS_MAX_PAYLOAD_BYTES)));
+	cqrs_check_payload(def, cmd->type_name, payload);
+	cqrs_run_validator(def, cmd->order_id, payload);
+	cmd->payload = payload;
+}
+
+Datum
+submit(PG_FUNCTION_ARGS)
+{
+	return cmd_run(fcinfo, build_declared);
 }

@@ -77,4 +77,15 @@
 	} while (0)
 #endif
 
+/* Privilege checks on one object: object_aclcheck() from 16 on. */
+#if PG_VERSION_NUM >= 160000
+#define CQRS_TYPE_ACLCHECK(oid, role, mode) \
+	object_aclcheck(TypeRelationId, (oid), (role), (mode))
+#define CQRS_PROC_ACLCHECK(oid, role, mode) \
+	object_aclcheck(ProcedureRelationId, (oid), (role), (mode))
+#else
+#define CQRS_TYPE_ACLCHECK(oid, role, mode) pg_type_aclcheck((oid), (role), (mode))
+#define CQRS_PROC_ACLCHECK(oid, role, mode) pg_proc_aclcheck((oid), (role), (mode))
+#endif
+
 #endif							/* CQRS_COMPAT_H */

@@ -25,6 +25,7 @@
 /* Limits the command functions enforce on their input. */
 #define CQRS_MAX_ID_BYTES		256
 #define CQRS_MAX_REASON_BYTES	1024
+#define CQRS_MAX_PAYLOAD_BYTES	(64 * 1024)
 
 /* Advisory lock spaces (field4 of the tag); user locks use 1 and 2. */
 #define CQRS_ORDER_LOCK_SPACE	0x4351
@@ -72,9 +73,10 @@ typedef enum CqrsCommandType
 {
 	CQRS_CREATE_ORDER,
 	CQRS_SHIP_ORDER,
-	CQRS_CANCEL_ORDER
+	CQRS_CANCEL_ORDER,
+	CQRS_DECLARED_COMMAND		/* any type declared in cqrs.command_type */
 } CqrsCommandType;
-#define CQRS_COMMAND_TYPES		3
+#define CQRS_COMMAND_TYPES		4
 extern const char *const cqrs_command_type_names[CQRS_COMMAND_TYPES];
 
 /* Why a command function refused a command (cqrs_command_errors_total). */
@@ -143,6 +145,25 @@ typedef struct CqrsShared
 
 extern CqrsShared *cqrs_shared;
 
+/* catalog.c: a declared command type, as cqrs.submit() uses it */
+typedef struct CqrsCommandDef
+{
+	char		name[NAMEDATALEN];	/* hash key */
+	bool		exists;
+	char		aggregate_type[NAMEDATALEN];
+	bool		creates;
+	bool		builtin;
+	Oid			payload_type;	/* composite type, or InvalidOid: any object */
+	Oid			validator;		/* (text, jsonb) RETURNS void, or InvalidOid */
+	Oid			owner;			/* the role that declared it */
+} CqrsCommandDef;
+
+extern const CqrsCommandDef *cqrs_command_def(const char *name);
+extern void cqrs_check_payload(const CqrsCommandDef *def, const char *type_name,
+							   Jsonb *payload);
+extern void cqrs_run_validator(const CqrsCommandDef *def, text *aggregate_id,
+							   Jsonb *payload);
+
 /* shmem.c */
 extern void cqrs_shmem_request(void);
 extern void cqrs_shmem_startup(void);
@@ -207,6 +228,7 @@ typedef struct CqrsApplyStats
 	int64		poisoned;		/* failed on their own (a subset of dead) */
 } CqrsApplyStats;
 
+extern bool cqrs_is_order_command(const char *type);
 extern void cqrs_project(CqrsRecord *records, int nrecords,
 						 CqrsApplyStats *stats);
 extern void cqrs_stats_add(CqrsApplyStats *to, const CqrsApplyStats *from);

@@ -1166,6 +1166,17 @@ projector_range(CqrsRecord *records, int lo, int hi, CqrsApplyStats *stats,
 }
 
 /*
+ * Is this one of the built-in orders commands?
+ */
+bool
+cqrs_is_order_command(const char *type)
+{
+	return strcmp(type, "CREATE_ORDER") == 0 ||
+		strcmp(type, "SHIP_ORDER") == 0 ||
+		strcmp(type, "CANCEL_ORDER") == 0;
+}
+
+/*
  * Apply a batch of decoded commands in the current transaction, with SPI
  * connected.  Errors that are not the batch's fault propagate.
  */
@@ -1174,6 +1185,32 @@ cqrs_project(CqrsRecord *records, int nrecords, CqrsApplyStats *stats)
 {
 	ErrorContextCallback errcallback;
 
+	/*
+	 * Commands of declared types are not the orders': no projection
+	 * follows them here.  (Aggregate ids are one namespace, so none of them
+	 * is about an order.)
+	 */
+	for (int i = 0; i < nrecords; i++)
+	{
+		if (records[i].command_type != NULL &&
+			!cqrs_is_order_command(records[i].command_type))
+		{
+			CqrsRecord *orders = palloc(sizeof(CqrsRecord) * nrecords);
+			int			kept = 0;
+
+			for (int j = 0; j < nrecords; j++)
+			{
+				if (records[j].command_type == NULL ||
+					cqrs_is_order_command(records[j].command_type))
+					orders[kept++] = records[j];
+				else
+					stats->skipped++;
+			}
+			records = orders;
+			nrecords = kept;
+			break;
+		}
+	}
 	if (nrecords == 0)
 		return;
 

@@ -42,6 +42,7 @@ const char *const cqrs_command_type_names[CQRS_COMMAND_TYPES] = {
 	[CQRS_CREATE_ORDER] = "CREATE_ORDER",
 	[CQRS_SHIP_ORDER] = "SHIP_ORDER",
 	[CQRS_CANCEL_ORDER] = "CANCEL_ORDER",
+	[CQRS_DECLARED_COMMAND] = "declared",
 };
 
 const char *const cqrs_error_kind_names[CQRS_ERROR_KINDS] = {

@@ -67,7 +67,9 @@ sub expected_model
 		       coalesce(payload ->> 'user_id', ''),
 		       coalesce(jsonb_typeof(payload -> 'amount'), '-'),
 		       coalesce(payload ->> 'amount', '')
-		  FROM cqrs.command_log ORDER BY aggregate_id, sequence_id});
+		  FROM cqrs.command_log
+		 WHERE command_type IN ('CREATE_ORDER', 'SHIP_ORDER', 'CANCEL_ORDER')
+		 ORDER BY aggregate_id, sequence_id});
 	my (%orders, %state);
 	my ($dead, $parked) = (0, 0);
 	foreach my $line (split /\n/, $rows)
