@@ -38,7 +38,8 @@ REGRESS_OPTS = --temp-config=$(srcdir)/test/cqrs.conf \
 	--temp-instance=./tmp_check_regress --port=54391
 
 # Isolation specs: every concurrency claim of the command path.
-ISOLATION = duplicate_command_id sequence_assignment create_race bulk_escalation
+ISOLATION = duplicate_command_id sequence_assignment create_race bulk_escalation \
+	define_while_submitting
 ISOLATION_OPTS = --inputdir=$(srcdir)/test/isolation \
 	--temp-config=$(srcdir)/test/cqrs.conf \
 	--temp-instance=./tmp_check_iso --port=54392

@@ -71,10 +71,12 @@ CREATE TABLE cqrs.command_type (
 	owner pg_catalog.regrole NOT NULL,
 	builtin boolean NOT NULL DEFAULT false,
 	created_at timestamptz NOT NULL DEFAULT pg_catalog.now(),
-	CONSTRAINT command_type_pkey PRIMARY KEY (name),
-	CONSTRAINT command_type_aggregate_type_fkey FOREIGN KEY (aggregate_type)
-		REFERENCES cqrs.aggregate_type (name)
+	CONSTRAINT command_type_pkey PRIMARY KEY (name)
 );
+-- No foreign key to cqrs.aggregate_type: pg_restore -j loads the two
+-- tables' dumped rows in parallel, in any order.  The functions keep the
+-- reference: a command type names an existing aggregate type, and an
+-- aggregate type with command types cannot be dropped.
 COMMENT ON TABLE cqrs.command_type IS
 	'Commands cqrs.submit() accepts: their aggregate type, whether they create it, the composite type their payload must fit and an optional validator; written by cqrs.create_command_type() and cqrs.drop_command_type()';
 

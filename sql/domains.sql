@@ -172,3 +172,27 @@ SELECT cqrs.submit('FREEZE', 'acct-1', '{}');
 -- wait_for has no projection to wait on for these yet
 SELECT cqrs.wait_for('e0000000-0000-4000-8000-000000000001', '1 s');
 \echo :SQLSTATE
+
+-- A validator runs as the (non-superuser) role that declared it, also
+-- when a superuser submits: it gains no right of the caller's.
+SET ROLE regress_dom_admin;
+CREATE FUNCTION regress_bank.escalate(aggregate_id text, payload jsonb)
+RETURNS void LANGUAGE plpgsql AS $$
+BEGIN
+	EXECUTE 'ALTER ROLE regress_dom_admin SUPERUSER';
+END $$;
+SELECT cqrs.create_command_type('ESCALATE', 'account', false, NULL,
+	'regress_bank.escalate(text, jsonb)');
+RESET ROLE;
+\set VERBOSITY sqlstate
+SELECT cqrs.submit('ESCALATE', 'acct-1', '{}');
+\set VERBOSITY default
+SELECT rolsuper FROM pg_roles WHERE rolname = 'regress_dom_admin';
+-- a validator the declaring role may not execute is refused
+REVOKE EXECUTE ON FUNCTION regress_bank.no_round_sums(text, jsonb) FROM PUBLIC;
+CREATE ROLE regress_dom_admin2 IN ROLE cqrs_admin;
+SET ROLE regress_dom_admin2;
+SELECT cqrs.create_command_type('WITHDRAW', 'account', false, NULL,
+	'regress_bank.no_round_sums(text, jsonb)');
+\echo :SQLSTATE
+RESET ROLE;

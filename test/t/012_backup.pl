@@ -7,7 +7,8 @@
 # and the log_id sequence; restored into fresh clusters (psql, and
 # pg_restore -j 2), the restored server's projector folds the log by
 # itself into the same read model, dead letters and parked commands, and
-# keeps the pause the original was dumped with.
+# keeps the pause the original was dumped with, and the domains declared
+# in it.
 use strict;
 use warnings;
 use FindBin;
@@ -55,6 +56,23 @@ sql(q{SELECT cqrs.ship_order('bk-' || i) FROM generate_series(201, 250) i});
 wait_projected($node);
 compare_model($node, 'after commands on the updated installation');
 
+# A declared domain: its definitions (not the built-in ones) go into the
+# dump with the payload type and validator they name.
+sql(q{
+	CREATE SCHEMA bank;
+	CREATE TYPE bank.open AS (holder text);
+	CREATE FUNCTION bank.check_open(aggregate_id text, payload jsonb) RETURNS void
+		LANGUAGE plpgsql AS $$ BEGIN
+			IF payload->>'holder' = 'nobody' THEN RAISE EXCEPTION 'no such holder'; END IF;
+		END $$;
+	SELECT cqrs.create_aggregate_type('account');
+	SELECT cqrs.create_command_type('OPEN_ACCOUNT', 'account', true, 'bank.open',
+		'bank.check_open(text, jsonb)');
+	SELECT cqrs.submit('OPEN_ACCOUNT', 'acct-' || i, '{"holder": "h"}') FROM generate_series(1, 20) i;
+});
+my $types = sql(q{SELECT string_agg(concat_ws(',', name, aggregate_type, creates, payload_type,
+	validator, owner, builtin), ' ' ORDER BY name) FROM cqrs.command_type});
+
 # Dumped while paused: the operator's pause must come back with the data.
 sql(q{SELECT cqrs.pause()});
 $node->poll_query_until('postgres', q{SELECT state = 'paused' FROM cqrs.status})
@@ -101,6 +119,14 @@ for my $how ('plain', 'custom')
 	is($new->safe_psql('postgres', q{SELECT count(*) FROM cqrs.read_model}),
 		sql(q{SELECT count(*) FROM cqrs.read_model}),
 		"$how: the read model has the original's rows");
+	is($new->safe_psql('postgres', q{SELECT string_agg(concat_ws(',', name, aggregate_type,
+		creates, payload_type, validator, owner, builtin), ' ' ORDER BY name) FROM cqrs.command_type}),
+		$types, "$how: the declared command types are back, the built-in ones once");
+	my ($rc, $out, $err) = $new->psql('postgres',
+		q{SELECT cqrs.submit('OPEN_ACCOUNT', 'acct-x', '{"holder": "nobody"}')});
+	like($err, qr/no such holder/, "$how: the restored command type runs its validator");
+	is($new->safe_psql('postgres', q{SELECT sequence_id FROM cqrs.submit('OPEN_ACCOUNT', 'acct-21', '{"holder": "h"}')}),
+		'1', "$how: and takes commands");
 	my $id = $new->safe_psql('postgres',
 		q{SELECT log_id FROM cqrs.submit_order('bk-after', 'u', 1)});
 	cmp_ok($id, '>', (split / /, $log)[1], "$how: log_ids go on after the restored ones");
