@@ -67,7 +67,9 @@ CREATE TABLE cqrs.command_type (
 	aggregate_type text COLLATE pg_catalog."C" NOT NULL,
 	creates boolean NOT NULL,
 	payload_type pg_catalog.regtype,
-	validator pg_catalog.regprocedure,
+	validator text,				-- a regprocedure, kept as its qualified
+								-- signature: pg_upgrade refuses tables with
+								-- regprocedure columns
 	owner pg_catalog.regrole NOT NULL,
 	builtin boolean NOT NULL DEFAULT false,
 	created_at timestamptz NOT NULL DEFAULT pg_catalog.now(),

@@ -122,7 +122,23 @@ SELECT cqrs.submit('DEPOSIT', 'acct-1', '{"amount": 2000}');
 -- unknown and built-in types, bad ids
 SELECT cqrs.submit('WITHDRAW', 'acct-1', '{}');
 \echo :SQLSTATE
-SELECT cqrs.submit('CREATE_ORDER', 'o-1', '{}');
+-- the built-in commands take the order functions' path: same checks, same
+-- payload, so a retry through either function is a duplicate
+SELECT sequence_id, duplicate FROM cqrs.submit('CREATE_ORDER', 'dom-o-2',
+	'{"user_id": "u", "amount": 10}', 'e0000000-0000-4000-8000-0000000000a1');
+SELECT sequence_id, duplicate FROM cqrs.submit_order('dom-o-2', 'u', 10,
+	'e0000000-0000-4000-8000-0000000000a1');
+SELECT sequence_id FROM cqrs.submit('SHIP_ORDER', 'dom-o-2', '{"order_id": "dom-o-2"}');
+SELECT sequence_id FROM cqrs.submit('CANCEL_ORDER', 'dom-o-2', '{"reason": "late"}');
+SELECT cqrs.submit('CANCEL_ORDER', 'dom-o-2', '{"reason": 5}');
+\echo :SQLSTATE
+SELECT cqrs.submit('CREATE_ORDER', 'dom-o-3', '{"user_id": "u", "amount": -1}');
+\echo :SQLSTATE
+SELECT cqrs.submit('CREATE_ORDER', 'dom-o-3', '{"user_id": "u"}');
+\echo :SQLSTATE
+SELECT cqrs.submit('CREATE_ORDER', 'dom-o-3', '{"user_id": "u", "amount": 1, "x": 1}');
+\echo :SQLSTATE
+SELECT cqrs.submit('SHIP_ORDER', 'dom-o-2', '{"order_id": "another"}');
 \echo :SQLSTATE
 SELECT cqrs.submit(NULL, 'acct-1', '{}');
 \echo :SQLSTATE
@@ -144,7 +160,7 @@ RESET ROLE;
 SELECT count(*) - :before AS written FROM cqrs.command_log WHERE aggregate_id LIKE 'acct-%';
 
 SELECT command_type, sequence_id, payload FROM cqrs.command_log
- WHERE aggregate_id = 'acct-1' ORDER BY sequence_id;
+ WHERE aggregate_id IN ('acct-1', 'dom-o-2') ORDER BY aggregate_id, sequence_id;
 
 -- A definition takes effect from the next command, in this session too.
 SET ROLE regress_dom_admin;

@@ -104,7 +104,8 @@ cqrs_command_def(const char *name)
 	static SPIPlanPtr plan = NULL;
 	static const char *sql =
 		"SELECT aggregate_type, creates, builtin,"
-		" CAST(payload_type AS pg_catalog.oid), CAST(validator AS pg_catalog.oid),"
+		" CAST(payload_type AS pg_catalog.oid),"
+		" CAST(CAST(validator AS pg_catalog.regprocedure) AS pg_catalog.oid),"
 		" CAST(owner AS pg_catalog.oid)"
 		" FROM cqrs.command_type WHERE name OPERATOR(pg_catalog.=) $1";
 	char		key[NAMEDATALEN];
@@ -460,7 +461,7 @@ create_command_type(PG_FUNCTION_ARGS)
 	char	   *aggregate = catalog_name_arg(fcinfo, 1, "aggregate type name", false);
 	Oid			payload_type = PG_ARGISNULL(3) ? InvalidOid : PG_GETARG_OID(3);
 	Oid			validator = PG_ARGISNULL(4) ? InvalidOid : PG_GETARG_OID(4);
-	Oid			types[6] = {TEXTOID, TEXTOID, BOOLOID, OIDOID, OIDOID, OIDOID};
+	Oid			types[6] = {TEXTOID, TEXTOID, BOOLOID, OIDOID, TEXTOID, OIDOID};
 	Datum		values[6];
 	char		nulls[6] = {' ', ' ', ' ', ' ', ' ', ' '};
 
@@ -520,7 +521,8 @@ create_command_type(PG_FUNCTION_ARGS)
 	values[1] = CStringGetTextDatum(aggregate);
 	values[2] = PG_GETARG_DATUM(2);
 	values[3] = ObjectIdGetDatum(payload_type);
-	values[4] = ObjectIdGetDatum(validator);
+	values[4] = OidIsValid(validator) ?
+		CStringGetTextDatum(format_procedure_qualified(validator)) : (Datum) 0;
 	values[5] = ObjectIdGetDatum(GetUserId());
 	if (!OidIsValid(payload_type))
 		nulls[3] = 'n';
@@ -529,7 +531,7 @@ create_command_type(PG_FUNCTION_ARGS)
 	(void) catalog_exec("INSERT INTO cqrs.command_type"
 						" (name, aggregate_type, creates, payload_type, validator, owner)"
 						" VALUES ($1, $2, $3, CAST($4 AS pg_catalog.regtype),"
-						" CAST($5 AS pg_catalog.regprocedure), CAST($6 AS pg_catalog.regrole))",
+						" $5, CAST($6 AS pg_catalog.regrole))",
 						6, types, values, nulls);
 	PG_RETURN_VOID();
 }

@@ -887,11 +887,126 @@ cancel_order(PG_FUNCTION_ARGS)
 }
 
 /*
+ * The value of payload key "key" as a function argument: NULL when the key
+ * is missing or JSON null; otherwise it must be of JSON type "want"
+ * (jbvString: text, jbvNumeric: numeric).
+ */
+static void
+builtin_arg(FunctionCallInfo fc, int argno, Jsonb *payload, const char *key,
+			enum jbvType want, const char *type_name)
+{
+	JsonbValue *v = getKeyJsonValueFromContainer(&payload->root, key,
+												 strlen(key), NULL);
+
+	fc->args[argno].isnull = (v == NULL || v->type == jbvNull);
+	fc->args[argno].value = (Datum) 0;
+	if (fc->args[argno].isnull)
+		return;
+	if (v->type != want)
+		ereport(ERROR,
+				(errcode(ERRCODE_INVALID_PARAMETER_VALUE),
+				 errmsg("payload key \"%s\" must be a JSON %s", key,
+						want == jbvString ? "string" : "number"),
+				 errcontext("payload key \"%s\" of command type %s", key, type_name)));
+	if (want == jbvString)
+		fc->args[argno].value =
+			PointerGetDatum(cstring_to_text_with_len(v->val.string.val,
+													 v->val.string.len));
+	else
+		fc->args[argno].value = NumericGetDatum(v->val.numeric);
+}
+
+/*
+ * cqrs.submit() of a built-in orders command: the payload's keys become
+ * the arguments of cqrs.submit_order(), cqrs.ship_order() or
+ * cqrs.cancel_order(), which validate and build the command exactly as
+ * when called themselves (so a retry through either is a duplicate).  The
+ * payload may repeat the order's id as "order_id".
+ */
+static void
+build_builtin(FunctionCallInfo fcinfo, const char *type_name, CqrsCommand *cmd)
+{
+	LOCAL_FCINFO(fc, 5);
+	Jsonb	   *payload;
+	const char *const *keys;
+	static const char *const create_keys[] = {"order_id", "user_id", "amount", NULL};
+	static const char *const ship_keys[] = {"order_id", NULL};
+	static const char *const cancel_keys[] = {"order_id", "reason", NULL};
+	int			nargs;
+	JsonbIterator *it;
+	JsonbValue	v;
+	JsonbIteratorToken tok;
+	JsonbValue *given;
+
+	if (PG_ARGISNULL(2))
+		ereport(ERROR,
+				(errcode(ERRCODE_NULL_VALUE_NOT_ALLOWED),
+				 errmsg("payload must not be null")));
+	payload = PG_GETARG_JSONB_P(2);
+	if (!JB_ROOT_IS_OBJECT(payload) || JB_ROOT_IS_SCALAR(payload))
+		ereport(ERROR,
+				(errcode(ERRCODE_INVALID_PARAMETER_VALUE),
+				 errmsg("payload of command type %s must be a JSON object", type_name)));
+
+	if (strcmp(type_name, "CREATE_ORDER") == 0)
+		keys = create_keys, nargs = 5;
+	else if (strcmp(type_name, "SHIP_ORDER") == 0)
+		keys = ship_keys, nargs = 3;
+	else
+		keys = cancel_keys, nargs = 4;
+
+	it = JsonbIteratorInit(&payload->root);
+	while ((tok = JsonbIteratorNext(&it, &v, true)) != WJB_DONE)
+	{
+		bool		known = false;
+
+		if (tok != WJB_KEY)
+			continue;
+		for (int i = 0; keys[i] != NULL && !known; i++)
+			known = ((int) strlen(keys[i]) == v.val.string.len &&
+					 memcmp(keys[i], v.val.string.val, v.val.string.len) == 0);
+		if (!known)
+			ereport(ERROR,
+					(errcode(ERRCODE_INVALID_PARAMETER_VALUE),
+					 errmsg("payload key \"%.*s\" is not declared for command type %s",
+							(int) v.val.string.len, v.val.string.val, type_name)));
+	}
+	given = getKeyJsonValueFromContainer(&payload->root, "order_id", 8, NULL);
+	if (given != NULL && !PG_ARGISNULL(1) &&
+		(given->type != jbvString ||
+		 given->val.string.len != (int) VARSIZE_ANY_EXHDR(PG_GETARG_TEXT_PP(1)) ||
+		 memcmp(given->val.string.val, VARDATA_ANY(PG_GETARG_TEXT_PP(1)),
+				given->val.string.len) != 0))
+		ereport(ERROR,
+				(errcode(ERRCODE_INVALID_PARAMETER_VALUE),
+				 errmsg("payload key \"order_id\" differs from aggregate_id")));
+
+	InitFunctionCallInfoData(*fc, fcinfo->flinfo, nargs, InvalidOid, NULL, NULL);
+	fc->args[0] = fcinfo->args[1];		/* order_id */
+	fc->args[nargs - 2] = fcinfo->args[3];	/* command_id */
+	fc->args[nargs - 1] = fcinfo->args[4];	/* sequence_id */
+	if (nargs == 5)
+	{
+		builtin_arg(fc, 1, payload, "user_id", jbvString, type_name);
+		builtin_arg(fc, 2, payload, "amount", jbvNumeric, type_name);
+		build_submit(fc, cmd);
+	}
+	else if (nargs == 3)
+		build_ship(fc, cmd);
+	else
+	{
+		builtin_arg(fc, 1, payload, "reason", jbvString, type_name);
+		build_cancel(fc, cmd);
+	}
+}
+
+/*
  * cqrs.submit(command_type text, aggregate_id text, payload jsonb,
  *			   command_id uuid, sequence_id bigint) RETURNS cqrs.receipt
  *
  * A command of any declared type: its payload checked against the type's
  * payload type, then by its validator, run as the role that declared it.
+ * The built-in orders commands take the order functions' path.
  */
 static void
 build_declared(FunctionCallInfo fcinfo, CqrsCommand *cmd)
@@ -912,10 +1027,10 @@ build_declared(FunctionCallInfo fcinfo, CqrsCommand *cmd)
 				 errmsg("command type \"%s\" does not exist", type_name),
 				 errhint("cqrs.command_type lists the declared ones; cqrs.create_command_type() declares one.")));
 	if (def->builtin)
-		ereport(ERROR,
-				(errcode(ERRCODE_FEATURE_NOT_SUPPORTED),
-				 errmsg("command type \"%s\" is submitted with its own function", type_name),
-				 errhint("Use cqrs.submit_order(), cqrs.ship_order() or cqrs.cancel_order().")));
+	{
+		build_builtin(fcinfo, type_name, cmd);
+		return;
+	}
 
 	memset(cmd, 0, sizeof(CqrsCommand));
 	cmd->type = CQRS_DECLARED_COMMAND;

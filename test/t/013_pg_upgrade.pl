@@ -21,6 +21,19 @@ $old->safe_psql('postgres', q{
 	SELECT cqrs.cancel_order('up-' || i) FROM generate_series(61, 100) i;
 	SELECT cqrs.ship_order('up-200', NULL, 4);
 });
+# a declared domain (its catalog names a type and a function by OID or
+# signature, which pg_upgrade must accept and keep)
+$old->safe_psql('postgres', q{
+	CREATE TYPE up_open AS (holder text);
+	CREATE FUNCTION up_check(aggregate_id text, payload jsonb) RETURNS void
+		LANGUAGE plpgsql AS $$ BEGIN
+			IF payload->>'holder' = 'nobody' THEN RAISE EXCEPTION 'no such holder'; END IF;
+		END $$;
+	SELECT cqrs.create_aggregate_type('account');
+	SELECT cqrs.create_command_type('OPEN_ACCOUNT', 'account', true, 'up_open',
+		'up_check(text, jsonb)');
+	SELECT cqrs.submit('OPEN_ACCOUNT', 'acct-1', '{"holder": "h"}');
+});
 wait_projected($old);
 my $before = compare_model($old, 'before the upgrade');
 my $log = $old->safe_psql('postgres', q{SELECT count(*) || ' ' || max(log_id) FROM cqrs.command_log});
@@ -91,5 +104,10 @@ is($after->{parked}, 0, 'the parked command followed its predecessors');
 cmp_ok($new->safe_psql('postgres', q{SELECT max(log_id) FROM cqrs.command_log}),
 	'>', (split / /, $log)[1], 'log_ids go on after the upgraded ones');
 
+my ($rc, $out, $err) = $new->psql('postgres',
+	q{SELECT cqrs.submit('OPEN_ACCOUNT', 'acct-2', '{"holder": "nobody"}')});
+like($err, qr/no such holder/, 'the declared command type and its validator survive the upgrade');
+is($new->safe_psql('postgres', q{SELECT sequence_id FROM cqrs.submit('OPEN_ACCOUNT', 'acct-2', '{"holder": "h"}')}),
+	'1', '... and take commands');
 $new->stop;
 done_testing();
