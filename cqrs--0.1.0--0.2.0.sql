@@ -66,10 +66,11 @@ CREATE TABLE cqrs.command_type (
 	name text COLLATE pg_catalog."C" NOT NULL,
 	aggregate_type text COLLATE pg_catalog."C" NOT NULL,
 	creates boolean NOT NULL,
-	payload_type pg_catalog.regtype,
-	validator text,				-- a regprocedure, kept as its qualified
-								-- signature: pg_upgrade refuses tables with
-								-- regprocedure columns
+	-- a type and a function, kept by their qualified names and resolved
+	-- when read: pg_upgrade refuses tables with regprocedure columns, and
+	-- a type or function dropped and made again is found again
+	payload_type text,
+	validator text,
 	owner pg_catalog.regrole NOT NULL,
 	builtin boolean NOT NULL DEFAULT false,
 	created_at timestamptz NOT NULL DEFAULT pg_catalog.now(),

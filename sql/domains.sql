@@ -212,3 +212,25 @@ SELECT cqrs.create_command_type('WITHDRAW', 'account', false, NULL,
 	'regress_bank.no_round_sums(text, jsonb)');
 \echo :SQLSTATE
 RESET ROLE;
+
+-- A payload type dropped: a clear error; made again: found again.
+SET ROLE regress_dom_admin;
+CREATE TYPE regress_bank.note_payload AS (text text);
+SELECT cqrs.create_command_type('REMARK', 'account', false, 'regress_bank.note_payload');
+RESET ROLE;
+SELECT sequence_id FROM cqrs.submit('REMARK', 'acct-1', '{"text": "a"}');
+DROP TYPE regress_bank.note_payload;
+SELECT cqrs.submit('REMARK', 'acct-1', '{"text": "b"}');
+\echo :SQLSTATE
+CREATE TYPE regress_bank.note_payload AS (text text, mood text);
+SELECT sequence_id FROM cqrs.submit('REMARK', 'acct-1', '{"text": "c", "mood": "ok"}');
+-- the declaring role dropped: its validator cannot run as anyone else
+CREATE ROLE regress_dom_gone IN ROLE cqrs_admin;
+SET ROLE regress_dom_gone;
+SELECT cqrs.create_command_type('ORPHAN', 'account', false);
+RESET ROLE;
+DROP ROLE regress_dom_gone;
+SELECT cqrs.submit('ORPHAN', 'acct-1', '{}');
+\echo :SQLSTATE
+SELECT cqrs.submit('ORPHAN', 'acct-1', '{}');
+\echo :SQLSTATE

@@ -73,6 +73,14 @@ catalog_invalidate(Datum arg, Oid relid)
 	}
 }
 
+static void
+catalog_forget(Datum arg, int cacheid, uint32 hashvalue)
+{
+	if (command_types != NULL)
+		hash_destroy(command_types);
+	command_types = NULL;
+}
+
 /* The OID of cqrs.command_type (the extension may be dropped and made again). */
 static Oid
 catalog_relid(void)
@@ -82,6 +90,9 @@ catalog_relid(void)
 	if (!registered)
 	{
 		CacheRegisterRelcacheCallback(catalog_invalidate, (Datum) 0);
+		/* a payload type or validator dropped or made again */
+		CacheRegisterSyscacheCallback(TYPEOID, catalog_forget, (Datum) 0);
+		CacheRegisterSyscacheCallback(PROCOID, catalog_forget, (Datum) 0);
 		registered = true;
 	}
 	if (!OidIsValid(command_type_relid))
@@ -104,9 +115,12 @@ cqrs_command_def(const char *name)
 	static SPIPlanPtr plan = NULL;
 	static const char *sql =
 		"SELECT aggregate_type, creates, builtin,"
-		" CAST(payload_type AS pg_catalog.oid),"
-		" CAST(CAST(validator AS pg_catalog.regprocedure) AS pg_catalog.oid),"
-		" CAST(owner AS pg_catalog.oid)"
+		" CAST(pg_catalog.to_regtype(payload_type) AS pg_catalog.oid),"
+		" CAST(pg_catalog.to_regprocedure(validator) AS pg_catalog.oid),"
+		" CAST(owner AS pg_catalog.oid),"
+		" EXISTS (SELECT FROM pg_catalog.pg_roles AS r"
+		"         WHERE r.oid OPERATOR(pg_catalog.=) CAST(owner AS pg_catalog.oid)),"
+		" payload_type, validator"
 		" FROM cqrs.command_type WHERE name OPERATOR(pg_catalog.=) $1";
 	char		key[NAMEDATALEN];
 	CqrsCommandDef *def;
@@ -162,6 +176,30 @@ cqrs_command_def(const char *name)
 		d = SPI_getbinval(tup, desc, 5, &isnull);
 		def->validator = isnull ? InvalidOid : DatumGetObjectId(d);
 		def->owner = DatumGetObjectId(SPI_getbinval(tup, desc, 6, &isnull));
+		for (int c = 4; c <= 5; c++)
+		{
+			char	   *named = SPI_getvalue(tup, desc, c + 4);
+
+			(void) SPI_getbinval(tup, desc, c, &isnull);
+			if (named != NULL && isnull)
+			{
+				(void) hash_search(command_types, key, HASH_REMOVE, NULL);
+				ereport(ERROR,
+						(errcode(c == 4 ? ERRCODE_UNDEFINED_OBJECT : ERRCODE_UNDEFINED_FUNCTION),
+						 errmsg("%s %s of command type \"%s\" does not exist",
+								c == 4 ? "payload type" : "validator", named, name),
+						 errhint("Create it again, or drop the command type and declare it again.")));
+			}
+		}
+		if (!DatumGetBool(SPI_getbinval(tup, desc, 7, &isnull)))
+		{
+			/* read again next time */
+			(void) hash_search(command_types, key, HASH_REMOVE, NULL);
+			ereport(ERROR,
+					(errcode(ERRCODE_UNDEFINED_OBJECT),
+					 errmsg("the role that declared command type \"%s\" no longer exists", name),
+					 errhint("Drop the command type and declare it again as an existing role.")));
+		}
 	}
 	cqrs_spi_finish(&scope);
 	return def->exists ? def : NULL;
@@ -461,7 +499,7 @@ create_command_type(PG_FUNCTION_ARGS)
 	char	   *aggregate = catalog_name_arg(fcinfo, 1, "aggregate type name", false);
 	Oid			payload_type = PG_ARGISNULL(3) ? InvalidOid : PG_GETARG_OID(3);
 	Oid			validator = PG_ARGISNULL(4) ? InvalidOid : PG_GETARG_OID(4);
-	Oid			types[6] = {TEXTOID, TEXTOID, BOOLOID, OIDOID, TEXTOID, OIDOID};
+	Oid			types[6] = {TEXTOID, TEXTOID, BOOLOID, TEXTOID, TEXTOID, OIDOID};
 	Datum		values[6];
 	char		nulls[6] = {' ', ' ', ' ', ' ', ' ', ' '};
 
@@ -520,7 +558,8 @@ create_command_type(PG_FUNCTION_ARGS)
 	values[0] = CStringGetTextDatum(name);
 	values[1] = CStringGetTextDatum(aggregate);
 	values[2] = PG_GETARG_DATUM(2);
-	values[3] = ObjectIdGetDatum(payload_type);
+	values[3] = OidIsValid(payload_type) ?
+		CStringGetTextDatum(format_type_be_qualified(payload_type)) : (Datum) 0;
 	values[4] = OidIsValid(validator) ?
 		CStringGetTextDatum(format_procedure_qualified(validator)) : (Datum) 0;
 	values[5] = ObjectIdGetDatum(GetUserId());
@@ -530,8 +569,7 @@ create_command_type(PG_FUNCTION_ARGS)
 		nulls[4] = 'n';
 	(void) catalog_exec("INSERT INTO cqrs.command_type"
 						" (name, aggregate_type, creates, payload_type, validator, owner)"
-						" VALUES ($1, $2, $3, CAST($4 AS pg_catalog.regtype),"
-						" $5, CAST($6 AS pg_catalog.regrole))",
+						" VALUES ($1, $2, $3, $4, $5, CAST($6 AS pg_catalog.regrole))",
 						6, types, values, nulls);
 	PG_RETURN_VOID();
 }
