@@ -234,3 +234,8 @@ SELECT cqrs.submit('ORPHAN', 'acct-1', '{}');
 \echo :SQLSTATE
 SELECT cqrs.submit('ORPHAN', 'acct-1', '{}');
 \echo :SQLSTATE
+-- the declaring role lost the right to execute its validator: refused
+REVOKE EXECUTE ON FUNCTION regress_bank.no_round_sums(text, jsonb) FROM regress_dom_admin;
+ALTER FUNCTION regress_bank.no_round_sums(text, jsonb) OWNER TO CURRENT_USER;
+SELECT cqrs.submit('DEPOSIT', 'acct-1', '{"amount": 7}');
+\echo :SQLSTATE

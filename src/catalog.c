@@ -374,6 +374,12 @@ cqrs_run_validator(const CqrsCommandDef *def, text *aggregate_id,
 
 	if (!OidIsValid(def->validator))
 		return;
+	/* fmgr checks no privilege: the declaring role must still have it */
+	if (CQRS_PROC_ACLCHECK(def->validator, def->owner, ACL_EXECUTE) != ACLCHECK_OK)
+		ereport(ERROR,
+				(errcode(ERRCODE_INSUFFICIENT_PRIVILEGE),
+				 errmsg("the role that declared command type \"%s\" may no longer execute its validator %s",
+						def->name, format_procedure(def->validator))));
 	GetUserIdAndSecContext(&save_userid, &save_sec);
 	SetUserIdAndSecContext(def->owner,
 						   save_sec | SECURITY_LOCAL_USERID_CHANGE |
