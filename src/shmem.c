@@ -105,6 +105,20 @@ cqrs_set_error(const char *message)
 }
 
 /*
+ * Release cqrs_shared->mutex, held by the caller, and set the leading
+ * projector's latch, if one leads.
+ */
+static void
+shmem_release_and_wake(void)
+{
+	Latch	   *latch = cqrs_shared->leader_latch;
+
+	SpinLockRelease(&cqrs_shared->mutex);
+	if (latch != NULL)
+		SetLatch(latch);
+}
+
+/*
  * Wake the leading projector, if there is one, for a command whose commit
  * record ends at commit_end.  The projector flushes WAL up to the latest
  * such position, so a command committed with synchronous_commit = off is
@@ -113,8 +127,6 @@ cqrs_set_error(const char *message)
 void
 cqrs_wake_projector(XLogRecPtr commit_end, TimestampTz commit_time)
 {
-	Latch	   *latch;
-
 	if (cqrs_shared == NULL)
 		return;
 	SpinLockAcquire(&cqrs_shared->mutex);
@@ -122,10 +134,7 @@ cqrs_wake_projector(XLogRecPtr commit_end, TimestampTz commit_time)
 		cqrs_shared->pending_since = commit_time;
 	if (commit_end > cqrs_shared->wake_lsn)
 		cqrs_shared->wake_lsn = commit_end;
-	latch = cqrs_shared->leader_latch;
-	SpinLockRelease(&cqrs_shared->mutex);
-	if (latch != NULL)
-		SetLatch(latch);
+	shmem_release_and_wake();
 }
 
 /*
@@ -156,18 +165,13 @@ cqrs_insert_end(void)
 void
 cqrs_request_read(XLogRecPtr lsn)
 {
-	Latch	   *latch;
-
 	if (cqrs_shared == NULL)
 		return;
 	lsn = Min(lsn, cqrs_insert_end());
 	SpinLockAcquire(&cqrs_shared->mutex);
 	if (lsn > cqrs_shared->read_lsn)
 		cqrs_shared->read_lsn = lsn;
-	latch = cqrs_shared->leader_latch;
-	SpinLockRelease(&cqrs_shared->mutex);
-	if (latch != NULL)
-		SetLatch(latch);
+	shmem_release_and_wake();
 }
 
 /*
@@ -177,18 +181,13 @@ cqrs_request_read(XLogRecPtr lsn)
 void
 cqrs_control_changed(int paused)
 {
-	Latch	   *latch;
-
 	if (cqrs_shared == NULL)
 		return;
 	SpinLockAcquire(&cqrs_shared->mutex);
 	cqrs_shared->control_generation++;
 	if (paused >= 0)
 		cqrs_shared->pause_requested = (paused != 0);
-	latch = cqrs_shared->leader_latch;
-	SpinLockRelease(&cqrs_shared->mutex);
-	if (latch != NULL)
-		SetLatch(latch);
+	shmem_release_and_wake();
 }
 
 /*
