@@ -62,47 +62,25 @@ static HTAB *command_types = NULL;
 static Oid	command_type_relid = InvalidOid;
 
 static void
-catalog_invalidate(Datum arg, Oid relid)
-{
-	if (relid == InvalidOid || relid == command_type_relid)
-	{
-		if (command_types != NULL)
-			hash_destroy(command_types);
-		command_types = NULL;
-		command_type_relid = InvalidOid;
-	}
-}
-
-static void
-catalog_forget(Datum arg, int cacheid, uint32 hashvalue)
+catalog_forget(void)
 {
 	if (command_types != NULL)
 		hash_destroy(command_types);
 	command_types = NULL;
 }
 
-/* The OID of cqrs.command_type (the extension may be dropped and made again). */
-static Oid
-catalog_relid(void)
+static void
+catalog_relcache_changed(Datum arg, Oid relid)
 {
-	static bool registered = false;
+	if (relid == InvalidOid || relid == command_type_relid)
+		catalog_forget();
+}
 
-	if (!registered)
-	{
-		CacheRegisterRelcacheCallback(catalog_invalidate, (Datum) 0);
-		/* a payload type or validator dropped or made again */
-		CacheRegisterSyscacheCallback(TYPEOID, catalog_forget, (Datum) 0);
-		CacheRegisterSyscacheCallback(PROCOID, catalog_forget, (Datum) 0);
-		registered = true;
-	}
-	if (!OidIsValid(command_type_relid))
-	{
-		command_type_relid = get_relname_relid("command_type",
-											   get_namespace_oid("cqrs", false));
-		if (!OidIsValid(command_type_relid))
-			elog(ERROR, "cqrs.command_type does not exist");
-	}
-	return command_type_relid;
+/* a payload type or validator dropped or made again */
+static void
+catalog_syscache_changed(Datum arg, int cacheid, uint32 hashvalue)
+{
+	catalog_forget();
 }
 
 /*
@@ -128,10 +106,18 @@ cqrs_command_def(const char *name)
 	Oid			argtypes[1] = {TEXTOID};
 	Datum		values[1];
 	CqrsOwnerScope scope;
+	static bool registered = false;
 
 	if (strlen(name) > CATALOG_NAME_MAX)
 		return NULL;
-	(void) catalog_relid();
+	if (!registered)
+	{
+		CacheRegisterRelcacheCallback(catalog_relcache_changed, (Datum) 0);
+		CacheRegisterSyscacheCallback(TYPEOID, catalog_syscache_changed, (Datum) 0);
+		CacheRegisterSyscacheCallback(PROCOID, catalog_syscache_changed, (Datum) 0);
+		registered = true;
+	}
+	command_type_relid = cqrs_relid(CQRS_REL_COMMAND_TYPE);
 	if (command_types == NULL)
 	{
 		HASHCTL		ctl;
@@ -272,55 +258,64 @@ catalog_json_fits(JsonbValue *v, const char *kind)
 }
 
 /*
- * Check payload against the command type's composite payload type; see the
- * head of this file.
+ * Refuse a payload (a JSON object) with a key not among keys[0..nkeys):
+ * 22023, naming the key and, when there is one, the payload type.
+ */
+void
+cqrs_check_payload_keys(Jsonb *payload, const char *const *keys, int nkeys,
+						const char *type_name, Oid payload_type)
+{
+	JsonbIterator *it = JsonbIteratorInit(&payload->root);
+	JsonbValue	v;
+	JsonbIteratorToken tok;
+
+	while ((tok = JsonbIteratorNext(&it, &v, true)) != WJB_DONE)
+	{
+		bool		known = false;
+
+		if (tok != WJB_KEY)
+			continue;
+		for (int i = 0; i < nkeys && !known; i++)
+			known = ((int) strlen(keys[i]) == v.val.string.len &&
+					 memcmp(keys[i], v.val.string.val, v.val.string.len) == 0);
+		if (!known)
+			ereport(ERROR,
+					(errcode(ERRCODE_INVALID_PARAMETER_VALUE),
+					 errmsg("payload key \"%.*s\" is not declared for command type %s",
+							(int) v.val.string.len, v.val.string.val, type_name),
+					 OidIsValid(payload_type) ?
+					 errdetail("Its payload type %s has no field of that name.",
+							   format_type_be(payload_type)) : 0));
+	}
+}
+
+/*
+ * Check payload, a JSON object, against the command type's composite
+ * payload type; see the head of this file.
  */
 void
 cqrs_check_payload(const CqrsCommandDef *def, const char *type_name,
 				   Jsonb *payload)
 {
 	TupleDesc	desc;
-	JsonbIterator *it;
-	JsonbValue	v;
-	JsonbIteratorToken tok;
+	const char **keys;
+	int			nkeys = 0;
 	ErrorContextCallback errcallback;
 	const char *names[2];
 
-	if (!JB_ROOT_IS_OBJECT(payload) || JB_ROOT_IS_SCALAR(payload))
-		ereport(ERROR,
-				(errcode(ERRCODE_INVALID_PARAMETER_VALUE),
-				 errmsg("payload of command type %s must be a JSON object", type_name)));
 	if (!OidIsValid(def->payload_type))
 		return;
 
 	desc = lookup_rowtype_tupdesc(def->payload_type, -1);
-
-	/* no key the type does not declare */
-	it = JsonbIteratorInit(&payload->root);
-	while ((tok = JsonbIteratorNext(&it, &v, true)) != WJB_DONE)
+	keys = palloc(sizeof(char *) * desc->natts);
+	for (int i = 0; i < desc->natts; i++)
 	{
-		bool		known = false;
-		char	   *key;
+		Form_pg_attribute att = TupleDescAttr(desc, i);
 
-		if (tok != WJB_KEY)
-			continue;
-		key = pnstrdup(v.val.string.val, v.val.string.len);
-		for (int i = 0; i < desc->natts && !known; i++)
-		{
-			Form_pg_attribute att = TupleDescAttr(desc, i);
-
-			known = !att->attisdropped && strcmp(NameStr(att->attname), key) == 0;
-		}
-		if (!known)
-		{
-			ReleaseTupleDesc(desc);
-			ereport(ERROR,
-					(errcode(ERRCODE_INVALID_PARAMETER_VALUE),
-					 errmsg("payload key \"%s\" is not declared for command type %s", key, type_name),
-					 errdetail("Its payload type %s has no field of that name.",
-							   format_type_be(def->payload_type))));
-		}
+		if (!att->attisdropped)
+			keys[nkeys++] = NameStr(att->attname);
 	}
+	cqrs_check_payload_keys(payload, keys, nkeys, type_name, def->payload_type);
 
 	/* every field: the JSON type, then the field type's own input */
 	names[1] = type_name;
@@ -581,30 +576,51 @@ create_command_type(PG_FUNCTION_ARGS)
 }
 
 /*
+ * Drop the declared row named "name" of a catalog table: refused for a
+ * built-in one (0A000) and while in_use_sql finds a row that depends on it
+ * (2BP01, saying in_use, with a detail or a hint); 42704 when there is
+ * none.
+ */
+static void
+catalog_drop(const char *what, const char *name, const char *builtin_sql,
+			 const char *in_use_sql, const char *in_use, const char *in_use_detail,
+			 const char *in_use_hint, const char *delete_sql)
+{
+	Oid			types[1] = {TEXTOID};
+	Datum		values[1] = {CStringGetTextDatum(name)};
+
+	if (catalog_exists(builtin_sql, name))
+		ereport(ERROR,
+				(errcode(ERRCODE_FEATURE_NOT_SUPPORTED),
+				 errmsg("%s \"%s\" is built in", what, name)));
+	if (catalog_exists(in_use_sql, name))
+		ereport(ERROR,
+				(errcode(ERRCODE_DEPENDENT_OBJECTS_STILL_EXIST),
+				 errmsg("%s \"%s\" %s", what, name, in_use),
+				 in_use_detail ? errdetail("%s", in_use_detail) : 0,
+				 in_use_hint ? errhint("%s", in_use_hint) : 0));
+	if (catalog_exec(delete_sql, 1, types, values, NULL) == 0)
+		ereport(ERROR,
+				(errcode(ERRCODE_UNDEFINED_OBJECT),
+				 errmsg("%s \"%s\" does not exist", what, name)));
+}
+
+/*
  * cqrs.drop_command_type(name text) RETURNS void: only a declared type, and
  * only while no command of it is in the log (whose rows stay as they are).
  */
 Datum
 drop_command_type(PG_FUNCTION_ARGS)
 {
-	char	   *name = catalog_name_arg(fcinfo, 0, "command type name", true);
-	Oid			types[1] = {TEXTOID};
-	Datum		values[1] = {CStringGetTextDatum(name)};
-
-	if (catalog_exists("SELECT FROM cqrs.command_type WHERE name OPERATOR(pg_catalog.=) $1 AND builtin", name))
-		ereport(ERROR,
-				(errcode(ERRCODE_FEATURE_NOT_SUPPORTED),
-				 errmsg("command type \"%s\" is built in", name)));
-	if (catalog_exists("SELECT FROM cqrs.command_log WHERE command_type OPERATOR(pg_catalog.=) $1 LIMIT 1", name))
-		ereport(ERROR,
-				(errcode(ERRCODE_DEPENDENT_OBJECTS_STILL_EXIST),
-				 errmsg("command type \"%s\" has commands in the command log", name),
-				 errdetail("The log is append-only: its commands keep their type.")));
-	if (catalog_exec("DELETE FROM cqrs.command_type WHERE name OPERATOR(pg_catalog.=) $1",
-					 1, types, values, NULL) == 0)
-		ereport(ERROR,
-				(errcode(ERRCODE_UNDEFINED_OBJECT),
-				 errmsg("command type \"%s\" does not exist", name)));
+	catalog_drop("command type",
+				 catalog_name_arg(fcinfo, 0, "command type name", true),
+				 "SELECT FROM cqrs.command_type"
+				 " WHERE name OPERATOR(pg_catalog.=) $1 AND builtin",
+				 "SELECT FROM cqrs.command_log"
+				 " WHERE command_type OPERATOR(pg_catalog.=) $1 LIMIT 1",
+				 "has commands in the command log",
+				 "The log is append-only: its commands keep their type.", NULL,
+				 "DELETE FROM cqrs.command_type WHERE name OPERATOR(pg_catalog.=) $1");
 	PG_RETURN_VOID();
 }
 
@@ -615,23 +631,14 @@ drop_command_type(PG_FUNCTION_ARGS)
 Datum
 drop_aggregate_type(PG_FUNCTION_ARGS)
 {
-	char	   *name = catalog_name_arg(fcinfo, 0, "aggregate type name", false);
-	Oid			types[1] = {TEXTOID};
-	Datum		values[1] = {CStringGetTextDatum(name)};
-
-	if (catalog_exists("SELECT FROM cqrs.aggregate_type WHERE name OPERATOR(pg_catalog.=) $1 AND builtin", name))
-		ereport(ERROR,
-				(errcode(ERRCODE_FEATURE_NOT_SUPPORTED),
-				 errmsg("aggregate type \"%s\" is built in", name)));
-	if (catalog_exists("SELECT FROM cqrs.command_type WHERE aggregate_type OPERATOR(pg_catalog.=) $1 LIMIT 1", name))
-		ereport(ERROR,
-				(errcode(ERRCODE_DEPENDENT_OBJECTS_STILL_EXIST),
-				 errmsg("aggregate type \"%s\" has command types", name),
-				 errhint("Drop them with cqrs.drop_command_type() first.")));
-	if (catalog_exec("DELETE FROM cqrs.aggregate_type WHERE name OPERATOR(pg_catalog.=) $1",
-					 1, types, values, NULL) == 0)
-		ereport(ERROR,
-				(errcode(ERRCODE_UNDEFINED_OBJECT),
-				 errmsg("aggregate type \"%s\" does not exist", name)));
+	catalog_drop("aggregate type",
+				 catalog_name_arg(fcinfo, 0, "aggregate type name", false),
+				 "SELECT FROM cqrs.aggregate_type"
+				 " WHERE name OPERATOR(pg_catalog.=) $1 AND builtin",
+				 "SELECT FROM cqrs.command_type"
+				 " WHERE aggregate_type OPERATOR(pg_catalog.=) $1 LIMIT 1",
+				 "has command types", NULL,
+				 "Drop them with cqrs.drop_command_type() first.",
+				 "DELETE FROM cqrs.aggregate_type WHERE name OPERATOR(pg_catalog.=) $1");
 	PG_RETURN_VOID();
 }

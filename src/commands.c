@@ -630,40 +630,6 @@ cmd_check_lag(void)
 }
 
 /*
- * The OID of cqrs.command_log, looked up once per backend and forgotten
- * when a relcache invalidation may concern it (the extension dropped and
- * created again).
- */
-static Oid	log_relid = InvalidOid;
-
-static void
-cmd_log_invalidate(Datum arg, Oid relid)
-{
-	if (relid == InvalidOid || relid == log_relid)
-		log_relid = InvalidOid;
-}
-
-static Oid
-cmd_log_relid(void)
-{
-	static bool callback_registered = false;
-
-	if (!callback_registered)
-	{
-		CacheRegisterRelcacheCallback(cmd_log_invalidate, (Datum) 0);
-		callback_registered = true;
-	}
-	if (!OidIsValid(log_relid))
-	{
-		log_relid = get_relname_relid("command_log",
-									  get_namespace_oid("cqrs", false));
-		if (!OidIsValid(log_relid))
-			elog(ERROR, "cqrs.command_log does not exist");
-	}
-	return log_relid;
-}
-
-/*
  * Take the locks a command is appended under (see the head of this file).
  *
  * Every command locks the log in RowExclusiveLock first, as its INSERT
@@ -683,7 +649,7 @@ cmd_log_relid(void)
 static void
 cmd_lock(CqrsCommand *cmd)
 {
-	Oid			log = cmd_log_relid();
+	Oid			log = cqrs_relid(CQRS_REL_COMMAND_LOG);
 
 	LockRelationOid(log, RowExclusiveLock);
 	if (key_locked >= CQRS_KEY_LOCKED_MAX)
@@ -887,6 +853,33 @@ cancel_order(PG_FUNCTION_ARGS)
 }
 
 /*
+ * The payload argument of cqrs.submit(): not NULL (22004), at most
+ * CQRS_MAX_PAYLOAD_BYTES (54000), a JSON object (22023).
+ */
+static Jsonb *
+cmd_get_payload(FunctionCallInfo fcinfo, int argno, const char *type_name)
+{
+	Jsonb	   *payload;
+
+	if (PG_ARGISNULL(argno))
+		ereport(ERROR,
+				(errcode(ERRCODE_NULL_VALUE_NOT_ALLOWED),
+				 errmsg("payload must not be null")));
+	payload = PG_GETARG_JSONB_P(argno);
+	if (VARSIZE(payload) > CQRS_MAX_PAYLOAD_BYTES)
+		ereport(ERROR,
+				(errcode(ERRCODE_PROGRAM_LIMIT_EXCEEDED),
+				 errmsg("payload is too large"),
+				 errdetail("It is %d bytes long; the limit is %d bytes.",
+						   (int) VARSIZE(payload), CQRS_MAX_PAYLOAD_BYTES)));
+	if (!JB_ROOT_IS_OBJECT(payload) || JB_ROOT_IS_SCALAR(payload))
+		ereport(ERROR,
+				(errcode(ERRCODE_INVALID_PARAMETER_VALUE),
+				 errmsg("payload of command type %s must be a JSON object", type_name)));
+	return payload;
+}
+
+/*
  * The value of payload key "key" as a function argument: NULL when the key
  * is missing or JSON null; otherwise it must be of JSON type "want"
  * (jbvString: text, jbvNumeric: numeric).
@@ -929,48 +922,21 @@ build_builtin(FunctionCallInfo fcinfo, const char *type_name, CqrsCommand *cmd)
 	LOCAL_FCINFO(fc, 5);
 	Jsonb	   *payload;
 	const char *const *keys;
-	static const char *const create_keys[] = {"order_id", "user_id", "amount", NULL};
-	static const char *const ship_keys[] = {"order_id", NULL};
-	static const char *const cancel_keys[] = {"order_id", "reason", NULL};
+	static const char *const create_keys[] = {"order_id", "user_id", "amount"};
+	static const char *const ship_keys[] = {"order_id"};
+	static const char *const cancel_keys[] = {"order_id", "reason"};
 	int			nargs;
-	JsonbIterator *it;
-	JsonbValue	v;
-	JsonbIteratorToken tok;
 	JsonbValue *given;
 
-	if (PG_ARGISNULL(2))
-		ereport(ERROR,
-				(errcode(ERRCODE_NULL_VALUE_NOT_ALLOWED),
-				 errmsg("payload must not be null")));
-	payload = PG_GETARG_JSONB_P(2);
-	if (!JB_ROOT_IS_OBJECT(payload) || JB_ROOT_IS_SCALAR(payload))
-		ereport(ERROR,
-				(errcode(ERRCODE_INVALID_PARAMETER_VALUE),
-				 errmsg("payload of command type %s must be a JSON object", type_name)));
-
+	payload = cmd_get_payload(fcinfo, 2, type_name);
+	/* the arguments after order_id, in order; the payload may repeat it */
 	if (strcmp(type_name, "CREATE_ORDER") == 0)
 		keys = create_keys, nargs = 5;
 	else if (strcmp(type_name, "SHIP_ORDER") == 0)
 		keys = ship_keys, nargs = 3;
 	else
 		keys = cancel_keys, nargs = 4;
-
-	it = JsonbIteratorInit(&payload->root);
-	while ((tok = JsonbIteratorNext(&it, &v, true)) != WJB_DONE)
-	{
-		bool		known = false;
-
-		if (tok != WJB_KEY)
-			continue;
-		for (int i = 0; keys[i] != NULL && !known; i++)
-			known = ((int) strlen(keys[i]) == v.val.string.len &&
-					 memcmp(keys[i], v.val.string.val, v.val.string.len) == 0);
-		if (!known)
-			ereport(ERROR,
-					(errcode(ERRCODE_INVALID_PARAMETER_VALUE),
-					 errmsg("payload key \"%.*s\" is not declared for command type %s",
-							(int) v.val.string.len, v.val.string.val, type_name)));
-	}
+	cqrs_check_payload_keys(payload, keys, nargs - 2, type_name, InvalidOid);
 	given = getKeyJsonValueFromContainer(&payload->root, "order_id", 8, NULL);
 	if (given != NULL && !PG_ARGISNULL(1) &&
 		(given->type != jbvString ||
@@ -1040,17 +1006,7 @@ build_declared(FunctionCallInfo fcinfo, CqrsCommand *cmd)
 	cmd->order_id = cmd_get_id(fcinfo, 1, "aggregate_id");
 	cmd_init_common(cmd, fcinfo, 3, 4);
 
-	if (PG_ARGISNULL(2))
-		ereport(ERROR,
-				(errcode(ERRCODE_NULL_VALUE_NOT_ALLOWED),
-				 errmsg("payload must not be null")));
-	payload = PG_GETARG_JSONB_P(2);
-	if (VARSIZE(payload) > CQRS_MAX_PAYLOAD_BYTES)
-		ereport(ERROR,
-				(errcode(ERRCODE_PROGRAM_LIMIT_EXCEEDED),
-				 errmsg("payload is too large"),
-				 errdetail("It is %d bytes long; the limit is %d bytes.",
-						   (int) VARSIZE(payload), CQRS_MAX_PAYLOAD_BYTES)));
+	payload = cmd_get_payload(fcinfo, 2, type_name);
 	cqrs_check_payload(def, cmd->type_name, payload);
 	cqrs_run_validator(def, cmd->order_id, payload);
 	cmd->payload = payload;

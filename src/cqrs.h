@@ -159,6 +159,9 @@ typedef struct CqrsCommandDef
 } CqrsCommandDef;
 
 extern const CqrsCommandDef *cqrs_command_def(const char *name);
+extern void cqrs_check_payload_keys(Jsonb *payload, const char *const *keys,
+									int nkeys, const char *type_name,
+									Oid payload_type);
 extern void cqrs_check_payload(const CqrsCommandDef *def, const char *type_name,
 							   Jsonb *payload);
 extern void cqrs_run_validator(const CqrsCommandDef *def, text *aggregate_id,
@@ -273,6 +276,15 @@ typedef struct CqrsOwnerScope
 } CqrsOwnerScope;
 
 extern void cqrs_spi_connect_as_owner(CqrsOwnerScope *scope);
+
+/* spi.c: relations looked up once per process */
+typedef enum CqrsRelation
+{
+	CQRS_REL_COMMAND_LOG,
+	CQRS_REL_COMMAND_TYPE,
+	CQRS_RELATIONS
+} CqrsRelation;
+extern Oid	cqrs_relid(CqrsRelation rel);
 extern void cqrs_spi_finish(CqrsOwnerScope *scope);
 extern char *cqrs_spi_text(HeapTuple tuple, TupleDesc desc, int col);
 extern uint64 cqrs_exec(struct _SPI_plan *plan, Datum *values,

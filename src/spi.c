@@ -24,6 +24,7 @@
 #include "miscadmin.h"
 #include "utils/builtins.h"
 #include "utils/lsyscache.h"
+#include "utils/inval.h"
 #include "utils/resowner.h"
 #include "utils/syscache.h"
 
@@ -50,6 +51,60 @@ cqrs_keep_plan(SPIPlanPtr *cache, const char *sql, int nargs, Oid *argtypes)
 }
 
 /*
+ * OIDs of the extension's relations this process has looked up, and the
+ * owner of the log, forgotten when a relcache invalidation may concern
+ * them (the extension dropped and created again, an owner changed).
+ */
+static const char *const relation_names[CQRS_RELATIONS] = {
+	[CQRS_REL_COMMAND_LOG] = "command_log",
+	[CQRS_REL_COMMAND_TYPE] = "command_type",
+};
+static Oid	relation_oids[CQRS_RELATIONS];
+static Oid	log_owner = InvalidOid;
+
+static void
+spi_relation_invalidate(Datum arg, Oid relid)
+{
+	for (int i = 0; i < CQRS_RELATIONS; i++)
+	{
+		if (relid == InvalidOid || relid == relation_oids[i])
+		{
+			if (i == CQRS_REL_COMMAND_LOG)
+				log_owner = InvalidOid;
+			relation_oids[i] = InvalidOid;
+		}
+	}
+}
+
+/*
+ * The OID of one of the extension's relations; ERROR when it is missing.
+ */
+Oid
+cqrs_relid(CqrsRelation rel)
+{
+	static bool registered = false;
+
+	if (!registered)
+	{
+		CacheRegisterRelcacheCallback(spi_relation_invalidate, (Datum) 0);
+		registered = true;
+	}
+	if (!OidIsValid(relation_oids[rel]))
+	{
+		Oid			relid = get_relname_relid(relation_names[rel],
+											  get_namespace_oid("cqrs", false));
+
+		if (!OidIsValid(relid))
+			ereport(ERROR,
+					(errcode(ERRCODE_UNDEFINED_TABLE),
+					 errmsg("relation \"cqrs.%s\" does not exist",
+							relation_names[rel])));
+		relation_oids[rel] = relid;
+	}
+	return relation_oids[rel];
+}
+
+/*
  * Connect to SPI as the owner of cqrs.command_log, who owns every object
  * of the extension: the command functions append, and the administration
  * functions read and repair, as that owner (as RI triggers run as the
@@ -60,24 +115,19 @@ cqrs_keep_plan(SPIPlanPtr *cache, const char *sql, int nargs, Oid *argtypes)
 void
 cqrs_spi_connect_as_owner(CqrsOwnerScope *scope)
 {
-	Oid			nspid = get_namespace_oid("cqrs", false);
-	Oid			relid = get_relname_relid("command_log", nspid);
-	HeapTuple	tuple;
-	Oid			owner;
+	if (!OidIsValid(log_owner))
+	{
+		Oid			relid = cqrs_relid(CQRS_REL_COMMAND_LOG);
+		HeapTuple	tuple = SearchSysCache1(RELOID, ObjectIdGetDatum(relid));
 
-	if (!OidIsValid(relid))
-		ereport(ERROR,
-				(errcode(ERRCODE_UNDEFINED_TABLE),
-				 errmsg("relation \"cqrs.command_log\" does not exist")));
-
-	tuple = SearchSysCache1(RELOID, ObjectIdGetDatum(relid));
-	if (!HeapTupleIsValid(tuple))
-		elog(ERROR, "cache lookup failed for relation %u", relid);
-	owner = ((Form_pg_class) GETSTRUCT(tuple))->relowner;
-	ReleaseSysCache(tuple);
+		if (!HeapTupleIsValid(tuple))
+			elog(ERROR, "cache lookup failed for relation %u", relid);
+		log_owner = ((Form_pg_class) GETSTRUCT(tuple))->relowner;
+		ReleaseSysCache(tuple);
+	}
 
 	GetUserIdAndSecContext(&scope->save_userid, &scope->save_sec_context);
-	SetUserIdAndSecContext(owner,
+	SetUserIdAndSecContext(log_owner,
 						   scope->save_sec_context |
 						   SECURITY_LOCAL_USERID_CHANGE |
 						   SECURITY_NOFORCE_RLS);
