@@ -239,3 +239,9 @@ REVOKE EXECUTE ON FUNCTION regress_bank.no_round_sums(text, jsonb) FROM regress_
 ALTER FUNCTION regress_bank.no_round_sums(text, jsonb) OWNER TO CURRENT_USER;
 SELECT cqrs.submit('DEPOSIT', 'acct-1', '{"amount": 7}');
 \echo :SQLSTATE
+-- a payload over 64 kB, and a validator dropped
+SELECT cqrs.submit('NOTE', 'acct-1', jsonb_build_object('text', repeat('x', 70000)));
+\echo :SQLSTATE
+DROP FUNCTION regress_bank.no_round_sums(text, jsonb);
+SELECT cqrs.submit('DEPOSIT', 'acct-1', '{"amount": 7}');
+\echo :SQLSTATE

@@ -58,18 +58,8 @@ compare_model($node, 'after commands on the updated installation');
 
 # A declared domain: its definitions (not the built-in ones) go into the
 # dump with the payload type and validator they name.
-sql(q{
-	CREATE SCHEMA bank;
-	CREATE TYPE bank.open AS (holder text);
-	CREATE FUNCTION bank.check_open(aggregate_id text, payload jsonb) RETURNS void
-		LANGUAGE plpgsql AS $$ BEGIN
-			IF payload->>'holder' = 'nobody' THEN RAISE EXCEPTION 'no such holder'; END IF;
-		END $$;
-	SELECT cqrs.create_aggregate_type('account');
-	SELECT cqrs.create_command_type('OPEN_ACCOUNT', 'account', true, 'bank.open',
-		'bank.check_open(text, jsonb)');
-	SELECT cqrs.submit('OPEN_ACCOUNT', 'acct-' || i, '{"holder": "h"}') FROM generate_series(1, 20) i;
-});
+declare_accounts($node);
+sql(q{SELECT cqrs.submit('OPEN_ACCOUNT', 'acct-' || i, '{"holder": "h"}') FROM generate_series(1, 20) i});
 my $types = sql(q{SELECT string_agg(concat_ws(',', name, aggregate_type, creates, payload_type,
 	validator, owner, builtin), ' ' ORDER BY name) FROM cqrs.command_type});
 

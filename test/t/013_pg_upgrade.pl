@@ -23,17 +23,8 @@ $old->safe_psql('postgres', q{
 });
 # a declared domain (its catalog names a type and a function by OID or
 # signature, which pg_upgrade must accept and keep)
-$old->safe_psql('postgres', q{
-	CREATE TYPE up_open AS (holder text);
-	CREATE FUNCTION up_check(aggregate_id text, payload jsonb) RETURNS void
-		LANGUAGE plpgsql AS $$ BEGIN
-			IF payload->>'holder' = 'nobody' THEN RAISE EXCEPTION 'no such holder'; END IF;
-		END $$;
-	SELECT cqrs.create_aggregate_type('account');
-	SELECT cqrs.create_command_type('OPEN_ACCOUNT', 'account', true, 'up_open',
-		'up_check(text, jsonb)');
-	SELECT cqrs.submit('OPEN_ACCOUNT', 'acct-1', '{"holder": "h"}');
-});
+declare_accounts($old);
+$old->safe_psql('postgres', q{SELECT cqrs.submit('OPEN_ACCOUNT', 'acct-1', '{"holder": "h"}')});
 wait_projected($old);
 my $before = compare_model($old, 'before the upgrade');
 my $log = $old->safe_psql('postgres', q{SELECT count(*) || ' ' || max(log_id) FROM cqrs.command_log});

@@ -14,7 +14,7 @@ use Test::More;
 use Time::HiRes;
 
 our @EXPORT = qw(cqrs_node wait_projected expected_model compare_model
-  start_load finish_load);
+  start_load finish_load declare_accounts);
 
 # A started node with cqrs preloaded and the extension created; options:
 # conf (postgresql.conf lines), initdb (extra initdb arguments).
@@ -54,6 +54,26 @@ sub wait_projected
 	}
 	die "the projector did not reach $lsn: "
 	  . $node->safe_psql('postgres', 'SELECT * FROM cqrs.status');
+}
+
+# Declare a domain the tests of backups and upgrades carry over: aggregate
+# type "account", command type OPEN_ACCOUNT whose payload type bank.open
+# and validator bank.check_open (refusing the holder "nobody") a restored
+# or upgraded server must still find.
+sub declare_accounts
+{
+	my ($node) = @_;
+	$node->safe_psql('postgres', q{
+		CREATE SCHEMA bank;
+		CREATE TYPE bank.open AS (holder text);
+		CREATE FUNCTION bank.check_open(aggregate_id text, payload jsonb) RETURNS void
+			LANGUAGE plpgsql AS $$ BEGIN
+				IF payload->>'holder' = 'nobody' THEN RAISE EXCEPTION 'no such holder'; END IF;
+			END $$;
+		SELECT cqrs.create_aggregate_type('account');
+		SELECT cqrs.create_command_type('OPEN_ACCOUNT', 'account', true, 'bank.open',
+			'bank.check_open(text, jsonb)');
+	});
 }
 
 # Fold the log: { orders => {id => [user, amount, status, version]},
