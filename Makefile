@@ -11,6 +11,7 @@ OBJS = \
 	src/shmem.o \
 	src/decoder.o \
 	src/projector.o \
+	src/projection.o \
 	src/worker.o \
 	src/admin.o \
 	src/repair.o \
@@ -33,7 +34,7 @@ PG_CFLAGS = -Wall -Wextra -Wno-unused-parameter $(CQRS_CFLAGS)
 
 # pg_regress: SQL behaviour of the command path.
 REGRESS = setup uuidv7 submit ship_cancel validation append_only privileges \
-	search_path operate decoder domains
+	search_path operate decoder domains projections
 REGRESS_OPTS = --temp-config=$(srcdir)/test/cqrs.conf \
 	--temp-instance=./tmp_check_regress --port=54391
 

@@ -164,3 +164,117 @@ GRANT EXECUTE ON FUNCTION cqrs.create_aggregate_type(text),
 	cqrs.create_command_type(text, text, boolean, pg_catalog.regtype, pg_catalog.regprocedure),
 	cqrs.drop_command_type(text), cqrs.drop_aggregate_type(text) TO cqrs_admin;
 GRANT EXECUTE ON FUNCTION cqrs.submit(text, text, jsonb, uuid, bigint) TO cqrs_writer;
+
+-- Declared projections.  A projection folds the commands of one aggregate
+-- type into a table of its own, one row per aggregate keyed by the
+-- aggregate id, with an apply function (state, command) RETURNS state
+-- called for each command in sequence order, as the role that declared
+-- it.  The built-in orders projection (cqrs.read_model) is listed too; its
+-- apply function is compiled into the projector.
+CREATE TABLE cqrs.projection (
+	name text COLLATE pg_catalog."C" NOT NULL,
+	aggregate_type text COLLATE pg_catalog."C" NOT NULL,
+	-- qualified names, resolved when read (as in cqrs.command_type)
+	target text NOT NULL,
+	key_column name NOT NULL,
+	apply_function text,
+	owner pg_catalog.regrole NOT NULL,
+	builtin boolean NOT NULL DEFAULT false,
+	created_at timestamptz NOT NULL DEFAULT pg_catalog.now(),
+	CONSTRAINT projection_pkey PRIMARY KEY (name),
+	CONSTRAINT projection_apply_check CHECK (builtin OR apply_function IS NOT NULL)
+);
+COMMENT ON TABLE cqrs.projection IS
+	'Projections the projector maintains: the aggregate type each follows, its target table and key column, and the apply function folded over each aggregate''s commands; written by cqrs.create_projection() and cqrs.drop_projection()';
+
+-- How far each declared projection has applied each aggregate's commands:
+-- kept apart from the target table, so that an apply function returning
+-- NULL (the row deleted) keeps its aggregate's place in the sequence.
+CREATE TABLE cqrs.projection_version (
+	projection text COLLATE pg_catalog."C" NOT NULL,
+	aggregate_id text COLLATE pg_catalog."C" NOT NULL,
+	version bigint NOT NULL,
+	CONSTRAINT projection_version_pkey PRIMARY KEY (projection, aggregate_id)
+);
+COMMENT ON TABLE cqrs.projection_version IS
+	'The sequence_id up to which each declared projection has applied each aggregate''s commands';
+
+INSERT INTO cqrs.projection (name, aggregate_type, target, key_column, owner, builtin)
+	VALUES ('orders', 'order', 'cqrs.read_model', 'order_id',
+			CAST(CAST(CURRENT_USER AS text) AS pg_catalog.regrole), true);
+
+-- A declared projection's table is the user's, and pg_dump dumps it: its
+-- versions must come along, consistent with it (one snapshot).
+SELECT pg_catalog.pg_extension_config_dump('cqrs.projection', 'WHERE NOT builtin');
+SELECT pg_catalog.pg_extension_config_dump('cqrs.projection_version', '');
+
+COMMENT ON FUNCTION cqrs.command_type_changed() IS
+	'Trigger making every backend read the definitions in the table it is on again, at commit';
+CREATE TRIGGER projection_changed
+	AFTER INSERT OR UPDATE OR DELETE OR TRUNCATE ON cqrs.projection
+	FOR EACH STATEMENT EXECUTE FUNCTION cqrs.command_type_changed();
+
+-- What a declared projection's apply function gets: the command's
+-- created_at, for a parked command too.
+ALTER TABLE cqrs.parked ADD COLUMN created_at timestamptz;
+
+-- Which projection refused a command, and with which SQLSTATE.
+ALTER TABLE cqrs.dead_letter ADD COLUMN projection text,
+	ADD COLUMN sqlstate text;
+COMMENT ON COLUMN cqrs.dead_letter.projection IS
+	'The declared projection whose apply function or table refused the command; NULL for the built-in orders projection';
+COMMENT ON COLUMN cqrs.dead_letter.sqlstate IS
+	'SQLSTATE of the error that refused the command; NULL for a rule of the built-in orders projection';
+
+CREATE FUNCTION cqrs.create_projection(name text, aggregate_type text,
+		target pg_catalog.regclass, key_column name,
+		apply_function pg_catalog.regprocedure)
+RETURNS bigint
+AS 'MODULE_PATHNAME', 'create_projection'
+LANGUAGE C;
+COMMENT ON FUNCTION cqrs.create_projection(text, text, pg_catalog.regclass, name, pg_catalog.regprocedure) IS
+	'Declare a projection of an aggregate type into a table, owned by the calling role, and fill the table from the whole command log; returns the number of commands folded';
+
+CREATE FUNCTION cqrs.drop_projection(name text)
+RETURNS void
+AS 'MODULE_PATHNAME', 'drop_projection'
+LANGUAGE C;
+COMMENT ON FUNCTION cqrs.drop_projection(text) IS
+	'Stop maintaining a declared projection; its table and rows stay, its versions and dead letters go';
+
+CREATE FUNCTION cqrs.rebuild(projection text)
+RETURNS bigint
+AS 'MODULE_PATHNAME', 'rebuild_projection'
+LANGUAGE C;
+COMMENT ON FUNCTION cqrs.rebuild(text) IS
+	'Replay the command log into one projection''s table in one transaction; returns the number of commands replayed';
+
+CREATE FUNCTION cqrs.verify(projection text)
+RETURNS TABLE (aggregate_id text, expected text, actual text)
+AS 'MODULE_PATHNAME', 'verify_projection'
+LANGUAGE C;
+COMMENT ON FUNCTION cqrs.verify(text) IS
+	'Aggregates whose row in a projection''s table differs from the fold of the command log (as text, NULL for no row); no rows means consistent';
+
+CREATE VIEW cqrs.projections AS
+	SELECT p.name, p.aggregate_type, p.target, p.key_column, p.apply_function,
+		   p.owner, p.builtin,
+		   CASE WHEN p.builtin
+				THEN (SELECT pg_catalog.count(*) FROM cqrs.read_model)
+				ELSE (SELECT pg_catalog.count(*) FROM cqrs.projection_version AS v
+					  WHERE v.projection OPERATOR(pg_catalog.=) p.name)
+		   END AS aggregates,
+		   (SELECT pg_catalog.count(*) FROM cqrs.dead_letter AS d
+			WHERE d.projection OPERATOR(pg_catalog.=) p.name
+			   OR (p.builtin AND d.projection IS NULL)) AS dead_letters
+	FROM cqrs.projection AS p;
+COMMENT ON VIEW cqrs.projections IS
+	'Every projection, with how many aggregates it has folded and how many of its commands are dead-lettered';
+
+REVOKE ALL ON cqrs.projection, cqrs.projection_version, cqrs.projections FROM PUBLIC;
+REVOKE ALL ON FUNCTION cqrs.create_projection(text, text, pg_catalog.regclass, name, pg_catalog.regprocedure),
+	cqrs.drop_projection(text), cqrs.rebuild(text), cqrs.verify(text) FROM PUBLIC;
+GRANT SELECT ON cqrs.projection, cqrs.projection_version, cqrs.projections TO cqrs_admin;
+GRANT SELECT ON cqrs.projection, cqrs.projections TO cqrs_reader;
+GRANT EXECUTE ON FUNCTION cqrs.create_projection(text, text, pg_catalog.regclass, name, pg_catalog.regprocedure),
+	cqrs.drop_projection(text), cqrs.rebuild(text), cqrs.verify(text) TO cqrs_admin;

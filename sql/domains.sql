@@ -185,9 +185,8 @@ RESET ROLE;
 SELECT cqrs.submit('FREEZE', 'acct-1', '{}');
 \echo :SQLSTATE
 
--- wait_for has no projection to wait on for these yet
+-- No projection follows these: processed as soon as logged.
 SELECT cqrs.wait_for('e0000000-0000-4000-8000-000000000001', '1 s');
-\echo :SQLSTATE
 
 -- A validator runs as the (non-superuser) role that declared it, also
 -- when a superuser submits: it gains no right of the caller's.

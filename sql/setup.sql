@@ -55,7 +55,7 @@ SELECT 'type', typname FROM pg_type,
 SELECT proname, l.lanname, prosecdef, prosqlbody IS NOT NULL AS atomic_body,
        proconfig
   FROM pg_proc p JOIN pg_language l ON l.oid = p.prolang
- WHERE pronamespace = 'cqrs'::regnamespace ORDER BY 1;
+ WHERE pronamespace = 'cqrs'::regnamespace ORDER BY 1, 2;
 
 -- A schema named cqrs that already exists is never adopted.
 DROP EXTENSION cqrs;

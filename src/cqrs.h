@@ -16,6 +16,7 @@
 #include "storage/condition_variable.h"
 #include "storage/latch.h"
 #include "storage/spin.h"
+#include "nodes/pg_list.h"
 #include "utils/guc.h"
 #include "utils/jsonb.h"
 #include "utils/uuid.h"
@@ -190,6 +191,7 @@ typedef struct CqrsRecord
 	int64		sequence_id;
 	Jsonb	   *payload;
 	char	   *traceparent;	/* W3C trace context, or NULL */
+	TimestampTz created_at;		/* as in the log */
 	XLogRecPtr	commit_lsn;		/* end of the commit record */
 	TimestampTz commit_time;
 } CqrsRecord;
@@ -221,6 +223,8 @@ extern void cqrs_queue_reset(CqrsQueue *queue);
 extern int	cqrs_queue_unspill(CqrsQueue *queue, CqrsRecord *records, int max);
 
 /* projector.c */
+struct _SPI_plan;
+
 typedef struct CqrsApplyStats
 {
 	int64		applied;		/* commands that changed or dead-lettered an order */
@@ -231,6 +235,46 @@ typedef struct CqrsApplyStats
 	int64		poisoned;		/* failed on their own (a subset of dead) */
 } CqrsApplyStats;
 
+/*
+ * The array parameters of one set-based statement, filled row by row:
+ * column c of the statement is the array of values[c].
+ */
+#define CQRS_BATCH_MAX_COLS 10
+
+typedef struct CqrsBatch
+{
+	int			ncols;
+	int			nrows;
+	int			capacity;
+	Oid			types[CQRS_BATCH_MAX_COLS];	/* element types */
+	Datum	   *values[CQRS_BATCH_MAX_COLS];
+	bool	   *nulls[CQRS_BATCH_MAX_COLS];
+} CqrsBatch;
+
+extern void cqrs_batch_init(CqrsBatch *b, int capacity, int ncols,
+							const Oid *types);
+extern void cqrs_batch_grow(CqrsBatch *b);
+extern void cqrs_batch_put(CqrsBatch *b, int c, Datum value);
+extern void cqrs_batch_put_text(CqrsBatch *b, int c, const char *s);
+extern uint64 cqrs_batch_exec(CqrsBatch *b, struct _SPI_plan **plan,
+							  const char *sql, int expected);
+extern Datum cqrs_array(Datum *elems, bool *nulls, int n, Oid elemtype);
+
+/* A dead letter to write. */
+typedef struct CqrsDeadLetter
+{
+	CqrsRecord *rec;
+	char	   *reason;
+	char	   *projection;		/* a declared projection, or NULL */
+	char	   *sqlstate;		/* of the error that refused it, or NULL */
+} CqrsDeadLetter;
+
+extern int64 cqrs_write_dead(List *dead);
+extern List *cqrs_parked_load(Datum aggregate_ids);
+extern void cqrs_parked_store(CqrsBatch *park);
+extern void cqrs_parked_remove(CqrsBatch *unpark);
+extern void cqrs_parked_put(CqrsBatch *park, CqrsRecord *rec, int64 waiting_for);
+extern void cqrs_unpark_put(CqrsBatch *unpark, CqrsRecord *rec);
 extern bool cqrs_is_order_command(const char *type);
 extern void cqrs_project(CqrsRecord *records, int nrecords,
 						 CqrsApplyStats *stats);
@@ -239,10 +283,18 @@ extern void cqrs_project_forget(void);
 extern void cqrs_save_offset(const char *slot_name, XLogRecPtr lsn);
 extern XLogRecPtr cqrs_load_offset(const char *slot_name);
 extern int64 cqrs_project_log(CqrsApplyStats *stats);
+typedef void (*CqrsFoldFn) (CqrsRecord *records, int n, void *arg);
+extern int64 cqrs_scan_log(const char *sql, int nargs, Oid *argtypes,
+						   Datum *values, bool whole_aggregates,
+						   CqrsFoldFn fold, void *arg);
 extern void cqrs_project_rebuild_mode(bool on);
 extern void cqrs_project_rebuild_prune(void);
 extern bool cqrs_blames_command(int sqlerrcode);
 extern bool cqrs_lock_projection(bool wait);
+
+/* projection.c */
+extern void cqrs_project_declared(CqrsRecord *records, int n,
+								  CqrsApplyStats *stats);
 
 /* redis.c */
 extern bool cqrs_redis_check_url(char **newval, void **extra, GucSource source);
@@ -267,7 +319,6 @@ extern void cqrs_redis_backlog_failed(void);
 extern PGDLLEXPORT void cqrs_worker_main(Datum main_arg);
 
 /* spi.c */
-struct _SPI_plan;
 
 typedef struct CqrsOwnerScope
 {
@@ -282,9 +333,13 @@ typedef enum CqrsRelation
 {
 	CQRS_REL_COMMAND_LOG,
 	CQRS_REL_COMMAND_TYPE,
+	CQRS_REL_PROJECTION,
+	CQRS_REL_PARKED,
 	CQRS_RELATIONS
 } CqrsRelation;
 extern Oid	cqrs_relid(CqrsRelation rel);
+extern Oid	cqrs_relid_cached(CqrsRelation rel);
+extern bool cqrs_schema_020(void);
 extern void cqrs_spi_finish(CqrsOwnerScope *scope);
 extern char *cqrs_spi_text(HeapTuple tuple, TupleDesc desc, int col);
 extern uint64 cqrs_exec(struct _SPI_plan *plan, Datum *values,

@@ -36,6 +36,7 @@
 #include "utils/lsyscache.h"
 #include "utils/memutils.h"
 #include "utils/rel.h"
+#include "utils/timestamp.h"
 
 #include "cqrs.h"
 
@@ -53,12 +54,13 @@ enum
 	COL_SEQUENCE_ID,
 	COL_PAYLOAD,
 	COL_TRACEPARENT,
+	COL_CREATED_AT,
 	NUM_COLS
 };
 
 static const char *const col_names[NUM_COLS] = {
 	"log_id", "command_id", "command_type", "aggregate_id", "sequence_id",
-	"payload", "traceparent"
+	"payload", "traceparent", "created_at"
 };
 
 typedef struct CqrsDecodingState
@@ -80,6 +82,7 @@ typedef struct CqrsSpilled
 	int64		log_id;
 	pg_uuid_t	command_id;
 	int64		sequence_id;
+	TimestampTz created_at;
 	int32		len[4];
 } CqrsSpilled;
 
@@ -248,6 +251,8 @@ decoder_spill(CqrsDecodingState *state, HeapTuple tuple, TupleDesc desc)
 		memcpy(&hdr.command_id, DatumGetUUIDP(d), sizeof(pg_uuid_t));
 	d = decoder_column(state, tuple, desc, COL_SEQUENCE_ID, &isnull);
 	hdr.sequence_id = isnull ? 0 : DatumGetInt64(d);
+	d = decoder_column(state, tuple, desc, COL_CREATED_AT, &isnull);
+	hdr.created_at = isnull ? 0 : DatumGetTimestampTz(d);
 
 	for (int i = 0; i < 4; i++)
 	{
@@ -324,6 +329,7 @@ cqrs_queue_unspill(CqrsQueue *queue, CqrsRecord *records, int max)
 		rec->log_id = hdr.log_id;
 		rec->command_id = hdr.command_id;
 		rec->sequence_id = hdr.sequence_id;
+		rec->created_at = hdr.created_at;
 		rec->command_type = data[0];
 		rec->aggregate_id = data[1];
 		rec->traceparent = data[2];
@@ -387,6 +393,8 @@ decoder_enqueue(CqrsDecodingState *state, HeapTuple tuple, TupleDesc desc)
 	d = decoder_column(state, tuple, desc, COL_PAYLOAD, &isnull);
 	rec->payload = isnull ? NULL : DatumGetJsonbPCopy(d);
 	rec->traceparent = decoder_text(state, tuple, desc, COL_TRACEPARENT);
+	d = decoder_column(state, tuple, desc, COL_CREATED_AT, &isnull);
+	rec->created_at = isnull ? 0 : DatumGetTimestampTz(d);
 
 	MemoryContextSwitchTo(old);
 }

@@ -45,12 +45,14 @@
 #include "utils/builtins.h"
 #include "utils/datum.h"
 #include "utils/hsearch.h"
+#include "utils/inval.h"
 #include "utils/jsonb.h"
 #include "utils/lsyscache.h"
 #include "utils/memutils.h"
 #include "utils/numeric.h"
 #include "utils/pg_lsn.h"
 #include "utils/resowner.h"
+#include "utils/timestamp.h"
 
 #include "cqrs.h"
 
@@ -91,30 +93,23 @@ typedef struct ParkedCommand
 	bool		drained;		/* applied in this batch */
 } ParkedCommand;
 
-/* A dead letter to write. */
-typedef struct DeadLetter
-{
-	CqrsRecord *rec;
-	char	   *reason;
-} DeadLetter;
-
 /* Everything one fold produces. */
 typedef struct FoldResult
 {
 	HTAB	   *orders;
-	List	   *dead;			/* DeadLetter * */
+	List	   *dead;			/* CqrsDeadLetter * */
 	CqrsApplyStats stats;
 } FoldResult;
 
 /* Kept plans, prepared on first use. */
 static SPIPlanPtr load_rows_plan = NULL;
-static SPIPlanPtr load_parked_plan = NULL;
+static SPIPlanPtr load_parked_plan[2];	/* by cqrs_schema_020() */
 static SPIPlanPtr parked_exists_plan = NULL;
 static SPIPlanPtr insert_plan = NULL;
 static SPIPlanPtr update_plan = NULL;
-static SPIPlanPtr park_plan = NULL;
+static SPIPlanPtr park_plan[2];
 static SPIPlanPtr unpark_plan = NULL;
-static SPIPlanPtr dead_plan = NULL;
+static SPIPlanPtr dead_plan[2];
 static SPIPlanPtr bump_plan = NULL;
 static SPIPlanPtr offset_plan = NULL;
 static SPIPlanPtr load_offset_plan = NULL;
@@ -179,8 +174,8 @@ projector_error_context(void *arg)
 /*
  * Build a one-dimensional array of n datums of type elemtype.
  */
-static Datum
-projector_array(Datum *elems, bool *nulls, int n, Oid elemtype)
+Datum
+cqrs_array(Datum *elems, bool *nulls, int n, Oid elemtype)
 {
 	int16		typlen;
 	bool		typbyval;
@@ -241,7 +236,7 @@ projector_order_keys(HTAB *orders, int norders, bool lookup_only, int *nkeys)
 			keys[n++] = CStringGetTextDatum(o->order_id);
 	}
 	*nkeys = n;
-	return projector_array(keys, NULL, n, TEXTOID);
+	return cqrs_array(keys, NULL, n, TEXTOID);
 }
 
 /*
@@ -301,31 +296,33 @@ projector_load_rows(HTAB *orders, int norders)
 }
 
 /*
- * Load the parked commands of every order in the hash table.
+ * The parked commands of the aggregates whose ids are in the text[]
+ * aggregate_ids, as CqrsRecord *, by aggregate and sequence.
  */
-static void
-projector_load_parked(HTAB *orders, int norders)
+List *
+cqrs_parked_load(Datum aggregate_ids)
 {
-	static const char *sql =
+	static const char *const sql[2] = {
 		"SELECT aggregate_id, sequence_id, command_id, log_id, command_type,"
-		" payload, traceparent FROM cqrs.parked"
+		" payload, traceparent, NULL::pg_catalog.timestamptz FROM cqrs.parked"
 		" WHERE aggregate_id OPERATOR(pg_catalog.=) ANY ($1)"
-		" ORDER BY aggregate_id, sequence_id";
+		" ORDER BY aggregate_id, sequence_id",
+		"SELECT aggregate_id, sequence_id, command_id, log_id, command_type,"
+		" payload, traceparent, created_at FROM cqrs.parked"
+		" WHERE aggregate_id OPERATOR(pg_catalog.=) ANY ($1)"
+		" ORDER BY aggregate_id, sequence_id"};
+	int			v = cqrs_schema_020() ? 1 : 0;
 	Oid			argtypes[1] = {TEXTARRAYOID};
-	Datum		values[1];
-	OrderState *o;
-	int			nkeys;
+	List	   *parked = NIL;
 
-	values[0] = projector_order_keys(orders, norders, false, &nkeys);
-	(void) cqrs_exec(cqrs_keep_plan(&load_parked_plan, sql, 1, argtypes),
-						 values, NULL, 0, SPI_OK_SELECT);
+	(void) cqrs_exec(cqrs_keep_plan(&load_parked_plan[v], sql[v], 1, argtypes),
+					 &aggregate_ids, NULL, 0, SPI_OK_SELECT);
 
 	for (uint64 i = 0; i < SPI_processed; i++)
 	{
 		HeapTuple	tup = SPI_tuptable->vals[i];
 		TupleDesc	desc = SPI_tuptable->tupdesc;
 		CqrsRecord *rec = palloc0(sizeof(CqrsRecord));
-		ParkedCommand *pc = palloc0(sizeof(ParkedCommand));
 		bool		isnull;
 		Datum		d;
 
@@ -340,14 +337,124 @@ projector_load_parked(HTAB *orders, int norders)
 		d = SPI_getbinval(tup, desc, 6, &isnull);
 		rec->payload = isnull ? NULL : DatumGetJsonbPCopy(d);
 		rec->traceparent = cqrs_spi_text(tup, desc, 7);
+		d = SPI_getbinval(tup, desc, 8, &isnull);
+		rec->created_at = isnull ? 0 : DatumGetTimestampTz(d);
+		parked = lappend(parked, rec);
+	}
+	return parked;
+}
+
+/*
+ * Load the parked commands of every order in the hash table.
+ */
+static void
+projector_load_parked(HTAB *orders, int norders)
+{
+	List	   *parked;
+	ListCell   *lc;
+	int			nkeys;
+
+	parked = cqrs_parked_load(projector_order_keys(orders, norders, false,
+												   &nkeys));
+	foreach(lc, parked)
+	{
+		CqrsRecord *rec = lfirst(lc);
+		ParkedCommand *pc;
+		OrderState *o;
 
 		o = hash_search(orders, &rec->aggregate_id, HASH_FIND, NULL);
 		if (o == NULL)
 			continue;
+		pc = palloc0(sizeof(ParkedCommand));
 		pc->rec = rec;
 		pc->stored = true;
 		o->parked = lappend(o->parked, pc);
 	}
+}
+
+/* Columns of a batch of commands to park (cqrs_parked_put()). */
+static const Oid park_types[9] = {TEXTOID, INT8OID, UUIDOID, INT8OID, INT8OID, TEXTOID, JSONBOID, TEXTOID, TIMESTAMPTZOID};
+static const Oid unpark_types[2] = {TEXTOID, INT8OID};
+
+/* Add rec, waiting for sequence waiting_for, to a batch to park. */
+void
+cqrs_parked_put(CqrsBatch *park, CqrsRecord *rec, int64 waiting_for)
+{
+	if (park->ncols == 0)
+		cqrs_batch_init(park, 64, 9, park_types);
+	cqrs_batch_grow(park);
+	cqrs_batch_put_text(park, 0, rec->aggregate_id);
+	cqrs_batch_put(park, 1, Int64GetDatum(rec->sequence_id));
+	cqrs_batch_put(park, 2, UUIDPGetDatum(&rec->command_id));
+	cqrs_batch_put(park, 3, Int64GetDatum(waiting_for));
+	cqrs_batch_put(park, 4, Int64GetDatum(rec->log_id));
+	cqrs_batch_put_text(park, 5, rec->command_type);
+	if (rec->payload)
+		cqrs_batch_put(park, 6, JsonbPGetDatum(rec->payload));
+	else
+		park->nulls[6][park->nrows] = true;
+	cqrs_batch_put_text(park, 7, rec->traceparent);
+	if (rec->created_at != 0)
+		cqrs_batch_put(park, 8, TimestampTzGetDatum(rec->created_at));
+	else
+		park->nulls[8][park->nrows] = true;
+	park->nrows++;
+}
+
+/* Add rec to a batch of parked commands to remove (cqrs_parked_remove()). */
+void
+cqrs_unpark_put(CqrsBatch *unpark, CqrsRecord *rec)
+{
+	if (unpark->ncols == 0)
+		cqrs_batch_init(unpark, 64, 2, unpark_types);
+	cqrs_batch_grow(unpark);
+	cqrs_batch_put_text(unpark, 0, rec->aggregate_id);
+	cqrs_batch_put(unpark, 1, Int64GetDatum(rec->sequence_id));
+	unpark->nrows++;
+}
+
+/* Insert a batch of commands to park into cqrs.parked. */
+void
+cqrs_parked_store(CqrsBatch *park)
+{
+#define PARK_SQL(created_at_col, created_at_array) \
+		"INSERT INTO cqrs.parked (aggregate_id, sequence_id, command_id," \
+		" waiting_for, log_id, command_type, payload, traceparent" created_at_col ")" \
+		" SELECT * FROM ROWS FROM (pg_catalog.unnest($1::pg_catalog.text[])," \
+		" pg_catalog.unnest($2::pg_catalog.int8[])," \
+		" pg_catalog.unnest($3::pg_catalog.uuid[])," \
+		" pg_catalog.unnest($4::pg_catalog.int8[])," \
+		" pg_catalog.unnest($5::pg_catalog.int8[])," \
+		" pg_catalog.unnest($6::pg_catalog.text[])," \
+		" pg_catalog.unnest($7::pg_catalog.jsonb[])," \
+		" pg_catalog.unnest($8::pg_catalog.text[])" created_at_array ")" \
+		" ON CONFLICT DO NOTHING"
+	static const char *const sql[2] = {
+		PARK_SQL("", ""),
+		PARK_SQL(", created_at", ", pg_catalog.unnest($9::pg_catalog.timestamptz[])")};
+#undef PARK_SQL
+	int			v = cqrs_schema_020() ? 1 : 0;
+
+	if (park->nrows == 0)
+		return;
+	/* a 0.1.0 installation not updated yet has no created_at */
+	park->ncols = v ? 9 : 8;
+	cqrs_batch_exec(park, &park_plan[v], sql[v], SPI_OK_INSERT);
+}
+
+/* Delete a batch of parked commands, now applied, from cqrs.parked. */
+void
+cqrs_parked_remove(CqrsBatch *unpark)
+{
+	static const char *sql =
+		"DELETE FROM cqrs.parked p"
+		" USING ROWS FROM (pg_catalog.unnest($1::pg_catalog.text[]),"
+		" pg_catalog.unnest($2::pg_catalog.int8[]))"
+		" AS u(aggregate_id, sequence_id)"
+		" WHERE p.aggregate_id OPERATOR(pg_catalog.=) u.aggregate_id"
+		" AND p.sequence_id OPERATOR(pg_catalog.=) u.sequence_id";
+
+	cqrs_batch_exec(unpark, &unpark_plan, sql, SPI_OK_DELETE);
 }
 
 /*
@@ -356,7 +463,7 @@ projector_load_parked(HTAB *orders, int norders)
 static void
 fold_dead(FoldResult *fr, CqrsRecord *rec, const char *reason)
 {
-	DeadLetter *dl = palloc(sizeof(DeadLetter));
+	CqrsDeadLetter *dl = palloc0(sizeof(CqrsDeadLetter));
 
 	dl->rec = rec;
 	dl->reason = pstrdup(reason);
@@ -501,27 +608,14 @@ fold_record(FoldResult *fr, OrderState *o, CqrsRecord *rec)
 	fr->stats.parked++;
 }
 
-/*
- * The array parameters of one set-based statement, filled row by row:
- * column c of the statement is the array of values[c].
- */
-#define BATCH_MAX_COLS 8
 
-typedef struct Batch
+void
+cqrs_batch_init(CqrsBatch *b, int capacity, int ncols, const Oid *types)
 {
-	int			ncols;
-	int			nrows;
-	Oid			types[BATCH_MAX_COLS];	/* element types */
-	Datum	   *values[BATCH_MAX_COLS];
-	bool	   *nulls[BATCH_MAX_COLS];
-} Batch;
-
-static void
-batch_init(Batch *b, int capacity, int ncols, const Oid *types)
-{
-	Assert(ncols <= BATCH_MAX_COLS);
+	Assert(ncols <= CQRS_BATCH_MAX_COLS);
 	b->ncols = ncols;
 	b->nrows = 0;
+	b->capacity = Max(capacity, 1);
 	for (int c = 0; c < ncols; c++)
 	{
 		b->types[c] = types[c];
@@ -530,16 +624,32 @@ batch_init(Batch *b, int capacity, int ncols, const Oid *types)
 	}
 }
 
+/* Make room for one more row. */
+void
+cqrs_batch_grow(CqrsBatch *b)
+{
+	if (b->nrows < b->capacity)
+		return;
+	b->capacity *= 2;
+	for (int c = 0; c < b->ncols; c++)
+	{
+		b->values[c] = repalloc(b->values[c], sizeof(Datum) * b->capacity);
+		b->nulls[c] = repalloc(b->nulls[c], sizeof(bool) * b->capacity);
+		memset(b->nulls[c] + b->nrows, 0,
+			   sizeof(bool) * (b->capacity - b->nrows));
+	}
+}
+
 /* Set column c of the row being added. */
-static inline void
-batch_put(Batch *b, int c, Datum value)
+void
+cqrs_batch_put(CqrsBatch *b, int c, Datum value)
 {
 	b->values[c][b->nrows] = value;
 }
 
 /* Set text column c of the row being added; NULL makes it null. */
-static inline void
-batch_put_text(Batch *b, int c, const char *s)
+void
+cqrs_batch_put_text(CqrsBatch *b, int c, const char *s)
 {
 	if (s != NULL)
 		b->values[c][b->nrows] = CStringGetTextDatum(s);
@@ -551,29 +661,33 @@ batch_put_text(Batch *b, int c, const char *s)
  * Run sql (kept in *plan) with the arrays as its parameters, unless the
  * batch is empty; returns the number of rows processed.
  */
-static uint64
-batch_exec(Batch *b, SPIPlanPtr *plan, const char *sql, int expected)
+uint64
+cqrs_batch_exec(CqrsBatch *b, SPIPlanPtr *plan, const char *sql, int expected)
 {
-	Datum		values[BATCH_MAX_COLS];
+	Datum		values[CQRS_BATCH_MAX_COLS];
 
 	if (b->nrows == 0)
 		return 0;
 	if (*plan == NULL)
 	{
-		Oid			argtypes[BATCH_MAX_COLS];
+		Oid			argtypes[CQRS_BATCH_MAX_COLS];
 
 		for (int c = 0; c < b->ncols; c++)
 			argtypes[c] = get_array_type(b->types[c]);
 		(void) cqrs_keep_plan(plan, sql, b->ncols, argtypes);
 	}
 	for (int c = 0; c < b->ncols; c++)
-		values[c] = projector_array(b->values[c], b->nulls[c], b->nrows,
+		values[c] = cqrs_array(b->values[c], b->nulls[c], b->nrows,
 									b->types[c]);
 	return cqrs_exec(*plan, values, NULL, 0, expected);
 }
 
-/* Dead letters as a relation, from the arrays $1-$6, to insert. */
-#define DEAD_LETTER_INSERT_SQL \
+/*
+ * Dead letters as a relation, from the arrays $1-$8 (the last two, the
+ * projection and the SQLSTATE, not on a 0.1.0 installation not updated
+ * yet: DEAD_LETTER_INSERT_SQL_010), to insert.
+ */
+#define DEAD_LETTER_INSERT_SQL_010 \
 	"INSERT INTO cqrs.dead_letter (command_id, command_type, aggregate_id," \
 	" sequence_id, reason, traceparent)" \
 	" SELECT * FROM ROWS FROM (pg_catalog.unnest($1::pg_catalog.uuid[])," \
@@ -582,36 +696,55 @@ batch_exec(Batch *b, SPIPlanPtr *plan, const char *sql, int expected)
 	" pg_catalog.unnest($4::pg_catalog.int8[])," \
 	" pg_catalog.unnest($5::pg_catalog.text[])," \
 	" pg_catalog.unnest($6::pg_catalog.text[]))"
-static const Oid dead_letter_types[6] = {UUIDOID, TEXTOID, TEXTOID, INT8OID, TEXTOID, TEXTOID};
+#define DEAD_LETTER_INSERT_SQL \
+	"INSERT INTO cqrs.dead_letter (command_id, command_type, aggregate_id," \
+	" sequence_id, reason, traceparent, projection, sqlstate)" \
+	" SELECT * FROM ROWS FROM (pg_catalog.unnest($1::pg_catalog.uuid[])," \
+	" pg_catalog.unnest($2::pg_catalog.text[])," \
+	" pg_catalog.unnest($3::pg_catalog.text[])," \
+	" pg_catalog.unnest($4::pg_catalog.int8[])," \
+	" pg_catalog.unnest($5::pg_catalog.text[])," \
+	" pg_catalog.unnest($6::pg_catalog.text[])," \
+	" pg_catalog.unnest($7::pg_catalog.text[])," \
+	" pg_catalog.unnest($8::pg_catalog.text[]))"
+static const Oid dead_letter_types[8] = {UUIDOID, TEXTOID, TEXTOID, INT8OID, TEXTOID, TEXTOID, TEXTOID, TEXTOID};
 
 /* Add a dead letter to a batch of them (columns as DEAD_LETTER_INSERT_SQL). */
 static void
-batch_put_dead(Batch *b, DeadLetter *dl)
+batch_put_dead(CqrsBatch *b, CqrsDeadLetter *dl)
 {
-	batch_put(b, 0, UUIDPGetDatum(&dl->rec->command_id));
-	batch_put_text(b, 1, dl->rec->command_type);
-	batch_put_text(b, 2, dl->rec->aggregate_id);
-	batch_put(b, 3, Int64GetDatum(dl->rec->sequence_id));
-	batch_put_text(b, 4, dl->reason);
-	batch_put_text(b, 5, dl->rec->traceparent);
+	cqrs_batch_put(b, 0, UUIDPGetDatum(&dl->rec->command_id));
+	cqrs_batch_put_text(b, 1, dl->rec->command_type);
+	cqrs_batch_put_text(b, 2, dl->rec->aggregate_id);
+	cqrs_batch_put(b, 3, Int64GetDatum(dl->rec->sequence_id));
+	cqrs_batch_put_text(b, 4, dl->reason);
+	cqrs_batch_put_text(b, 5, dl->rec->traceparent);
+	cqrs_batch_put_text(b, 6, dl->projection);
+	cqrs_batch_put_text(b, 7, dl->sqlstate);
 	b->nrows++;
 }
 
 /*
  * Insert dead letters; returns how many were new.
  */
-static int64
-projector_write_dead(List *dead)
+int64
+cqrs_write_dead(List *dead)
 {
-	static const char *sql =
-		DEAD_LETTER_INSERT_SQL " ON CONFLICT (command_id) DO NOTHING";
-	Batch		b;
+	static const char *const sql[2] = {
+		DEAD_LETTER_INSERT_SQL_010 " ON CONFLICT (command_id) DO NOTHING",
+		DEAD_LETTER_INSERT_SQL " ON CONFLICT (command_id) DO NOTHING"};
+	int			v;
+	CqrsBatch	b;
 	ListCell   *lc;
 
-	batch_init(&b, list_length(dead), 6, dead_letter_types);
+	if (dead == NIL)
+		return 0;
+	v = cqrs_schema_020() ? 1 : 0;
+	cqrs_batch_init(&b, list_length(dead), 8, dead_letter_types);
 	foreach(lc, dead)
 		batch_put_dead(&b, lfirst(lc));
-	return (int64) batch_exec(&b, &dead_plan, sql, SPI_OK_INSERT);
+	b.ncols = v ? 8 : 6;
+	return (int64) cqrs_batch_exec(&b, &dead_plan[v], sql[v], SPI_OK_INSERT);
 }
 
 /* A dead letter in the table, by command_id. */
@@ -633,18 +766,24 @@ projector_write_dead_rebuild(List *dead)
 	static const char *load_sql =
 		"SELECT command_id, reason FROM cqrs.dead_letter"
 		" WHERE command_id OPERATOR(pg_catalog.=) ANY ($1::pg_catalog.uuid[])";
-	static const char *write_sql =
-		DEAD_LETTER_INSERT_SQL " ON CONFLICT (command_id) DO UPDATE SET"
-		" command_type = excluded.command_type,"
-		" aggregate_id = excluded.aggregate_id,"
-		" sequence_id = excluded.sequence_id, reason = excluded.reason,"
-		" traceparent = excluded.traceparent, failed_at = excluded.failed_at";
+#define DEAD_LETTER_REWRITE_SQL \
+		" ON CONFLICT (command_id) DO UPDATE SET" \
+		" command_type = excluded.command_type," \
+		" aggregate_id = excluded.aggregate_id," \
+		" sequence_id = excluded.sequence_id, reason = excluded.reason," \
+		" traceparent = excluded.traceparent, failed_at = excluded.failed_at"
+	static const char *const write_sql[2] = {
+		DEAD_LETTER_INSERT_SQL_010 DEAD_LETTER_REWRITE_SQL,
+		DEAD_LETTER_INSERT_SQL DEAD_LETTER_REWRITE_SQL
+		", projection = excluded.projection, sqlstate = excluded.sqlstate"};
+#undef DEAD_LETTER_REWRITE_SQL
+	int			v = cqrs_schema_020() ? 1 : 0;
 	static SPIPlanPtr load_plan = NULL;
-	static SPIPlanPtr write_plan = NULL;
+	static SPIPlanPtr write_plan[2];
 	static const Oid uuid_type[1] = {UUIDOID};
 	int			ndead = list_length(dead);
-	Batch		ids;
-	Batch		b;
+	CqrsBatch		ids;
+	CqrsBatch		b;
 	HASHCTL		hctl;
 	HTAB	   *stored;
 	ListCell   *lc;
@@ -662,16 +801,16 @@ projector_write_dead_rebuild(List *dead)
 			repalloc_huge(rebuild_dead, sizeof(pg_uuid_t) * size);
 		rebuild_dead_size = size;
 	}
-	batch_init(&ids, ndead, 1, uuid_type);
+	cqrs_batch_init(&ids, ndead, 1, uuid_type);
 	foreach(lc, dead)
 	{
-		DeadLetter *dl = lfirst(lc);
+		CqrsDeadLetter *dl = lfirst(lc);
 
 		rebuild_dead[rebuild_ndead++] = dl->rec->command_id;
-		batch_put(&ids, 0, UUIDPGetDatum(&dl->rec->command_id));
+		cqrs_batch_put(&ids, 0, UUIDPGetDatum(&dl->rec->command_id));
 		ids.nrows++;
 	}
-	batch_exec(&ids, &load_plan, load_sql, SPI_OK_SELECT);
+	cqrs_batch_exec(&ids, &load_plan, load_sql, SPI_OK_SELECT);
 
 	hctl.keysize = sizeof(pg_uuid_t);
 	hctl.entrysize = sizeof(StoredDeadLetter);
@@ -689,10 +828,10 @@ projector_write_dead_rebuild(List *dead)
 		sdl->reason = cqrs_spi_text(tup, SPI_tuptable->tupdesc, 2);
 	}
 
-	batch_init(&b, ndead, 6, dead_letter_types);
+	cqrs_batch_init(&b, ndead, 8, dead_letter_types);
 	foreach(lc, dead)
 	{
-		DeadLetter *dl = lfirst(lc);
+		CqrsDeadLetter *dl = lfirst(lc);
 		StoredDeadLetter *sdl;
 
 		sdl = hash_search(stored, &dl->rec->command_id, HASH_FIND, NULL);
@@ -700,7 +839,8 @@ projector_write_dead_rebuild(List *dead)
 			strcmp(sdl->reason, dl->reason) != 0)
 			batch_put_dead(&b, dl);
 	}
-	batch_exec(&b, &write_plan, write_sql, SPI_OK_INSERT);
+	b.ncols = v ? 8 : 6;
+	cqrs_batch_exec(&b, &write_plan[v], write_sql[v], SPI_OK_INSERT);
 	return ndead;
 }
 
@@ -727,7 +867,7 @@ cqrs_project_rebuild_prune(void)
 	elems = palloc(sizeof(Datum) * Max(rebuild_ndead, 1));
 	for (int64 i = 0; i < rebuild_ndead; i++)
 		elems[i] = UUIDPGetDatum(&rebuild_dead[i]);
-	values[0] = projector_array(elems, NULL, (int) rebuild_ndead, UUIDOID);
+	values[0] = cqrs_array(elems, NULL, (int) rebuild_ndead, UUIDOID);
 	(void) cqrs_exec(cqrs_keep_plan(&rebuild_prune_plan, sql, 1, argtypes),
 					 values, NULL, 0, SPI_OK_DELETE);
 
@@ -756,13 +896,13 @@ cqrs_project_rebuild_prune(void)
  * Redis once the batch commits.
  */
 static void
-batch_put_order(Batch *b, OrderState *o)
+batch_put_order(CqrsBatch *b, OrderState *o)
 {
-	batch_put_text(b, 0, o->order_id);
-	batch_put_text(b, 1, o->user_id);
-	batch_put(b, 2, o->total_amount);
-	batch_put_text(b, 3, status_names[o->status]);
-	batch_put(b, 4, Int64GetDatum(o->version));
+	cqrs_batch_put_text(b, 0, o->order_id);
+	cqrs_batch_put_text(b, 1, o->user_id);
+	cqrs_batch_put(b, 2, o->total_amount);
+	cqrs_batch_put_text(b, 3, status_names[o->status]);
+	cqrs_batch_put(b, 4, Int64GetDatum(o->version));
 	b->nrows++;
 	cqrs_redis_row(o->order_id, o->user_id, o->total_amount,
 				   status_names[o->status], o->version);
@@ -820,49 +960,23 @@ projector_write(FoldResult *fr, int norders)
 	static const char *delete_sql =
 		"DELETE FROM cqrs.read_model"
 		" WHERE order_id OPERATOR(pg_catalog.=) ANY ($1::pg_catalog.text[])";
-	static const char *park_sql =
-		"INSERT INTO cqrs.parked (aggregate_id, sequence_id, command_id,"
-		" waiting_for, log_id, command_type, payload, traceparent)"
-		" SELECT * FROM ROWS FROM (pg_catalog.unnest($1::pg_catalog.text[]),"
-		" pg_catalog.unnest($2::pg_catalog.int8[]),"
-		" pg_catalog.unnest($3::pg_catalog.uuid[]),"
-		" pg_catalog.unnest($4::pg_catalog.int8[]),"
-		" pg_catalog.unnest($5::pg_catalog.int8[]),"
-		" pg_catalog.unnest($6::pg_catalog.text[]),"
-		" pg_catalog.unnest($7::pg_catalog.jsonb[]),"
-		" pg_catalog.unnest($8::pg_catalog.text[]))"
-		" ON CONFLICT DO NOTHING";
-	static const char *unpark_sql =
-		"DELETE FROM cqrs.parked p"
-		" USING ROWS FROM (pg_catalog.unnest($1::pg_catalog.text[]),"
-		" pg_catalog.unnest($2::pg_catalog.int8[]))"
-		" AS u(aggregate_id, sequence_id)"
-		" WHERE p.aggregate_id OPERATOR(pg_catalog.=) u.aggregate_id"
-		" AND p.sequence_id OPERATOR(pg_catalog.=) u.sequence_id";
 	static SPIPlanPtr rebuild_update_plan = NULL;
 	static SPIPlanPtr delete_plan = NULL;
 	static const Oid row_types[5] = {TEXTOID, TEXTOID, NUMERICOID, TEXTOID, INT8OID};
-	static const Oid park_types[8] = {TEXTOID, INT8OID, UUIDOID, INT8OID, INT8OID, TEXTOID, JSONBOID, TEXTOID};
-	static const Oid key_types[2] = {TEXTOID, INT8OID};
-	Batch		inserts,
+	CqrsBatch		inserts,
 				updates,
 				gone,
 				park,
 				unpark;
-	int			nparked = 0;
 	HASH_SEQ_STATUS seq;
 	OrderState *o;
 	ListCell   *lc;
 
-	hash_seq_init(&seq, fr->orders);
-	while ((o = hash_seq_search(&seq)) != NULL)
-		nparked += list_length(o->parked);
-
-	batch_init(&inserts, norders, 5, row_types);
-	batch_init(&updates, norders, 5, row_types);
-	batch_init(&gone, norders, 1, row_types);
-	batch_init(&park, nparked, 8, park_types);
-	batch_init(&unpark, nparked, 2, key_types);
+	cqrs_batch_init(&inserts, norders, 5, row_types);
+	cqrs_batch_init(&updates, norders, 5, row_types);
+	cqrs_batch_init(&gone, norders, 1, row_types);
+	memset(&park, 0, sizeof(park));
+	memset(&unpark, 0, sizeof(unpark));
 
 	hash_seq_init(&seq, fr->orders);
 	while ((o = hash_seq_search(&seq)) != NULL)
@@ -873,26 +987,9 @@ projector_write(FoldResult *fr, int norders)
 			CqrsRecord *rec = pc->rec;
 
 			if (pc->drained && pc->stored)
-			{
-				batch_put_text(&unpark, 0, rec->aggregate_id);
-				batch_put(&unpark, 1, Int64GetDatum(rec->sequence_id));
-				unpark.nrows++;
-			}
+				cqrs_unpark_put(&unpark, rec);
 			else if (!pc->drained && !pc->stored)
-			{
-				batch_put_text(&park, 0, rec->aggregate_id);
-				batch_put(&park, 1, Int64GetDatum(rec->sequence_id));
-				batch_put(&park, 2, UUIDPGetDatum(&rec->command_id));
-				batch_put(&park, 3, Int64GetDatum(o->version + 1));
-				batch_put(&park, 4, Int64GetDatum(rec->log_id));
-				batch_put_text(&park, 5, rec->command_type);
-				if (rec->payload)
-					batch_put(&park, 6, JsonbPGetDatum(rec->payload));
-				else
-					park.nulls[6][park.nrows] = true;
-				batch_put_text(&park, 7, rec->traceparent);
-				park.nrows++;
-			}
+				cqrs_parked_put(&park, rec, o->version + 1);
 		}
 
 		if (rebuild_mode)
@@ -903,7 +1000,7 @@ projector_write(FoldResult *fr, int norders)
 			{
 				if (o->stored)
 				{
-					batch_put_text(&gone, 0, o->order_id);
+					cqrs_batch_put_text(&gone, 0, o->order_id);
 					gone.nrows++;
 					cqrs_redis_stale(o->order_id);
 				}
@@ -915,20 +1012,20 @@ projector_write(FoldResult *fr, int norders)
 			batch_put_order(o->stored ? &updates : &inserts, o);
 	}
 
-	batch_exec(&inserts, &insert_plan, insert_sql, SPI_OK_INSERT);
+	cqrs_batch_exec(&inserts, &insert_plan, insert_sql, SPI_OK_INSERT);
 	if (rebuild_mode)
-		batch_exec(&updates, &rebuild_update_plan, rebuild_update_sql,
+		cqrs_batch_exec(&updates, &rebuild_update_plan, rebuild_update_sql,
 				   SPI_OK_UPDATE);
 	else
-		batch_exec(&updates, &update_plan, update_sql, SPI_OK_UPDATE);
-	batch_exec(&gone, &delete_plan, delete_sql, SPI_OK_DELETE);
-	batch_exec(&park, &park_plan, park_sql, SPI_OK_INSERT);
-	batch_exec(&unpark, &unpark_plan, unpark_sql, SPI_OK_DELETE);
+		cqrs_batch_exec(&updates, &update_plan, update_sql, SPI_OK_UPDATE);
+	cqrs_batch_exec(&gone, &delete_plan, delete_sql, SPI_OK_DELETE);
+	cqrs_parked_store(&park);
+	cqrs_parked_remove(&unpark);
 
 	if (rebuild_mode)
 		fr->stats.dead += projector_write_dead_rebuild(fr->dead);
 	else
-		fr->stats.dead += projector_write_dead(fr->dead);
+		fr->stats.dead += cqrs_write_dead(fr->dead);
 	cqrs_redis_flush_stale();
 }
 
@@ -1076,7 +1173,7 @@ projector_poison(CqrsRecord *rec, const char *message, CqrsApplyStats *stats)
 		" WHERE order_id OPERATOR(pg_catalog.=) $1"
 		" AND version OPERATOR(pg_catalog.=) ($2 OPERATOR(pg_catalog.-) 1)";
 	Oid			bump_types[2] = {TEXTOID, INT8OID};
-	DeadLetter	dl = {rec, unconstify(char *, message)};
+	CqrsDeadLetter dl = {rec, unconstify(char *, message), NULL, NULL};
 
 	ereport(LOG,
 			(errmsg("cqrs projector dead-lettered command %s: %s",
@@ -1084,7 +1181,7 @@ projector_poison(CqrsRecord *rec, const char *message, CqrsApplyStats *stats)
 					message),
 			 rec->traceparent ? errdetail("traceparent %s", rec->traceparent) : 0));
 
-	stats->dead += projector_write_dead(list_make1(&dl));
+	stats->dead += cqrs_write_dead(list_make1(&dl));
 	stats->applied++;
 	stats->poisoned++;
 
@@ -1186,9 +1283,9 @@ cqrs_project(CqrsRecord *records, int nrecords, CqrsApplyStats *stats)
 	ErrorContextCallback errcallback;
 
 	/*
-	 * Commands of declared types are not the orders': no projection
-	 * follows them here.  (Aggregate ids are one namespace, so none of them
-	 * is about an order.)
+	 * Commands of declared types go to the declared projections (aggregate
+	 * ids are one namespace, so none of them is about an order); a rebuild
+	 * of the orders leaves them alone.
 	 */
 	for (int i = 0; i < nrecords; i++)
 	{
@@ -1196,7 +1293,9 @@ cqrs_project(CqrsRecord *records, int nrecords, CqrsApplyStats *stats)
 			!cqrs_is_order_command(records[i].command_type))
 		{
 			CqrsRecord *orders = palloc(sizeof(CqrsRecord) * nrecords);
+			CqrsRecord *declared = palloc(sizeof(CqrsRecord) * nrecords);
 			int			kept = 0;
+			int			ndeclared = 0;
 
 			for (int j = 0; j < nrecords; j++)
 			{
@@ -1204,8 +1303,12 @@ cqrs_project(CqrsRecord *records, int nrecords, CqrsApplyStats *stats)
 					cqrs_is_order_command(records[j].command_type))
 					orders[kept++] = records[j];
 				else
-					stats->skipped++;
+					declared[ndeclared++] = records[j];
 			}
+			if (rebuild_mode)
+				stats->skipped += ndeclared;
+			else
+				cqrs_project_declared(declared, ndeclared, stats);
 			records = orders;
 			nrecords = kept;
 			break;
@@ -1299,6 +1402,13 @@ cqrs_project_rebuild_mode(bool on)
 	rebuild_nrows = 0;
 }
 
+/* cqrs_project() as a CqrsFoldFn. */
+static void
+projector_project_chunk(CqrsRecord *records, int n, void *arg)
+{
+	cqrs_project(records, n, (CqrsApplyStats *) arg);
+}
+
 /*
  * Fold the whole command log into the read model, in the current
  * transaction: the catch-up after a slot is created (first start, or a
@@ -1311,8 +1421,23 @@ cqrs_project_log(CqrsApplyStats *stats)
 {
 	static const char *sql =
 		"SELECT log_id, command_id, command_type, aggregate_id, sequence_id,"
-		" payload, traceparent FROM cqrs.command_log"
+		" payload, traceparent, created_at FROM cqrs.command_log"
 		" ORDER BY aggregate_id, sequence_id";
+
+	return cqrs_scan_log(sql, 0, NULL, NULL, rebuild_mode,
+						 projector_project_chunk, stats);
+}
+
+/*
+ * Read the commands sql selects (the columns of cqrs_project_log()'s
+ * query, ordered by aggregate and sequence) in chunks, and pass each
+ * chunk to fold.  With "whole_aggregates", an aggregate's commands are
+ * never split between two chunks.  Returns the number of rows read.
+ */
+int64
+cqrs_scan_log(const char *sql, int nargs, Oid *argtypes, Datum *values,
+			  bool whole_aggregates, CqrsFoldFn fold, void *arg)
+{
 	SPIPlanPtr	plan;
 	Portal		portal;
 	int64		total = 0;
@@ -1322,12 +1447,12 @@ cqrs_project_log(CqrsApplyStats *stats)
 	CqrsRecord *carry = NULL;
 	int			ncarry = 0;
 
-	plan = SPI_prepare(sql, 0, NULL);
+	plan = SPI_prepare(sql, nargs, argtypes);
 	if (plan == NULL)
 		elog(ERROR, "SPI_prepare failed for \"%s\": %s",
 			 sql, SPI_result_code_string(SPI_result));
 	/* read-write: a snapshot taken now, after the caller's locks */
-	portal = SPI_cursor_open("cqrs_catch_up", plan, NULL, NULL, false);
+	portal = SPI_cursor_open("cqrs_catch_up", plan, values, NULL, false);
 	for (int i = 0; i < 2; i++)
 		chunk_context[i] = AllocSetContextCreate(CurrentMemoryContext,
 												 "cqrs catch-up chunk",
@@ -1370,6 +1495,8 @@ cqrs_project_log(CqrsApplyStats *stats)
 			d = SPI_getbinval(tup, desc, 6, &isnull);
 			rec->payload = isnull ? NULL : DatumGetJsonbPCopy(d);
 			rec->traceparent = cqrs_spi_text(tup, desc, 7);
+			d = SPI_getbinval(tup, desc, 8, &isnull);
+			rec->created_at = isnull ? 0 : DatumGetTimestampTz(d);
 		}
 		SPI_freetuptable(SPI_tuptable);
 		n += ncarry;
@@ -1381,7 +1508,7 @@ cqrs_project_log(CqrsApplyStats *stats)
 		 * one order).
 		 */
 		upto = n;
-		if (rebuild_mode && fetched > 0)
+		if (whole_aggregates && fetched > 0)
 		{
 			while (upto > 0 &&
 				   strcmp(records[upto - 1].aggregate_id,
@@ -1389,7 +1516,7 @@ cqrs_project_log(CqrsApplyStats *stats)
 				upto--;
 		}
 		if (upto > 0)
-			cqrs_project(&records[0], upto, stats);
+			fold(&records[0], upto, arg);
 		carry = &records[upto];
 		ncarry = n - upto;
 		MemoryContextSwitchTo(oldcontext);
@@ -1421,6 +1548,12 @@ cqrs_lock_projection(bool wait)
 	SET_LOCKTAG_ADVISORY(tag, MyDatabaseId, 0, 0, CQRS_APPLY_LOCK_SPACE);
 	if (LockAcquire(&tag, ExclusiveLock, false, !wait) == LOCKACQUIRE_NOT_AVAIL)
 		return false;
+
+	/*
+	 * A definition committed by whoever held the lock before (a projection
+	 * created and filled) must be seen by what this holder folds next.
+	 */
+	AcceptInvalidationMessages();
 
 	/*
 	 * What this process knows of cqrs.parked holds only while nobody else

@@ -80,7 +80,7 @@ retry_dead_letter(PG_FUNCTION_ARGS)
 	static SPIPlanPtr forget_plan = NULL;
 	static const char *find_sql =
 		"SELECT l.log_id, l.command_type, l.aggregate_id, l.sequence_id,"
-		" l.payload, r.version, l.traceparent"
+		" l.payload, r.version, l.traceparent, l.created_at"
 		" FROM cqrs.dead_letter AS d"
 		" JOIN cqrs.command_log AS l ON l.command_id OPERATOR(pg_catalog.=) d.command_id"
 		" LEFT JOIN cqrs.read_model AS r ON r.order_id OPERATOR(pg_catalog.=) l.aggregate_id"
@@ -123,6 +123,7 @@ retry_dead_letter(PG_FUNCTION_ARGS)
 	rec.payload = DatumGetJsonbPCopy(repair_result(5));
 	rec.commit_time = GetCurrentTimestamp();
 	rec.traceparent = cqrs_spi_text(SPI_tuptable->vals[0], SPI_tuptable->tupdesc, 7);
+	rec.created_at = DatumGetTimestampTz(repair_result(8));
 	version = SPI_getbinval(SPI_tuptable->vals[0], SPI_tuptable->tupdesc, 6,
 							&isnull);
 

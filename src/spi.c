@@ -58,6 +58,8 @@ cqrs_keep_plan(SPIPlanPtr *cache, const char *sql, int nargs, Oid *argtypes)
 static const char *const relation_names[CQRS_RELATIONS] = {
 	[CQRS_REL_COMMAND_LOG] = "command_log",
 	[CQRS_REL_COMMAND_TYPE] = "command_type",
+	[CQRS_REL_PROJECTION] = "projection",
+	[CQRS_REL_PARKED] = "parked",
 };
 static Oid	relation_oids[CQRS_RELATIONS];
 static Oid	log_owner = InvalidOid;
@@ -101,6 +103,30 @@ cqrs_relid(CqrsRelation rel)
 							relation_names[rel])));
 		relation_oids[rel] = relid;
 	}
+	return relation_oids[rel];
+}
+
+/*
+ * Are the extension's objects those of version 0.2.0 or later?  A server
+ * runs the library of the newest version, while the objects stay those of
+ * the version installed until ALTER EXTENSION cqrs UPDATE: what differs
+ * is chosen per call.  (The column that version added to cqrs.parked
+ * tells, from the syscache.)
+ */
+bool
+cqrs_schema_020(void)
+{
+	return get_attnum(cqrs_relid(CQRS_REL_PARKED), "created_at") != InvalidAttrNumber;
+}
+
+/*
+ * The OID of one of the extension's relations if this process has looked
+ * it up, else InvalidOid; never reads the catalogs (for invalidation
+ * callbacks).
+ */
+Oid
+cqrs_relid_cached(CqrsRelation rel)
+{
 	return relation_oids[rel];
 }
 

@@ -1,0 +1,1800 @@
+/*-------------------------------------------------------------------------
+ *
+ * projection.c
+ *		Projections declared in SQL: cqrs.projection, the functions that
+ *		manage it, and the fold of declared commands into their tables.
+ *
+ * A declared projection follows one aggregate type.  Its target table
+ * has one row per aggregate, keyed by a text column holding the aggregate
+ * id, and its apply function (state target, command cqrs.command_log)
+ * RETURNS target is folded over each aggregate's commands in sequence
+ * order, as an aggregate's state transition function is: the state is
+ * the aggregate's row (NULL before its first command), a NULL result
+ * deletes the row.
+ *
+ * A batch is folded the way the orders are (projector.c): the rows and
+ * versions of the aggregates it touches are loaded with one statement per
+ * projection, the apply functions are called through fmgr in memory, and
+ * each projection's changed rows are written back with one INSERT ... ON
+ * CONFLICT and one DELETE, its versions with one more; never a statement
+ * per row.  The version of each (projection, aggregate) is kept in
+ * cqrs.projection_version, in the same transaction, so redelivered
+ * commands are skipped and a deleted row keeps its place in the sequence.
+ * A command past a gap in its aggregate's sequence is parked in
+ * cqrs.parked until the gap fills, as an order's is.
+ *
+ * The apply function runs, and the target table is read and written, as
+ * the role that declared the projection, with the restrictions of an
+ * operation run on another role's behalf (SECURITY_RESTRICTED_OPERATION):
+ * never as the projector's superuser.  Statements on the target are built
+ * once per definition from the catalog's names, each quoted
+ * (quote_identifier), as ri_triggers.c builds its queries; no value is
+ * ever spliced into them.
+ *
+ * An error raised by an apply function, or by the target table refusing
+ * its row, splits the batch in halves until the one command that fails
+ * alone is found; it is dead-lettered with the projection's name, the
+ * message and the SQLSTATE, the projection's version moves past it, and
+ * the other projections still apply it.
+ *
+ *-------------------------------------------------------------------------
+ */
+#include "postgres.h"
+
+#include "access/htup_details.h"
+#include "access/relation.h"
+#include "access/xact.h"
+#include "catalog/namespace.h"
+#include "catalog/pg_attribute.h"
+#include "catalog/pg_class.h"
+#include "catalog/pg_proc.h"
+#include "catalog/pg_type.h"
+#include "common/hashfn.h"
+#include "executor/spi.h"
+#include "fmgr.h"
+#include "funcapi.h"
+#include "miscadmin.h"
+#include "utils/acl.h"
+#include "utils/builtins.h"
+#include "utils/datum.h"
+#include "utils/hsearch.h"
+#include "utils/inval.h"
+#include "utils/jsonb.h"
+#include "utils/lsyscache.h"
+#include "utils/memutils.h"
+#include "utils/regproc.h"
+#include "utils/rel.h"
+#include "utils/syscache.h"
+#include "utils/timestamp.h"
+#include "utils/typcache.h"
+
+#include "cqrs.h"
+
+PG_FUNCTION_INFO_V1(create_projection);
+PG_FUNCTION_INFO_V1(drop_projection);
+PG_FUNCTION_INFO_V1(rebuild_projection);
+PG_FUNCTION_INFO_V1(verify_projection);
+
+/* A declared projection, as the fold uses it. */
+typedef struct Projection
+{
+	char		name[NAMEDATALEN];
+	char		aggregate_type[NAMEDATALEN];
+	Oid			target;
+	Oid			rowtype;
+	AttrNumber	key_attno;
+	Oid			apply;
+	Oid			owner;
+	FmgrInfo	flinfo;
+	char	   *load_sql;
+	char	   *upsert_sql;
+	char	   *delete_sql;
+	SPIPlanPtr	load_plan;
+	SPIPlanPtr	upsert_plan;
+	SPIPlanPtr	delete_plan;
+} Projection;
+
+/* A declared command type and the aggregate type it acts on. */
+typedef struct CommandAggregate
+{
+	char		name[NAMEDATALEN];	/* hash key */
+	char		aggregate_type[NAMEDATALEN];
+} CommandAggregate;
+
+/* The definitions, read once per process until one changes. */
+static MemoryContext defs_context = NULL;
+static Projection *projections = NULL;
+static int	nprojections = 0;
+static HTAB *command_aggregates = NULL;
+static bool defs_valid = false;
+static TupleDesc log_desc = NULL;	/* cqrs.command_log's row type */
+
+/* Columns of cqrs.command_log, by name, as the apply function sees them. */
+enum
+{
+	LOG_LOG_ID,
+	LOG_COMMAND_ID,
+	LOG_COMMAND_TYPE,
+	LOG_AGGREGATE_ID,
+	LOG_SEQUENCE_ID,
+	LOG_PAYLOAD,
+	LOG_CREATED_AT,
+	LOG_TRACEPARENT,
+	LOG_COLS
+};
+static const char *const log_col_names[LOG_COLS] = {
+	"log_id", "command_id", "command_type", "aggregate_id", "sequence_id",
+	"payload", "created_at", "traceparent"
+};
+static AttrNumber log_attnums[LOG_COLS];
+
+/* One declared projection's state of one aggregate in a fold. */
+typedef struct ProjState
+{
+	Datum		row;			/* composite datum, when exists */
+	bool		exists;
+	bool		stored;			/* the table had a row before the fold */
+	bool		dirty;
+	int64		version;
+	int64		stored_version; /* -1: no row in cqrs.projection_version */
+} ProjState;
+
+typedef struct Parked
+{
+	CqrsRecord *rec;
+	bool		stored;			/* in cqrs.parked */
+	bool		drained;		/* applied, or behind every version */
+} Parked;
+
+/* One aggregate touched by a fold. */
+typedef struct ProjAggState
+{
+	const char *aggregate_id;	/* hash key (a pointer to the string) */
+	const char *aggregate_type;
+	List	   *parked;			/* Parked * */
+	ProjState	ps[FLEXIBLE_ARRAY_MEMBER];	/* by projection index */
+} ProjAggState;
+
+/* A (command, projection) the fold must dead-letter instead of apply. */
+typedef struct Failure
+{
+	pg_uuid_t	command_id;
+	int			projection;		/* index, or -1: every projection */
+	char	   *message;
+	char	   *sqlstate;
+} Failure;
+
+/* What kind of fold. */
+typedef enum FoldMode
+{
+	FOLD_STREAM,				/* batches and catch-up: load, fold, write */
+	FOLD_REBUILD,				/* the table emptied: fold, write */
+	FOLD_VERIFY					/* fold from nothing, compare, write nothing */
+} FoldMode;
+
+typedef struct Fold
+{
+	FoldMode	mode;
+	int			only;			/* fold this projection only, or -1 */
+	List	   *failures;		/* Failure * */
+	bool		careful;		/* each apply call in a subtransaction */
+	CqrsApplyStats stats;
+	/* verify: where the differences go */
+	Tuplestorestate *out;
+	TupleDesc	out_desc;
+	int64		nfolded;		/* aggregates folded */
+} Fold;
+
+/*
+ * The projection whose code runs, for error attribution (-1: none), and
+ * whether that is its apply function (else its table).
+ */
+static int	current_projection = -1;
+static bool current_in_apply = false;
+static CqrsRecord *current_record = NULL;
+
+static bool fold_blames_command(int sqlerrcode);
+
+static void
+defs_invalidate(Datum arg, Oid relid)
+{
+	if (!defs_valid)
+		return;
+	if (relid == InvalidOid)
+	{
+		defs_valid = false;
+		return;
+	}
+	for (int i = 0; i < nprojections; i++)
+		if (projections[i].target == relid)
+			defs_valid = false;
+	if (relid == cqrs_relid_cached(CQRS_REL_PROJECTION) ||
+		relid == cqrs_relid_cached(CQRS_REL_COMMAND_TYPE) ||
+		relid == cqrs_relid_cached(CQRS_REL_COMMAND_LOG))
+		defs_valid = false;
+}
+
+/* an apply function replaced or dropped, a type changed */
+static void
+defs_syscache_changed(Datum arg, int cacheid, uint32 hashvalue)
+{
+	defs_valid = false;
+}
+
+/*
+ * The statements on a projection's target, from the catalog's names.
+ */
+static void
+defs_build_sql(Projection *p, Relation rel)
+{
+	TupleDesc	desc = RelationGetDescr(rel);
+	char	   *target = quote_qualified_identifier(get_namespace_name(RelationGetNamespace(rel)),
+													RelationGetRelationName(rel));
+	const char *key = quote_identifier(NameStr(TupleDescAttr(desc, p->key_attno - 1)->attname));
+	StringInfoData cols;
+	StringInfoData sets;
+
+	initStringInfo(&cols);
+	initStringInfo(&sets);
+	for (int i = 0; i < desc->natts; i++)
+	{
+		Form_pg_attribute att = TupleDescAttr(desc, i);
+		const char *col;
+
+		if (att->attisdropped || att->attgenerated)
+			continue;
+		col = quote_identifier(NameStr(att->attname));
+		appendStringInfo(&cols, "%s%s", cols.len > 0 ? ", " : "", col);
+		if (att->attnum != p->key_attno)
+			appendStringInfo(&sets, "%s%s = excluded.%s",
+							 sets.len > 0 ? ", " : "", col, col);
+	}
+	p->load_sql = psprintf("SELECT t.%s, t FROM %s AS t"
+						   " WHERE t.%s OPERATOR(pg_catalog.=) ANY ($1)",
+						   key, target, key);
+	p->upsert_sql = psprintf("INSERT INTO %s (%s) OVERRIDING SYSTEM VALUE"
+							 " SELECT %s FROM pg_catalog.unnest($1)"
+							 " ON CONFLICT (%s) DO %s%s",
+							 target, cols.data, cols.data, key,
+							 sets.len > 0 ? "UPDATE SET " : "NOTHING",
+							 sets.data);
+	p->delete_sql = psprintf("DELETE FROM %s WHERE %s OPERATOR(pg_catalog.=) ANY ($1)",
+							 target, key);
+}
+
+/*
+ * Read the definitions again: the declared projections, and which
+ * aggregate type each declared command type acts on.
+ */
+static void
+defs_load(void)
+{
+	static bool registered = false;
+	CqrsOwnerScope scope;
+	HASHCTL		ctl;
+	Oid			log_type;
+
+	if (defs_valid)
+		return;
+	if (!registered)
+	{
+		CacheRegisterRelcacheCallback(defs_invalidate, (Datum) 0);
+		CacheRegisterSyscacheCallback(PROCOID, defs_syscache_changed, (Datum) 0);
+		CacheRegisterSyscacheCallback(TYPEOID, defs_syscache_changed, (Datum) 0);
+		registered = true;
+	}
+	if (defs_context == NULL)
+		defs_context = AllocSetContextCreate(CacheMemoryContext,
+											 "cqrs projections",
+											 ALLOCSET_SMALL_SIZES);
+	for (int i = 0; i < nprojections; i++)
+	{
+		if (projections[i].load_plan)
+			SPI_freeplan(projections[i].load_plan);
+		if (projections[i].upsert_plan)
+			SPI_freeplan(projections[i].upsert_plan);
+		if (projections[i].delete_plan)
+			SPI_freeplan(projections[i].delete_plan);
+	}
+	MemoryContextReset(defs_context);
+	projections = NULL;
+	nprojections = 0;
+	command_aggregates = NULL;
+	log_desc = NULL;
+	/*
+	 * From now on, an invalidation makes this load stale.  Each statement
+	 * below reads with a new snapshot (not read-only): a definition this
+	 * transaction just wrote is seen.
+	 */
+	defs_valid = true;
+
+	(void) cqrs_relid(CQRS_REL_PROJECTION);
+	(void) cqrs_relid(CQRS_REL_COMMAND_TYPE);
+	cqrs_spi_connect_as_owner(&scope);
+	if (SPI_execute("SELECT name, aggregate_type,"
+					" CAST(pg_catalog.to_regclass(target) AS pg_catalog.oid),"
+					" key_column,"
+					" CAST(pg_catalog.to_regprocedure(apply_function) AS pg_catalog.oid),"
+					" CAST(owner AS pg_catalog.oid), target, apply_function,"
+					" EXISTS (SELECT FROM pg_catalog.pg_roles AS r"
+					"         WHERE r.oid OPERATOR(pg_catalog.=) CAST(owner AS pg_catalog.oid))"
+					" FROM cqrs.projection WHERE NOT builtin ORDER BY name",
+					false, 0) != SPI_OK_SELECT)
+		elog(ERROR, "could not read cqrs.projection");
+	projections = MemoryContextAllocZero(defs_context,
+										 sizeof(Projection) * Max(SPI_processed, 1));
+	for (uint64 i = 0; i < SPI_processed; i++)
+	{
+		HeapTuple	tup = SPI_tuptable->vals[i];
+		TupleDesc	desc = SPI_tuptable->tupdesc;
+		Projection *p = &projections[nprojections];
+		bool		isnull;
+		Datum		d;
+		Relation	rel;
+		MemoryContext old;
+
+		strlcpy(p->name, cqrs_spi_text(tup, desc, 1), NAMEDATALEN);
+		strlcpy(p->aggregate_type, cqrs_spi_text(tup, desc, 2), NAMEDATALEN);
+		d = SPI_getbinval(tup, desc, 3, &isnull);
+		if (isnull)
+		{
+			defs_valid = false;
+			ereport(ERROR,
+					(errcode(ERRCODE_UNDEFINED_TABLE),
+					 errmsg("target table %s of projection \"%s\" does not exist",
+							cqrs_spi_text(tup, desc, 7), p->name),
+					 errhint("Create it again, or drop the projection with cqrs.drop_projection().")));
+		}
+		p->target = DatumGetObjectId(d);
+		d = SPI_getbinval(tup, desc, 5, &isnull);
+		if (isnull)
+		{
+			defs_valid = false;
+			ereport(ERROR,
+					(errcode(ERRCODE_UNDEFINED_FUNCTION),
+					 errmsg("apply function %s of projection \"%s\" does not exist",
+							cqrs_spi_text(tup, desc, 8), p->name),
+					 errhint("Create it again, or drop the projection with cqrs.drop_projection().")));
+		}
+		p->apply = DatumGetObjectId(d);
+		p->owner = DatumGetObjectId(SPI_getbinval(tup, desc, 6, &isnull));
+		if (!DatumGetBool(SPI_getbinval(tup, desc, 9, &isnull)))
+		{
+			defs_valid = false;
+			ereport(ERROR,
+					(errcode(ERRCODE_UNDEFINED_OBJECT),
+					 errmsg("the role that declared projection \"%s\" no longer exists",
+							p->name),
+					 errhint("Drop the projection and declare it again as an existing role.")));
+		}
+		p->rowtype = get_rel_type_id(p->target);
+		p->key_attno = get_attnum(p->target, SPI_getvalue(tup, desc, 4));
+		if (p->key_attno == InvalidAttrNumber)
+		{
+			defs_valid = false;
+			ereport(ERROR,
+					(errcode(ERRCODE_UNDEFINED_COLUMN),
+					 errmsg("key column \"%s\" of projection \"%s\" does not exist",
+							SPI_getvalue(tup, desc, 4), p->name)));
+		}
+		old = MemoryContextSwitchTo(defs_context);
+		rel = relation_open(p->target, AccessShareLock);
+		defs_build_sql(p, rel);
+		relation_close(rel, AccessShareLock);
+		fmgr_info_cxt(p->apply, &p->flinfo, defs_context);
+		MemoryContextSwitchTo(old);
+		nprojections++;
+	}
+
+	ctl.keysize = NAMEDATALEN;
+	ctl.entrysize = sizeof(CommandAggregate);
+	ctl.hcxt = defs_context;
+	command_aggregates = hash_create("cqrs command aggregates", 64, &ctl,
+									 HASH_ELEM | HASH_STRINGS | HASH_CONTEXT);
+	if (SPI_execute("SELECT name, aggregate_type FROM cqrs.command_type"
+					" WHERE NOT builtin", false, 0) != SPI_OK_SELECT)
+		elog(ERROR, "could not read cqrs.command_type");
+	for (uint64 i = 0; i < SPI_processed; i++)
+	{
+		char		key[NAMEDATALEN];
+		CommandAggregate *ca;
+
+		memset(key, 0, sizeof(key));
+		strlcpy(key, cqrs_spi_text(SPI_tuptable->vals[i], SPI_tuptable->tupdesc, 1),
+				NAMEDATALEN);
+		ca = hash_search(command_aggregates, key, HASH_ENTER, NULL);
+		strlcpy(ca->aggregate_type,
+				cqrs_spi_text(SPI_tuptable->vals[i], SPI_tuptable->tupdesc, 2),
+				NAMEDATALEN);
+	}
+	cqrs_spi_finish(&scope);
+
+	log_type = get_rel_type_id(cqrs_relid(CQRS_REL_COMMAND_LOG));
+	{
+		TupleDesc	desc = lookup_rowtype_tupdesc(log_type, -1);
+		MemoryContext old = MemoryContextSwitchTo(defs_context);
+
+		log_desc = CreateTupleDescCopy(desc);
+		MemoryContextSwitchTo(old);
+		ReleaseTupleDesc(desc);
+	}
+	for (int c = 0; c < LOG_COLS; c++)
+	{
+		log_attnums[c] = InvalidAttrNumber;
+		for (int i = 0; i < log_desc->natts; i++)
+		{
+			Form_pg_attribute att = TupleDescAttr(log_desc, i);
+
+			if (!att->attisdropped &&
+				strcmp(NameStr(att->attname), log_col_names[c]) == 0)
+				log_attnums[c] = att->attnum;
+		}
+		if (log_attnums[c] == InvalidAttrNumber)
+			elog(ERROR, "cqrs.command_log has no column \"%s\"", log_col_names[c]);
+	}
+}
+
+/* The index of the declared projection named name, or -1. */
+static int
+defs_find(const char *name)
+{
+	for (int i = 0; i < nprojections; i++)
+		if (strcmp(projections[i].name, name) == 0)
+			return i;
+	return -1;
+}
+
+/* The aggregate type of a declared command type, or NULL. */
+static const char *
+defs_aggregate_type(const char *command_type)
+{
+	char		key[NAMEDATALEN];
+	CommandAggregate *ca;
+
+	if (command_type == NULL || strlen(command_type) >= NAMEDATALEN)
+		return NULL;
+	memset(key, 0, sizeof(key));
+	strlcpy(key, command_type, sizeof(key));
+	ca = hash_search(command_aggregates, key, HASH_FIND, NULL);
+	return ca ? ca->aggregate_type : NULL;
+}
+
+/* Does the fold apply projection i to aggregates of aggregate_type? */
+static inline bool
+fold_follows(Fold *f, int i, const char *aggregate_type)
+{
+	return (f->only < 0 || f->only == i) &&
+		strcmp(projections[i].aggregate_type, aggregate_type) == 0;
+}
+
+/*
+ * Become the projection's owner, restricted, until fold_leave(); the
+ * (sub)transaction's abort restores the identity on error.
+ */
+static void
+fold_enter(int i, Oid *save_userid, int *save_sec)
+{
+	GetUserIdAndSecContext(save_userid, save_sec);
+	SetUserIdAndSecContext(projections[i].owner,
+						   *save_sec | SECURITY_LOCAL_USERID_CHANGE |
+						   SECURITY_RESTRICTED_OPERATION);
+	current_projection = i;
+}
+
+static void
+fold_leave(Oid save_userid, int save_sec)
+{
+	current_projection = -1;
+	SetUserIdAndSecContext(save_userid, save_sec);
+}
+
+/* Error context: the command and projection being applied. */
+static void
+fold_error_context(void *arg)
+{
+	CqrsRecord *rec = current_record;
+
+	if (rec == NULL)
+		return;
+	errcontext("cqrs projector applying %s command %s (log_id " INT64_FORMAT ", aggregate \"%s\", sequence " INT64_FORMAT ")%s%s%s",
+			   rec->command_type ? rec->command_type : "(null)",
+			   DatumGetCString(DirectFunctionCall1(uuid_out, UUIDPGetDatum(&rec->command_id))),
+			   rec->log_id, rec->aggregate_id ? rec->aggregate_id : "(null)",
+			   rec->sequence_id,
+			   current_projection >= 0 ? " to projection \"" : "",
+			   current_projection >= 0 ? projections[current_projection].name : "",
+			   current_projection >= 0 ? "\"" : "");
+}
+
+/* Hash support: keys are pointers to NUL-terminated aggregate ids. */
+static uint32
+agg_hash(const void *key, Size keysize)
+{
+	const char *s = *(const char *const *) key;
+
+	return string_hash(s, strlen(s) + 1);
+}
+
+static int
+agg_match(const void *key1, const void *key2, Size keysize)
+{
+	return strcmp(*(const char *const *) key1, *(const char *const *) key2);
+}
+
+/* The command as a row of cqrs.command_log. */
+static Datum
+fold_command_datum(CqrsRecord *rec)
+{
+	Datum	   *values = palloc0(sizeof(Datum) * log_desc->natts);
+	bool	   *nulls = palloc(sizeof(bool) * log_desc->natts);
+
+	memset(nulls, true, sizeof(bool) * log_desc->natts);
+#define LOG_SET(c, v) \
+	do { values[log_attnums[c] - 1] = (v); nulls[log_attnums[c] - 1] = false; } while (0)
+	LOG_SET(LOG_LOG_ID, Int64GetDatum(rec->log_id));
+	LOG_SET(LOG_COMMAND_ID, UUIDPGetDatum(&rec->command_id));
+	LOG_SET(LOG_COMMAND_TYPE, CStringGetTextDatum(rec->command_type));
+	LOG_SET(LOG_AGGREGATE_ID, CStringGetTextDatum(rec->aggregate_id));
+	LOG_SET(LOG_SEQUENCE_ID, Int64GetDatum(rec->sequence_id));
+	if (rec->payload)
+		LOG_SET(LOG_PAYLOAD, JsonbPGetDatum(rec->payload));
+	if (rec->created_at != 0)
+		LOG_SET(LOG_CREATED_AT, TimestampTzGetDatum(rec->created_at));
+	if (rec->traceparent)
+		LOG_SET(LOG_TRACEPARENT, CStringGetTextDatum(rec->traceparent));
+#undef LOG_SET
+	return HeapTupleGetDatum(heap_form_tuple(log_desc, values, nulls));
+}
+
+/* The failure recorded for (rec, projection i), or NULL. */
+static Failure *
+fold_failure(Fold *f, CqrsRecord *rec, int i)
+{
+	ListCell   *lc;
+
+	foreach(lc, f->failures)
+	{
+		Failure    *fl = lfirst(lc);
+
+		if ((fl->projection == i || fl->projection == -1) &&
+			memcmp(&fl->command_id, &rec->command_id, sizeof(pg_uuid_t)) == 0)
+			return fl;
+	}
+	return NULL;
+}
+
+/*
+ * Record that rec fails for projection i (-1: for every projection) with
+ * edata, and say so in the server log.  A refusal by an apply function is
+ * the domain's rule at work, as an invalid transition of an order is; one
+ * by a table or from outside a projection ("poisoned") counts towards the
+ * limit of such failures per batch (worker.c), past which the batch is
+ * retried rather than dead-lettered command by command.
+ */
+static Failure *
+fold_fail(Fold *f, CqrsRecord *rec, int i, ErrorData *edata, bool poisoned)
+{
+	Failure    *fl = palloc0(sizeof(Failure));
+
+	fl->command_id = rec->command_id;
+	fl->projection = i;
+	fl->message = pstrdup(edata->message);
+	fl->sqlstate = pstrdup(unpack_sql_state(edata->sqlerrcode));
+	f->failures = lappend(f->failures, fl);
+	if (poisoned)
+		f->stats.poisoned++;
+	if (f->mode != FOLD_VERIFY)
+		ereport(LOG,
+				(errmsg("cqrs projector dead-lettered command %s%s%s%s: %s",
+						DatumGetCString(DirectFunctionCall1(uuid_out, UUIDPGetDatum(&rec->command_id))),
+						i >= 0 ? " for projection \"" : "",
+						i >= 0 ? projections[i].name : "",
+						i >= 0 ? "\"" : "",
+						edata->message)));
+	FreeErrorData(edata);
+	return fl;
+}
+
+/*
+ * Call projection i's apply function on the aggregate's state and rec.
+ */
+static void
+fold_call(Fold *f, int i, ProjAggState *a, Datum command)
+{
+	Projection *p = &projections[i];
+	ProjState  *ps = &a->ps[i];
+	LOCAL_FCINFO(fcinfo, 2);
+	Datum		result;
+	Oid			save_userid;
+	int			save_sec;
+
+	InitFunctionCallInfoData(*fcinfo, &p->flinfo, 2, InvalidOid, NULL, NULL);
+	fcinfo->args[0].value = ps->exists ? ps->row : (Datum) 0;
+	fcinfo->args[0].isnull = !ps->exists;
+	fcinfo->args[1].value = command;
+	fcinfo->args[1].isnull = false;
+
+	fold_enter(i, &save_userid, &save_sec);
+	current_in_apply = true;
+	result = FunctionCallInvoke(fcinfo);
+	if (!fcinfo->isnull)
+	{
+		HeapTupleHeader row = DatumGetHeapTupleHeader(result);
+		bool		isnull;
+		Datum		key = GetAttributeByNum(row, p->key_attno, &isnull);
+
+		if (isnull || strcmp(TextDatumGetCString(key), a->aggregate_id) != 0)
+			ereport(ERROR,
+					(errcode(ERRCODE_INVALID_PARAMETER_VALUE),
+					 errmsg("apply function %s of projection \"%s\" returned a row for %s%s%s, not for aggregate \"%s\"",
+							format_procedure(p->apply), p->name,
+							isnull ? "no aggregate" : "aggregate \"",
+							isnull ? "" : TextDatumGetCString(key),
+							isnull ? "" : "\"", a->aggregate_id),
+					 errhint("Set the key column to the command's aggregate_id.")));
+		ps->row = datumCopy(PointerGetDatum(row), false, -1);
+	}
+	current_in_apply = false;
+	fold_leave(save_userid, save_sec);
+
+	ps->exists = !fcinfo->isnull;
+	ps->dirty = true;
+}
+
+/* Dead-letter rec for projection i with a failure's reason. */
+static void
+fold_dead(List **dead, CqrsRecord *rec, int i, Failure *fl)
+{
+	CqrsDeadLetter *dl = palloc0(sizeof(CqrsDeadLetter));
+
+	dl->rec = rec;
+	dl->reason = fl->message;
+	dl->projection = pstrdup(projections[i].name);
+	dl->sqlstate = fl->sqlstate;
+	*dead = lappend(*dead, dl);
+}
+
+typedef struct CallArgs
+{
+	Fold	   *fold;
+	int			projection;
+	ProjAggState *agg;
+	Datum		command;
+} CallArgs;
+
+static void
+fold_call_args(void *arg)
+{
+	CallArgs   *c = arg;
+
+	fold_call(c->fold, c->projection, c->agg, c->command);
+}
+
+/*
+ * fold_call() in a subtransaction: an error the command can be to blame
+ * for dead-letters it for this projection, whose state stays as it was.
+ */
+static void
+fold_call_careful(Fold *f, int i, ProjAggState *a, CqrsRecord *rec,
+				  Datum command, List **dead)
+{
+	CallArgs	args = {f, i, a, command};
+	ErrorData  *edata;
+	Failure    *fl;
+
+	edata = cqrs_try_subtransaction(fold_call_args, &args);
+	current_projection = -1;
+	current_in_apply = false;
+	if (edata == NULL)
+		return;
+	if (!fold_blames_command(edata->sqlerrcode))
+		ReThrowError(edata);
+	fl = fold_fail(f, rec, i, edata, false);
+	fold_dead(dead, rec, i, fl);
+}
+
+/* The version the aggregate's projections have all reached. */
+static int64
+fold_version(Fold *f, ProjAggState *a)
+{
+	int64		v = PG_INT64_MAX;
+
+	for (int i = 0; i < nprojections; i++)
+		if (fold_follows(f, i, a->aggregate_type))
+			v = Min(v, a->ps[i].version);
+	return v;
+}
+
+/*
+ * Apply rec, next in its aggregate's sequence, to each projection of the
+ * aggregate that has not applied it yet.
+ */
+static void
+fold_apply(Fold *f, ProjAggState *a, CqrsRecord *rec, List **dead)
+{
+	Datum		command = (Datum) 0;
+
+	f->stats.applied++;
+	current_record = rec;
+	for (int i = 0; i < nprojections; i++)
+	{
+		ProjState  *ps = &a->ps[i];
+		Failure    *fl;
+
+		if (!fold_follows(f, i, a->aggregate_type) ||
+			ps->version >= rec->sequence_id)
+			continue;
+		ps->version = rec->sequence_id;
+		if ((fl = fold_failure(f, rec, i)) != NULL)
+		{
+			fold_dead(dead, rec, i, fl);
+			continue;
+		}
+		if (command == (Datum) 0)
+			command = fold_command_datum(rec);
+		if (f->careful)
+			fold_call_careful(f, i, a, rec, command, dead);
+		else
+			fold_call(f, i, a, command);
+	}
+}
+
+/* Apply the aggregate's parked commands that are now next in line. */
+static void
+fold_drain(Fold *f, ProjAggState *a, List **dead)
+{
+	bool		progress = true;
+
+	while (progress)
+	{
+		int64		v = fold_version(f, a);
+		ListCell   *lc;
+
+		progress = false;
+		foreach(lc, a->parked)
+		{
+			Parked	   *pk = lfirst(lc);
+
+			if (pk->drained || pk->rec->sequence_id != v + 1)
+				continue;
+			pk->drained = true;
+			f->stats.unparked++;
+			fold_apply(f, a, pk->rec, dead);
+			progress = true;
+			break;
+		}
+	}
+}
+
+/* Fold one record into its aggregate. */
+static void
+fold_record(Fold *f, ProjAggState *a, CqrsRecord *rec, List **dead)
+{
+	int64		v = fold_version(f, a);
+	ListCell   *lc;
+	Parked	   *pk;
+
+	if (rec->sequence_id <= v)
+	{
+		f->stats.skipped++;
+		return;
+	}
+	if (rec->sequence_id == v + 1)
+	{
+		fold_apply(f, a, rec, dead);
+		fold_drain(f, a, dead);
+		return;
+	}
+	foreach(lc, a->parked)
+	{
+		pk = lfirst(lc);
+		if (pk->rec->sequence_id == rec->sequence_id)
+		{
+			f->stats.skipped++;
+			return;
+		}
+	}
+	pk = palloc0(sizeof(Parked));
+	pk->rec = rec;
+	a->parked = lappend(a->parked, pk);
+	f->stats.parked++;
+}
+
+/* The ids of the aggregates of aggregate_type (any, when NULL), as text[]. */
+static Datum
+fold_keys(HTAB *aggs, const char *aggregate_type, int *nkeys)
+{
+	Datum	   *keys = palloc(sizeof(Datum) * Max(hash_get_num_entries(aggs), 1));
+	HASH_SEQ_STATUS seq;
+	ProjAggState   *a;
+	int			n = 0;
+
+	hash_seq_init(&seq, aggs);
+	while ((a = hash_seq_search(&seq)) != NULL)
+		if (aggregate_type == NULL || strcmp(a->aggregate_type, aggregate_type) == 0)
+			keys[n++] = CStringGetTextDatum(a->aggregate_id);
+	*nkeys = n;
+	return cqrs_array(keys, NULL, n, TEXTOID);
+}
+
+/*
+ * Load the rows, versions and parked commands of the aggregates.
+ */
+static void
+fold_load(Fold *f, HTAB *aggs)
+{
+	static SPIPlanPtr versions_plan = NULL;
+	static const char *versions_sql =
+		"SELECT projection, aggregate_id, version FROM cqrs.projection_version"
+		" WHERE projection OPERATOR(pg_catalog.=) ANY ($1)"
+		" AND aggregate_id OPERATOR(pg_catalog.=) ANY ($2)";
+	Oid			argtypes[2] = {TEXTARRAYOID, TEXTARRAYOID};
+	Datum		values[2];
+	Datum	   *names = palloc(sizeof(Datum) * Max(nprojections, 1));
+	int			nnames = 0;
+	int			nkeys;
+	List	   *parked;
+	ListCell   *lc;
+
+	for (int i = 0; i < nprojections; i++)
+	{
+		Datum		keys;
+		Oid			save_userid;
+		int			save_sec;
+		Oid			key_type[1] = {TEXTARRAYOID};
+
+		if (f->only >= 0 && f->only != i)
+			continue;
+		keys = fold_keys(aggs, projections[i].aggregate_type, &nkeys);
+		if (nkeys == 0)
+			continue;
+		names[nnames++] = CStringGetTextDatum(projections[i].name);
+
+		fold_enter(i, &save_userid, &save_sec);
+		(void) cqrs_exec(cqrs_keep_plan(&projections[i].load_plan,
+										projections[i].load_sql, 1, key_type),
+						 &keys, NULL, 0, SPI_OK_SELECT);
+		fold_leave(save_userid, save_sec);
+		for (uint64 r = 0; r < SPI_processed; r++)
+		{
+			HeapTuple	tup = SPI_tuptable->vals[r];
+			char	   *id = cqrs_spi_text(tup, SPI_tuptable->tupdesc, 1);
+			bool		isnull;
+			ProjAggState   *a = hash_search(aggs, &id, HASH_FIND, NULL);
+
+			if (a == NULL)
+				continue;
+			a->ps[i].row = datumCopy(SPI_getbinval(tup, SPI_tuptable->tupdesc, 2, &isnull),
+									 false, -1);
+			a->ps[i].exists = a->ps[i].stored = true;
+		}
+	}
+	if (nnames == 0)
+		return;
+
+	values[0] = cqrs_array(names, NULL, nnames, TEXTOID);
+	values[1] = fold_keys(aggs, NULL, &nkeys);
+	(void) cqrs_exec(cqrs_keep_plan(&versions_plan, versions_sql, 2, argtypes),
+					 values, NULL, 0, SPI_OK_SELECT);
+	for (uint64 r = 0; r < SPI_processed; r++)
+	{
+		HeapTuple	tup = SPI_tuptable->vals[r];
+		int			i = defs_find(cqrs_spi_text(tup, SPI_tuptable->tupdesc, 1));
+		char	   *id = cqrs_spi_text(tup, SPI_tuptable->tupdesc, 2);
+		bool		isnull;
+		ProjAggState   *a = hash_search(aggs, &id, HASH_FIND, NULL);
+
+		if (a == NULL || i < 0)
+			continue;
+		a->ps[i].version = a->ps[i].stored_version =
+			DatumGetInt64(SPI_getbinval(tup, SPI_tuptable->tupdesc, 3, &isnull));
+	}
+
+	parked = cqrs_parked_load(values[1]);
+	foreach(lc, parked)
+	{
+		CqrsRecord *rec = lfirst(lc);
+		ProjAggState   *a = hash_search(aggs, &rec->aggregate_id, HASH_FIND, NULL);
+		Parked	   *pk;
+
+		if (a == NULL)
+			continue;
+		pk = palloc0(sizeof(Parked));
+		pk->rec = rec;
+		pk->stored = true;
+		a->parked = lappend(a->parked, pk);
+	}
+}
+
+/*
+ * Verify: add a row to the output for each aggregate whose row in the
+ * table differs from its fold.
+ */
+static void
+fold_compare(Fold *f, HTAB *aggs, int i)
+{
+	Projection *p = &projections[i];
+	HASH_SEQ_STATUS seq;
+	ProjAggState   *a;
+	Oid			key_type[1] = {TEXTARRAYOID};
+	Datum		keys;
+	int			nkeys;
+	HTAB	   *actual;
+	HASHCTL		ctl;
+	Oid			save_userid;
+	int			save_sec;
+	Oid			out_func;
+	bool		varlena;
+	typedef struct Actual
+	{
+		char	   *id;
+		char	   *row;
+	} Actual;
+
+	keys = fold_keys(aggs, p->aggregate_type, &nkeys);
+	if (nkeys == 0)
+		return;
+	ctl.keysize = sizeof(char *);
+	ctl.entrysize = sizeof(Actual);
+	ctl.hash = agg_hash;
+	ctl.match = agg_match;
+	ctl.hcxt = CurrentMemoryContext;
+	actual = hash_create("cqrs verify rows", nkeys, &ctl,
+						 HASH_ELEM | HASH_FUNCTION | HASH_COMPARE | HASH_CONTEXT);
+	getTypeOutputInfo(p->rowtype, &out_func, &varlena);
+
+	fold_enter(i, &save_userid, &save_sec);
+	(void) cqrs_exec(cqrs_keep_plan(&p->load_plan, p->load_sql, 1, key_type),
+					 &keys, NULL, 0, SPI_OK_SELECT);
+	fold_leave(save_userid, save_sec);
+	for (uint64 r = 0; r < SPI_processed; r++)
+	{
+		HeapTuple	tup = SPI_tuptable->vals[r];
+		char	   *id = cqrs_spi_text(tup, SPI_tuptable->tupdesc, 1);
+		bool		isnull;
+		Actual	   *act = hash_search(actual, &id, HASH_ENTER, NULL);
+
+		act->row = OidOutputFunctionCall(out_func,
+										 SPI_getbinval(tup, SPI_tuptable->tupdesc, 2, &isnull));
+	}
+
+	hash_seq_init(&seq, aggs);
+	while ((a = hash_seq_search(&seq)) != NULL)
+	{
+		Actual	   *act;
+		char	   *expected;
+		Datum		values[3];
+		bool		nulls[3] = {false, false, false};
+
+		if (strcmp(a->aggregate_type, p->aggregate_type) != 0)
+			continue;
+		act = hash_search(actual, &a->aggregate_id, HASH_FIND, NULL);
+		expected = a->ps[i].exists ?
+			OidOutputFunctionCall(out_func, a->ps[i].row) : NULL;
+		if ((expected == NULL && act == NULL) ||
+			(expected != NULL && act != NULL && strcmp(expected, act->row) == 0))
+			continue;
+		values[0] = CStringGetTextDatum(a->aggregate_id);
+		if (expected)
+			values[1] = CStringGetTextDatum(expected);
+		else
+			nulls[1] = true;
+		if (act)
+			values[2] = CStringGetTextDatum(act->row);
+		else
+			nulls[2] = true;
+		tuplestore_putvalues(f->out, f->out_desc, values, nulls);
+	}
+}
+
+/*
+ * Write the fold back: each projection's rows and versions, parked and
+ * unparked commands, dead letters.
+ */
+static void
+fold_write(Fold *f, HTAB *aggs, List *dead)
+{
+	static SPIPlanPtr versions_plan = NULL;
+	static const char *versions_sql =
+		"INSERT INTO cqrs.projection_version (projection, aggregate_id, version)"
+		" SELECT * FROM ROWS FROM (pg_catalog.unnest($1::pg_catalog.text[]),"
+		" pg_catalog.unnest($2::pg_catalog.text[]),"
+		" pg_catalog.unnest($3::pg_catalog.int8[]))"
+		" ON CONFLICT (projection, aggregate_id)"
+		" DO UPDATE SET version = excluded.version";
+	static const Oid version_types[3] = {TEXTOID, TEXTOID, INT8OID};
+	int			naggs = hash_get_num_entries(aggs);
+	CqrsBatch	versions;
+	CqrsBatch	park;
+	CqrsBatch	unpark;
+	HASH_SEQ_STATUS seq;
+	ProjAggState   *a;
+
+	memset(&park, 0, sizeof(park));
+	memset(&unpark, 0, sizeof(unpark));
+	cqrs_batch_init(&versions, naggs, 3, version_types);
+
+	for (int i = 0; i < nprojections; i++)
+	{
+		Projection *p = &projections[i];
+		Datum	   *rows;
+		Datum	   *gone;
+		int			nrows = 0;
+		int			ngone = 0;
+		Oid			save_userid;
+		int			save_sec;
+
+		if (f->only >= 0 && f->only != i)
+			continue;
+		if (f->mode == FOLD_VERIFY)
+		{
+			fold_compare(f, aggs, i);
+			continue;
+		}
+		rows = palloc(sizeof(Datum) * Max(naggs, 1));
+		gone = palloc(sizeof(Datum) * Max(naggs, 1));
+		hash_seq_init(&seq, aggs);
+		while ((a = hash_seq_search(&seq)) != NULL)
+		{
+			ProjState  *ps = &a->ps[i];
+
+			if (!fold_follows(f, i, a->aggregate_type))
+				continue;
+			if (ps->dirty && ps->exists)
+				rows[nrows++] = ps->row;
+			else if (ps->dirty && ps->stored)
+				gone[ngone++] = CStringGetTextDatum(a->aggregate_id);
+			if (ps->version != ps->stored_version)
+			{
+				cqrs_batch_put_text(&versions, 0, p->name);
+				cqrs_batch_put_text(&versions, 1, a->aggregate_id);
+				cqrs_batch_put(&versions, 2, Int64GetDatum(ps->version));
+				versions.nrows++;
+				cqrs_batch_grow(&versions);
+			}
+		}
+		fold_enter(i, &save_userid, &save_sec);
+		if (nrows > 0)
+		{
+			Oid			argtypes[1] = {get_array_type(p->rowtype)};
+			Datum		arg = cqrs_array(rows, NULL, nrows, p->rowtype);
+
+			(void) cqrs_exec(cqrs_keep_plan(&p->upsert_plan, p->upsert_sql, 1, argtypes),
+							 &arg, NULL, 0, SPI_OK_INSERT);
+		}
+		if (ngone > 0)
+		{
+			Oid			argtypes[1] = {TEXTARRAYOID};
+			Datum		arg = cqrs_array(gone, NULL, ngone, TEXTOID);
+
+			(void) cqrs_exec(cqrs_keep_plan(&p->delete_plan, p->delete_sql, 1, argtypes),
+							 &arg, NULL, 0, SPI_OK_DELETE);
+		}
+		fold_leave(save_userid, save_sec);
+	}
+	if (f->mode == FOLD_VERIFY)
+		return;
+	cqrs_batch_exec(&versions, &versions_plan, versions_sql, SPI_OK_INSERT);
+
+	hash_seq_init(&seq, aggs);
+	while ((a = hash_seq_search(&seq)) != NULL)
+	{
+		int64		v = fold_version(f, a);
+		ListCell   *lc;
+
+		foreach(lc, a->parked)
+		{
+			Parked	   *pk = lfirst(lc);
+
+			/* behind every projection: nothing waits for it any more */
+			if (pk->rec->sequence_id <= v)
+				pk->drained = true;
+			if (pk->drained && pk->stored)
+				cqrs_unpark_put(&unpark, pk->rec);
+			else if (!pk->drained && !pk->stored)
+				cqrs_parked_put(&park, pk->rec, v + 1);
+		}
+	}
+	cqrs_parked_store(&park);
+	cqrs_parked_remove(&unpark);
+	f->stats.dead += cqrs_write_dead(dead);
+}
+
+/*
+ * Fold and write records[lo, hi) in the current (sub)transaction.
+ */
+static void
+fold_range_once(Fold *f, CqrsRecord *records, int lo, int hi)
+{
+	HASHCTL		hctl;
+	HTAB	   *aggs;
+	List	   *dead = NIL;
+
+	hctl.keysize = sizeof(char *);
+	hctl.entrysize = offsetof(ProjAggState, ps) + sizeof(ProjState) * Max(nprojections, 1);
+	hctl.hash = agg_hash;
+	hctl.match = agg_match;
+	hctl.hcxt = CurrentMemoryContext;
+	aggs = hash_create("cqrs batch aggregates", Max(16, hi - lo), &hctl,
+					   HASH_ELEM | HASH_FUNCTION | HASH_COMPARE | HASH_CONTEXT);
+
+	for (int i = lo; i < hi; i++)
+	{
+		CqrsRecord *rec = &records[i];
+		const char *type = defs_aggregate_type(rec->command_type);
+		bool		found;
+		ProjAggState   *a;
+
+		if (type == NULL || rec->aggregate_id == NULL)
+			continue;
+		a = hash_search(aggs, &rec->aggregate_id, HASH_ENTER, &found);
+		if (!found)
+		{
+			memset(((char *) a) + sizeof(char *), 0, hctl.entrysize - sizeof(char *));
+			a->aggregate_id = rec->aggregate_id;
+			a->aggregate_type = type;
+			for (int p = 0; p < nprojections; p++)
+				a->ps[p].stored_version = -1;
+		}
+	}
+	if (hash_get_num_entries(aggs) == 0)
+		return;
+	if (f->mode == FOLD_STREAM)
+		fold_load(f, aggs);
+
+	for (int i = lo; i < hi; i++)
+	{
+		CqrsRecord *rec = &records[i];
+		ProjAggState   *a;
+
+		if (rec->aggregate_id == NULL)
+			continue;
+		a = hash_search(aggs, &rec->aggregate_id, HASH_FIND, NULL);
+		if (a == NULL)
+			continue;
+		current_record = rec;
+		fold_record(f, a, rec, &dead);
+	}
+	current_record = NULL;
+	f->nfolded += hash_get_num_entries(aggs);
+	fold_write(f, aggs, dead);
+}
+
+/*
+ * Can the failed command be to blame for this error raised while a
+ * projection's own code ran (its apply function, its table's constraints
+ * and triggers)?  Everything but what says the server is in trouble:
+ * cancels and timeouts, resources, serialization, internal errors.
+ */
+static bool
+fold_blames_command(int sqlerrcode)
+{
+	switch (ERRCODE_TO_CATEGORY(sqlerrcode))
+	{
+		case ERRCODE_TO_CATEGORY(ERRCODE_TRANSACTION_ROLLBACK):
+		case ERRCODE_TO_CATEGORY(ERRCODE_INSUFFICIENT_RESOURCES):
+		case ERRCODE_TO_CATEGORY(ERRCODE_PROGRAM_LIMIT_EXCEEDED):
+		case ERRCODE_TO_CATEGORY(ERRCODE_OPERATOR_INTERVENTION):
+		case ERRCODE_TO_CATEGORY(ERRCODE_SYSTEM_ERROR):
+		case ERRCODE_TO_CATEGORY(ERRCODE_INTERNAL_ERROR):
+		case ERRCODE_TO_CATEGORY(ERRCODE_OBJECT_NOT_IN_PREREQUISITE_STATE):
+			return false;
+		default:
+			return true;
+	}
+}
+
+typedef struct RangeArgs
+{
+	Fold	   *fold;
+	CqrsRecord *records;
+	int			lo;
+	int			hi;
+} RangeArgs;
+
+static void
+fold_range_args(void *arg)
+{
+	RangeArgs  *a = arg;
+
+	fold_range_once(a->fold, a->records, a->lo, a->hi);
+}
+
+/*
+ * Fold records[lo, hi) in a subtransaction.  When an apply function
+ * fails on a command, fold the range again calling each apply function
+ * in a subtransaction of its own, so that the failing calls are
+ * dead-lettered and the others kept.  When writing fails (a constraint
+ * of a table refusing a row), split the range until the failing command
+ * is alone, and dead-letter it for that projection (or every projection
+ * of it, when the error was not a projection's).
+ */
+static void
+fold_range(Fold *f, CqrsRecord *records, int lo, int hi)
+{
+	RangeArgs	args = {f, records, lo, hi};
+	CqrsApplyStats saved = f->stats;
+	int64		saved_folded = f->nfolded;
+	bool		was_careful = f->careful;
+
+	for (;;)
+	{
+		ErrorData  *edata;
+		int			culprit;
+		bool		in_apply;
+		bool		blamed;
+
+		current_projection = -1;
+		current_in_apply = false;
+		edata = cqrs_try_subtransaction(fold_range_args, &args);
+		culprit = current_projection;
+		in_apply = current_in_apply;
+		current_projection = -1;
+		current_in_apply = false;
+		current_record = NULL;
+		if (edata == NULL)
+		{
+			f->careful = was_careful;
+			return;
+		}
+		/* what the failed attempt counted did not happen */
+		f->stats = saved;
+		f->nfolded = saved_folded;
+		cqrs_project_forget();
+		blamed = culprit >= 0 ? fold_blames_command(edata->sqlerrcode) :
+			cqrs_blames_command(edata->sqlerrcode);
+		if (!blamed)
+			ReThrowError(edata);
+		if (in_apply && !f->careful)
+		{
+			f->careful = true;
+			FreeErrorData(edata);
+			continue;
+		}
+		f->careful = was_careful;
+		if (f->mode == FOLD_VERIFY)
+			ReThrowError(edata);
+		if (hi - lo > 1)
+		{
+			int			mid = lo + (hi - lo) / 2;
+			FoldMode	mode = f->mode;
+
+			FreeErrorData(edata);
+			/* the second half starts from what the first half wrote */
+			f->mode = FOLD_STREAM;
+			fold_range(f, records, lo, mid);
+			fold_range(f, records, mid, hi);
+			f->mode = mode;
+			return;
+		}
+		/* the same failure again: it is not this command's */
+		if (fold_failure(f, &records[lo], culprit) != NULL)
+			ReThrowError(edata);
+		(void) fold_fail(f, &records[lo], culprit, edata, true);
+		saved = f->stats;
+	}
+}
+
+/*
+ * Fold records (in commit order) with the declared projections.
+ */
+static void
+fold_records(Fold *f, CqrsRecord *records, int n)
+{
+	ErrorContextCallback errcallback;
+
+	errcallback.callback = fold_error_context;
+	errcallback.arg = NULL;
+	errcallback.previous = error_context_stack;
+	error_context_stack = &errcallback;
+	fold_range(f, records, 0, n);
+	error_context_stack = errcallback.previous;
+}
+
+/*
+ * Apply the commands of declared types among records, in the current
+ * transaction, with SPI connected: the projector's batches, the catch-up
+ * from the log, a retried dead letter.
+ */
+void
+cqrs_project_declared(CqrsRecord *records, int n, CqrsApplyStats *stats)
+{
+	Fold		f;
+
+	defs_load();
+	if (nprojections == 0)
+	{
+		stats->skipped += n;
+		return;
+	}
+	memset(&f, 0, sizeof(f));
+	f.mode = FOLD_STREAM;
+	f.only = -1;
+	fold_records(&f, records, n);
+	cqrs_stats_add(stats, &f.stats);
+}
+
+/* A name argument of a projection function. */
+static char *
+projection_name_arg(FunctionCallInfo fcinfo, int argno)
+{
+	char	   *name;
+
+	if (PG_ARGISNULL(argno))
+		ereport(ERROR,
+				(errcode(ERRCODE_NULL_VALUE_NOT_ALLOWED),
+				 errmsg("projection name must not be null")));
+	name = text_to_cstring(PG_GETARG_TEXT_PP(argno));
+	return name;
+}
+
+/* Which (declared) projection is name; ERROR when none or built in. */
+static int
+projection_lookup(const char *name)
+{
+	int			i;
+
+	defs_load();
+	i = defs_find(name);
+	if (i < 0 && strcmp(name, "orders") == 0)
+		ereport(ERROR,
+				(errcode(ERRCODE_FEATURE_NOT_SUPPORTED),
+				 errmsg("projection \"%s\" is built in", name),
+				 errhint("Use the functions without a projection argument for it.")));
+	if (i < 0)
+		ereport(ERROR,
+				(errcode(ERRCODE_UNDEFINED_OBJECT),
+				 errmsg("projection \"%s\" does not exist", name)));
+	return i;
+}
+
+/* cqrs_scan_log()'s fold of one projection. */
+static void
+projection_scan_chunk(CqrsRecord *records, int n, void *arg)
+{
+	fold_records((Fold *) arg, records, n);
+}
+
+/*
+ * Fold the whole log into projection i with a Fold of the given mode;
+ * returns the number of commands read.
+ */
+static int64
+projection_scan(Fold *f, int i)
+{
+	static const char *sql =
+		"SELECT l.log_id, l.command_id, l.command_type, l.aggregate_id,"
+		" l.sequence_id, l.payload, l.traceparent, l.created_at"
+		" FROM cqrs.command_log AS l"
+		" WHERE l.command_type OPERATOR(pg_catalog.=) ANY"
+		" (SELECT t.name FROM cqrs.command_type AS t"
+		"  WHERE t.aggregate_type OPERATOR(pg_catalog.=) $1)"
+		" ORDER BY l.aggregate_id, l.sequence_id";
+	Oid			argtypes[1] = {TEXTOID};
+	Datum		values[1];
+
+	f->only = i;
+	values[0] = CStringGetTextDatum(projections[i].aggregate_type);
+	return cqrs_scan_log(sql, 1, argtypes, values, true,
+						 projection_scan_chunk, f);
+}
+
+/*
+ * Empty projection i's table, versions and dead letters, and fold the
+ * whole log into it; in the caller's transaction, holding the projection
+ * lock.  Returns the number of commands folded.
+ */
+static int64
+projection_fill(int i, CqrsApplyStats *stats)
+{
+	static SPIPlanPtr forget_plan = NULL;
+	static const char *forget_sql =
+		"WITH v AS (DELETE FROM cqrs.projection_version"
+		"           WHERE projection OPERATOR(pg_catalog.=) $1)"
+		" DELETE FROM cqrs.dead_letter WHERE projection OPERATOR(pg_catalog.=) $1";
+	Oid			argtypes[1] = {TEXTOID};
+	Datum		values[1];
+	Fold		f;
+	Oid			save_userid;
+	int			save_sec;
+	char	   *empty_sql;
+	int64		n;
+	Relation	rel;
+
+	values[0] = CStringGetTextDatum(projections[i].name);
+	(void) cqrs_exec(cqrs_keep_plan(&forget_plan, forget_sql, 1, argtypes),
+					 values, NULL, 0, SPI_OK_DELETE);
+	rel = relation_open(projections[i].target, AccessShareLock);
+	empty_sql = psprintf("DELETE FROM %s",
+						 quote_qualified_identifier(get_namespace_name(RelationGetNamespace(rel)),
+													RelationGetRelationName(rel)));
+	relation_close(rel, AccessShareLock);
+	fold_enter(i, &save_userid, &save_sec);
+	if (SPI_execute(empty_sql, false, 0) != SPI_OK_DELETE)
+		elog(ERROR, "could not empty the table of projection \"%s\"",
+			 projections[i].name);
+	fold_leave(save_userid, save_sec);
+
+	memset(&f, 0, sizeof(f));
+	f.mode = FOLD_REBUILD;
+	n = projection_scan(&f, i);
+	cqrs_stats_add(stats, &f.stats);
+	return n;
+}
+
+/* Begin a function that folds: as the extension's owner, locked. */
+static void
+projection_begin(CqrsOwnerScope *scope, const char *name)
+{
+	if (IsolationUsesXactSnapshot())
+		ereport(ERROR,
+				(errcode(ERRCODE_FEATURE_NOT_SUPPORTED),
+				 errmsg("%s cannot run in a %s transaction", name,
+						IsolationIsSerializable() ? "SERIALIZABLE" : "REPEATABLE READ"),
+				 errhint("Call it in a READ COMMITTED transaction.")));
+	cqrs_spi_connect_as_owner(scope);
+	(void) cqrs_lock_projection(true);
+	/* a definition committed while this waited for the lock */
+	AcceptInvalidationMessages();
+	cqrs_project_forget();
+	if (cqrs_shared != NULL)
+		pg_atomic_fetch_add_u64(&cqrs_shared->repair_generation, 1);
+}
+
+/*
+ * cqrs.create_projection(name text, aggregate_type text, target regclass,
+ *		key_column name, apply_function regprocedure) RETURNS bigint
+ *
+ * Declare the projection and fill its table from the whole log, in the
+ * caller's transaction, holding the projection lock: the projector waits
+ * meanwhile, and from its next batch folds new commands into the table
+ * too.  Readers see the table as it was until the transaction commits.
+ */
+Datum
+create_projection(PG_FUNCTION_ARGS)
+{
+	char	   *name = projection_name_arg(fcinfo, 0);
+	char	   *aggregate;
+	Oid			target;
+	char	   *key;
+	Oid			apply;
+	Oid			rowtype;
+	Oid			owner;
+	AttrNumber	key_attno;
+	HeapTuple	tup;
+	Form_pg_proc proc;
+	bool		fits;
+	bool		strict;
+	Oid			log_type;
+	Oid			types[6] = {TEXTOID, TEXTOID, TEXTOID, NAMEOID, TEXTOID, OIDOID};
+	Datum		values[6];
+	CqrsOwnerScope scope;
+	CqrsApplyStats stats;
+	int64		n;
+	int			i;
+	static const AclMode modes[4] = {ACL_SELECT, ACL_INSERT, ACL_UPDATE, ACL_DELETE};
+
+	for (int a = 1; a <= 4; a++)
+		if (PG_ARGISNULL(a))
+			ereport(ERROR,
+					(errcode(ERRCODE_NULL_VALUE_NOT_ALLOWED),
+					 errmsg("%s must not be null",
+							a == 1 ? "aggregate_type" : a == 2 ? "target" :
+							a == 3 ? "key_column" : "apply_function")));
+	owner = GetUserId();
+	aggregate = text_to_cstring(PG_GETARG_TEXT_PP(1));
+	target = PG_GETARG_OID(2);
+	key = NameStr(*PG_GETARG_NAME(3));
+	apply = PG_GETARG_OID(4);
+
+	if (strlen(name) == 0 || strlen(name) >= NAMEDATALEN)
+		ereport(ERROR,
+				(errcode(ERRCODE_INVALID_NAME),
+				 errmsg("invalid projection name \"%s\"", name)));
+
+	/* the target: a plain table the caller may read and write */
+	if (get_rel_relkind(target) != RELKIND_RELATION &&
+		get_rel_relkind(target) != RELKIND_PARTITIONED_TABLE)
+		ereport(ERROR,
+				(errcode(ERRCODE_WRONG_OBJECT_TYPE),
+				 errmsg("target \"%s\" of a projection must be a table",
+						get_rel_name(target))));
+	for (int m = 0; m < 4; m++)
+		if (pg_class_aclcheck(target, GetUserId(), modes[m]) != ACLCHECK_OK)
+			ereport(ERROR,
+					(errcode(ERRCODE_INSUFFICIENT_PRIVILEGE),
+					 errmsg("permission denied for table %s", get_rel_name(target)),
+					 errdetail("The projection's role needs SELECT, INSERT, UPDATE and DELETE on its target table.")));
+	rowtype = get_rel_type_id(target);
+	key_attno = get_attnum(target, key);
+	if (key_attno == InvalidAttrNumber)
+		ereport(ERROR,
+				(errcode(ERRCODE_UNDEFINED_COLUMN),
+				 errmsg("column \"%s\" of relation \"%s\" does not exist",
+						key, get_rel_name(target))));
+	if (getBaseType(get_atttype(target, key_attno)) != TEXTOID)
+		ereport(ERROR,
+				(errcode(ERRCODE_DATATYPE_MISMATCH),
+				 errmsg("key column \"%s\" must be of type text", key),
+				 errdetail("It holds the aggregate id.")));
+
+	/* apply_function: (target, cqrs.command_log) RETURNS target */
+	log_type = get_rel_type_id(cqrs_relid(CQRS_REL_COMMAND_LOG));
+	tup = SearchSysCache1(PROCOID, ObjectIdGetDatum(apply));
+	if (!HeapTupleIsValid(tup))
+		elog(ERROR, "cache lookup failed for function %u", apply);
+	proc = (Form_pg_proc) GETSTRUCT(tup);
+	fits = (proc->pronargs == 2 && proc->proargtypes.values[0] == rowtype &&
+			proc->proargtypes.values[1] == log_type &&
+			proc->prorettype == rowtype && !proc->proretset &&
+			proc->prokind == PROKIND_FUNCTION);
+	strict = proc->proisstrict;
+	ReleaseSysCache(tup);
+	if (!fits)
+		ereport(ERROR,
+				(errcode(ERRCODE_INVALID_FUNCTION_DEFINITION),
+				 errmsg("apply function %s must take (%s, cqrs.command_log) and return %s",
+						format_procedure(apply), format_type_be(rowtype),
+						format_type_be(rowtype))));
+	if (strict)
+		ereport(ERROR,
+				(errcode(ERRCODE_INVALID_FUNCTION_DEFINITION),
+				 errmsg("apply function %s must not be STRICT", format_procedure(apply)),
+				 errdetail("It is called with a NULL state for an aggregate's first command.")));
+	if (CQRS_PROC_ACLCHECK(apply, GetUserId(), ACL_EXECUTE) != ACLCHECK_OK)
+		ereport(ERROR,
+				(errcode(ERRCODE_INSUFFICIENT_PRIVILEGE),
+				 errmsg("permission denied for function %s", format_procedure(apply))));
+
+	projection_begin(&scope, "cqrs.create_projection()");
+	{
+		Oid			one[1] = {TEXTOID};
+		Datum		v[1] = {CStringGetTextDatum(aggregate)};
+
+		if (SPI_execute_with_args("SELECT FROM cqrs.aggregate_type"
+								  " WHERE name OPERATOR(pg_catalog.=) $1",
+								  1, one, v, NULL, true, 0) != SPI_OK_SELECT)
+			elog(ERROR, "could not read cqrs.aggregate_type");
+		if (SPI_processed == 0)
+			ereport(ERROR,
+					(errcode(ERRCODE_UNDEFINED_OBJECT),
+					 errmsg("aggregate type \"%s\" does not exist", aggregate)));
+		if (strcmp(aggregate, "order") == 0)
+			ereport(ERROR,
+					(errcode(ERRCODE_FEATURE_NOT_SUPPORTED),
+					 errmsg("the orders commands have the built-in projection \"orders\" only")));
+		v[0] = CStringGetTextDatum(name);
+		if (SPI_execute_with_args("SELECT FROM cqrs.projection"
+								  " WHERE name OPERATOR(pg_catalog.=) $1",
+								  1, one, v, NULL, true, 0) != SPI_OK_SELECT)
+			elog(ERROR, "could not read cqrs.projection");
+		if (SPI_processed > 0)
+			ereport(ERROR,
+					(errcode(ERRCODE_DUPLICATE_OBJECT),
+					 errmsg("projection \"%s\" already exists", name)));
+	}
+	/* ON CONFLICT needs a unique index on the key column alone */
+	{
+		Oid			argt[2] = {OIDOID, INT2OID};
+		Datum		argv[2] = {ObjectIdGetDatum(target), Int16GetDatum(key_attno)};
+
+		if (SPI_execute_with_args("SELECT FROM pg_catalog.pg_index AS i"
+								  " WHERE i.indrelid OPERATOR(pg_catalog.=) $1"
+								  " AND i.indisunique AND i.indimmediate"
+								  " AND i.indnkeyatts OPERATOR(pg_catalog.=) 1"
+								  " AND i.indkey[0] OPERATOR(pg_catalog.=) $2"
+								  " AND i.indpred IS NULL AND i.indexprs IS NULL",
+								  2, argt, argv, NULL, true, 0) != SPI_OK_SELECT)
+			elog(ERROR, "could not read pg_index");
+		if (SPI_processed == 0)
+			ereport(ERROR,
+					(errcode(ERRCODE_INVALID_COLUMN_REFERENCE),
+					 errmsg("key column \"%s\" of table %s has no unique index of its own",
+							key, get_rel_name(target)),
+					 errhint("Make it the table's primary key.")));
+	}
+
+	values[0] = CStringGetTextDatum(name);
+	values[1] = CStringGetTextDatum(aggregate);
+	values[2] = CStringGetTextDatum(quote_qualified_identifier(get_namespace_name(get_rel_namespace(target)),
+															   get_rel_name(target)));
+	values[3] = PG_GETARG_DATUM(3);
+	values[4] = CStringGetTextDatum(format_procedure_qualified(apply));
+	values[5] = ObjectIdGetDatum(owner);
+	if (SPI_execute_with_args("INSERT INTO cqrs.projection"
+							  " (name, aggregate_type, target, key_column, apply_function, owner)"
+							  " VALUES ($1, $2, $3, $4, $5, CAST($6 AS pg_catalog.regrole))",
+							  6, types, values, NULL, false, 0) != SPI_OK_INSERT)
+		elog(ERROR, "could not insert into cqrs.projection");
+	CommandCounterIncrement();
+	defs_valid = false;
+	defs_load();
+	i = defs_find(name);
+	if (i < 0)
+		elog(ERROR, "projection \"%s\" not found after its creation", name);
+
+	memset(&stats, 0, sizeof(stats));
+	n = projection_fill(i, &stats);
+	cqrs_spi_finish(&scope);
+	ereport(NOTICE,
+			(errmsg("projection \"%s\" folded " INT64_FORMAT " commands: " INT64_FORMAT " applied, " INT64_FORMAT " parked, " INT64_FORMAT " dead-lettered",
+					name, n, stats.applied, stats.parked, stats.dead)));
+	PG_RETURN_INT64(n);
+}
+
+/*
+ * cqrs.drop_projection(name text) RETURNS void
+ */
+Datum
+drop_projection(PG_FUNCTION_ARGS)
+{
+	char	   *name = projection_name_arg(fcinfo, 0);
+	CqrsOwnerScope scope;
+	Oid			types[1] = {TEXTOID};
+	Datum		values[1] = {CStringGetTextDatum(name)};
+
+	projection_begin(&scope, "cqrs.drop_projection()");
+	if (SPI_execute_with_args("SELECT FROM cqrs.projection"
+							  " WHERE name OPERATOR(pg_catalog.=) $1 AND builtin",
+							  1, types, values, NULL, true, 0) != SPI_OK_SELECT)
+		elog(ERROR, "could not read cqrs.projection");
+	if (SPI_processed > 0)
+		ereport(ERROR,
+				(errcode(ERRCODE_FEATURE_NOT_SUPPORTED),
+				 errmsg("projection \"%s\" is built in", name)));
+	if (SPI_execute_with_args("WITH v AS (DELETE FROM cqrs.projection_version"
+							  "           WHERE projection OPERATOR(pg_catalog.=) $1),"
+							  " d AS (DELETE FROM cqrs.dead_letter"
+							  "       WHERE projection OPERATOR(pg_catalog.=) $1)"
+							  " DELETE FROM cqrs.projection WHERE name OPERATOR(pg_catalog.=) $1",
+							  1, types, values, NULL, false, 0) != SPI_OK_DELETE)
+		elog(ERROR, "could not delete from cqrs.projection");
+	if (SPI_processed == 0)
+		ereport(ERROR,
+				(errcode(ERRCODE_UNDEFINED_OBJECT),
+				 errmsg("projection \"%s\" does not exist", name)));
+	cqrs_spi_finish(&scope);
+	PG_RETURN_VOID();
+}
+
+/*
+ * cqrs.rebuild(projection text) RETURNS bigint
+ *
+ * Replay the log into one declared projection's table, in one
+ * transaction, as cqrs.create_projection() filled it.
+ */
+Datum
+rebuild_projection(PG_FUNCTION_ARGS)
+{
+	char	   *name = projection_name_arg(fcinfo, 0);
+	CqrsOwnerScope scope;
+	CqrsApplyStats stats;
+	int64		n;
+
+	projection_begin(&scope, "cqrs.rebuild()");
+	memset(&stats, 0, sizeof(stats));
+	n = projection_fill(projection_lookup(name), &stats);
+	cqrs_spi_finish(&scope);
+	ereport(LOG,
+			(errmsg("cqrs.rebuild('%s') replayed " INT64_FORMAT " commands: " INT64_FORMAT " applied, " INT64_FORMAT " parked, " INT64_FORMAT " dead-lettered",
+					name, n, stats.applied, stats.parked, stats.dead)));
+	PG_RETURN_INT64(n);
+}
+
+/*
+ * cqrs.verify(projection text) RETURNS TABLE (aggregate_id text,
+ *		expected text, actual text)
+ *
+ * Fold the whole log in memory, as a rebuild would, and compare each
+ * aggregate's row with the table's; rows of aggregates the log does not
+ * have are listed too.
+ */
+Datum
+verify_projection(PG_FUNCTION_ARGS)
+{
+	ReturnSetInfo *rsinfo = (ReturnSetInfo *) fcinfo->resultinfo;
+	char	   *name = projection_name_arg(fcinfo, 0);
+	CqrsOwnerScope scope;
+	Fold		f;
+	int			i;
+	static SPIPlanPtr strays_plan = NULL;
+	static const char *strays_sql =
+		"SELECT pg_catalog.array_agg(k) FROM pg_catalog.unnest($1) AS k"
+		" WHERE NOT EXISTS (SELECT FROM cqrs.command_log AS l"
+		"                   WHERE l.aggregate_id OPERATOR(pg_catalog.=) k)";
+	Oid			key_type[1] = {TEXTARRAYOID};
+	char	   *keys_sql;
+	Datum		keys;
+	bool		isnull;
+	Relation	rel;
+	Oid			save_userid;
+	int			save_sec;
+	Oid			out_func;
+	bool		varlena;
+
+	InitMaterializedSRF(fcinfo, 0);
+	cqrs_spi_connect_as_owner(&scope);
+	i = projection_lookup(name);
+	memset(&f, 0, sizeof(f));
+	f.mode = FOLD_VERIFY;
+	f.out = rsinfo->setResult;
+	f.out_desc = rsinfo->setDesc;
+
+	/*
+	 * A command the projection's table refused stays refused: the fold
+	 * writes nothing, so it would not see the table refuse it again.
+	 */
+	{
+		Oid			argtypes[1] = {TEXTOID};
+		Datum		values[1] = {CStringGetTextDatum(name)};
+
+		if (SPI_execute_with_args("SELECT command_id FROM cqrs.dead_letter"
+								  " WHERE projection OPERATOR(pg_catalog.=) $1",
+								  1, argtypes, values, NULL, true, 0) != SPI_OK_SELECT)
+			elog(ERROR, "could not read cqrs.dead_letter");
+		for (uint64 r = 0; r < SPI_processed; r++)
+		{
+			Failure    *fl = palloc0(sizeof(Failure));
+
+			memcpy(&fl->command_id,
+				   DatumGetUUIDP(SPI_getbinval(SPI_tuptable->vals[r],
+											   SPI_tuptable->tupdesc, 1, &isnull)),
+				   sizeof(pg_uuid_t));
+			fl->projection = i;
+			f.failures = lappend(f.failures, fl);
+		}
+	}
+	(void) projection_scan(&f, i);
+
+	/*
+	 * Rows of aggregates without commands: the keys read as the
+	 * projection's role, looked up in the log as the extension's owner,
+	 * and the rows of those not found read as the projection's role.
+	 */
+	rel = relation_open(projections[i].target, AccessShareLock);
+	keys_sql = psprintf("SELECT pg_catalog.array_agg(CAST(t.%s AS pg_catalog.text)) FROM %s AS t",
+						quote_identifier(NameStr(TupleDescAttr(RelationGetDescr(rel),
+															   projections[i].key_attno - 1)->attname)),
+						quote_qualified_identifier(get_namespace_name(RelationGetNamespace(rel)),
+												   RelationGetRelationName(rel)));
+	relation_close(rel, AccessShareLock);
+	fold_enter(i, &save_userid, &save_sec);
+	if (SPI_execute(keys_sql, true, 0) != SPI_OK_SELECT)
+		elog(ERROR, "could not read the table of projection \"%s\"", name);
+	fold_leave(save_userid, save_sec);
+	keys = SPI_getbinval(SPI_tuptable->vals[0], SPI_tuptable->tupdesc, 1, &isnull);
+	if (isnull)
+	{
+		cqrs_spi_finish(&scope);
+		return (Datum) 0;
+	}
+	keys = datumCopy(keys, false, -1);
+	(void) cqrs_exec(cqrs_keep_plan(&strays_plan, strays_sql, 1, key_type),
+					 &keys, NULL, 0, SPI_OK_SELECT);
+	keys = SPI_getbinval(SPI_tuptable->vals[0], SPI_tuptable->tupdesc, 1, &isnull);
+	if (isnull)
+	{
+		cqrs_spi_finish(&scope);
+		return (Datum) 0;
+	}
+	keys = datumCopy(keys, false, -1);
+	getTypeOutputInfo(projections[i].rowtype, &out_func, &varlena);
+	fold_enter(i, &save_userid, &save_sec);
+	(void) cqrs_exec(cqrs_keep_plan(&projections[i].load_plan,
+									projections[i].load_sql, 1, key_type),
+					 &keys, NULL, 0, SPI_OK_SELECT);
+	fold_leave(save_userid, save_sec);
+	for (uint64 r = 0; r < SPI_processed; r++)
+	{
+		HeapTuple	tup = SPI_tuptable->vals[r];
+		Datum		values[3];
+		bool		nulls[3] = {false, true, false};
+
+		values[0] = SPI_getbinval(tup, SPI_tuptable->tupdesc, 1, &isnull);
+		values[2] = CStringGetTextDatum(OidOutputFunctionCall(out_func,
+															  SPI_getbinval(tup, SPI_tuptable->tupdesc, 2, &isnull)));
+		tuplestore_putvalues(f.out, f.out_desc, values, nulls);
+	}
+	cqrs_spi_finish(&scope);
+	return (Datum) 0;
+}
