@@ -140,6 +140,24 @@ if [ ${#redis_conf[@]} -gt 0 ]; then
 	echo "keys written: $(redis-cli -p "$REDIS_PORT" --scan --pattern 'order:*' | wc -l)"
 fi
 
+cqrs_log "a second domain, declared in SQL only: bank accounts (examples/accounts.sql)"
+psql_demo -q < "$CQRS_ROOT/examples/accounts.sql" >/dev/null
+psql_demo -U demo_app -e <<'SQL'
+SELECT sequence_id FROM cqrs.submit('OPEN_ACCOUNT', 'acct-100', '{"holder": "Grace"}');
+SELECT sequence_id FROM cqrs.submit('DEPOSIT', 'acct-100', '{"amount": 120}');
+SELECT sequence_id FROM cqrs.submit('WITHDRAW', 'acct-100', '{"amount": 20}');
+-- more than the balance: refused by the account_balance projection
+SELECT sequence_id FROM cqrs.submit('WITHDRAW', 'acct-100', '{"amount": 500}');
+SELECT cqrs.wait_for_lsn(pg_current_wal_insert_lsn());
+SQL
+psql_demo -e <<'SQL'
+SELECT account_id, holder, balance FROM bank.balance;
+SELECT * FROM bank.activity;
+SELECT command_type, aggregate_id, projection, sqlstate, reason
+  FROM cqrs.dead_letter WHERE projection IS NOT NULL;
+SELECT name, aggregate_type, target, aggregates, dead_letters FROM cqrs.projections;
+SQL
+
 cat <<EOF2
 
 The demo cluster is running.  Connect with:
