@@ -189,7 +189,9 @@ COMMENT ON TABLE cqrs.projection IS
 
 -- How far each declared projection has applied each aggregate's commands:
 -- kept apart from the target table, so that an apply function returning
--- NULL (the row deleted) keeps its aggregate's place in the sequence.
+-- NULL (the row deleted) keeps its aggregate's place in the sequence.  A
+-- row with the aggregate id '' marks a projection whose versions are
+-- there: a restore may load the definition before them.
 CREATE TABLE cqrs.projection_version (
 	projection text COLLATE pg_catalog."C" NOT NULL,
 	aggregate_id text COLLATE pg_catalog."C" NOT NULL,
@@ -262,7 +264,8 @@ CREATE VIEW cqrs.projections AS
 		   CASE WHEN p.builtin
 				THEN (SELECT pg_catalog.count(*) FROM cqrs.read_model)
 				ELSE (SELECT pg_catalog.count(*) FROM cqrs.projection_version AS v
-					  WHERE v.projection OPERATOR(pg_catalog.=) p.name)
+					  WHERE v.projection OPERATOR(pg_catalog.=) p.name
+					  AND v.aggregate_id OPERATOR(pg_catalog.<>) '')
 		   END AS aggregates,
 		   (SELECT pg_catalog.count(*) FROM cqrs.dead_letter AS d
 			WHERE d.projection OPERATOR(pg_catalog.=) p.name

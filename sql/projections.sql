@@ -107,6 +107,9 @@ SELECT cqrs.create_projection('p', 'nope', 'regress_ledger.totals', 'ledger_id',
 SELECT cqrs.create_projection('p', 'order', 'regress_ledger.totals', 'ledger_id',
 	'regress_ledger.apply_total(regress_ledger.totals, cqrs.command_log)');
 \echo :SQLSTATE
+SELECT cqrs.create_projection('Bad Name', 'ledger', 'regress_ledger.totals', 'ledger_id',
+	'regress_ledger.apply_total(regress_ledger.totals, cqrs.command_log)');
+\echo :SQLSTATE
 SELECT cqrs.create_projection(NULL, 'ledger', 'regress_ledger.totals', 'ledger_id',
 	'regress_ledger.apply_total(regress_ledger.totals, cqrs.command_log)');
 \echo :SQLSTATE
@@ -136,6 +139,8 @@ SELECT command_type, aggregate_id, sequence_id, projection, sqlstate, reason
 SELECT aggregate_id, sequence_id, waiting_for FROM cqrs.parked ORDER BY 1, 2;
 SELECT name, aggregate_type, target, key_column, owner, builtin, aggregates, dead_letters
   FROM cqrs.projections ORDER BY name;
+SELECT name, labels, value FROM cqrs.metrics()
+ WHERE name LIKE 'cqrs_projection_%' AND name <> 'cqrs_projection_lag_seconds' ORDER BY 1, 2;
 
 -- Another cqrs_admin may not point a projection at a table it cannot write.
 SET ROLE regress_proj_other;
@@ -186,6 +191,40 @@ SELECT cqrs.rebuild('ledger_totals');
 SELECT * FROM regress_ledger.totals ORDER BY ledger_id;
 SELECT count(*) FROM cqrs.verify('ledger_totals');
 SELECT count(*) FROM cqrs.dead_letter WHERE projection = 'ledger_totals';
+
+-- retry_dead_letter: only the latest command of its aggregate for that
+-- projection; after a fix of the apply function it applies.
+SELECT command_id AS boom FROM cqrs.dead_letter
+ WHERE aggregate_id = 'L1' AND sequence_id = 3 \gset
+SELECT cqrs.retry_dead_letter(:'boom');
+\echo :SQLSTATE
+SET ROLE regress_proj_app;
+SELECT (cqrs.submit('OPEN_LEDGER', 'L4', '{}')).sequence_id;
+SELECT (cqrs.submit('POST', 'L4', '{"amount": "boom"}')).command_id AS boom4 \gset
+RESET ROLE;
+SELECT cqrs.rebuild('ledger_totals');
+SELECT sqlstate, reason FROM cqrs.dead_letter WHERE command_id = :'boom4';
+SELECT cqrs.retry_dead_letter(:'boom4');
+SET ROLE regress_proj_admin;
+CREATE OR REPLACE FUNCTION regress_ledger.apply_total(state regress_ledger.totals,
+		command cqrs.command_log)
+RETURNS regress_ledger.totals LANGUAGE plpgsql AS $$
+BEGIN
+	IF command.command_type = 'OPEN_LEDGER' THEN
+		state := ROW(command.aggregate_id, 0, 0, current_user);
+		RETURN state;
+	END IF;
+	IF command.payload ? 'close' THEN
+		RETURN NULL;
+	END IF;
+	state.total := state.total + coalesce(nullif(command.payload ->> 'amount', 'boom'), '0')::numeric;
+	state.entries := state.entries + 1;
+	RETURN state;
+END $$;
+RESET ROLE;
+SELECT cqrs.retry_dead_letter(:'boom4');
+SELECT * FROM regress_ledger.totals WHERE ledger_id = 'L4';
+SELECT count(*) FROM cqrs.dead_letter WHERE command_id = :'boom4';
 
 -- Dropping: not the built-in one; the table stays, the versions go.
 SELECT cqrs.drop_projection('orders');

@@ -559,6 +559,50 @@ metric_single(MetricSink *sink, const char *name, const char *type,
 	sink->sample(sink, name, NULL, NULL, value);
 }
 
+/*
+ * Per projection, from cqrs.projections: the aggregates it folded and its
+ * dead letters.
+ */
+static void
+admin_collect_projections(MetricSink *sink)
+{
+	CqrsOwnerScope scope;
+	uint64		n;
+	char	  **names;
+	double	   *aggregates;
+	double	   *dead;
+
+	cqrs_spi_connect_as_owner(&scope);
+	if (SPI_execute("SELECT name, aggregates, dead_letters FROM cqrs.projections"
+					" ORDER BY name", true, 0) != SPI_OK_SELECT)
+		elog(ERROR, "could not read cqrs.projections");
+	n = SPI_processed;
+	names = palloc(sizeof(char *) * Max(n, 1));
+	aggregates = palloc(sizeof(double) * Max(n, 1));
+	dead = palloc(sizeof(double) * Max(n, 1));
+	for (uint64 i = 0; i < n; i++)
+	{
+		HeapTuple	tup = SPI_tuptable->vals[i];
+		bool		isnull;
+
+		names[i] = SPI_getvalue(tup, SPI_tuptable->tupdesc, 1);
+		aggregates[i] = (double) DatumGetInt64(SPI_getbinval(tup, SPI_tuptable->tupdesc, 2, &isnull));
+		dead[i] = (double) DatumGetInt64(SPI_getbinval(tup, SPI_tuptable->tupdesc, 3, &isnull));
+	}
+	cqrs_spi_finish(&scope);
+
+	sink->family(sink, "cqrs_projection_aggregates", "gauge",
+				 "Aggregates each projection has folded (rows of cqrs.read_model for the built-in one).");
+	for (uint64 i = 0; i < n; i++)
+		sink->sample(sink, "cqrs_projection_aggregates", "projection", names[i],
+					 aggregates[i]);
+	sink->family(sink, "cqrs_projection_dead_letters", "gauge",
+				 "Commands in cqrs.dead_letter, by the projection that refused them.");
+	for (uint64 i = 0; i < n; i++)
+		sink->sample(sink, "cqrs_projection_dead_letters", "projection", names[i],
+					 dead[i]);
+}
+
 static void
 admin_collect(MetricSink *sink)
 {
@@ -610,6 +654,9 @@ admin_collect(MetricSink *sink)
 	metric_single(sink, "cqrs_parked", "gauge",
 				  "Commands waiting in cqrs.parked for a missing predecessor.",
 				  (double) admin_count("SELECT pg_catalog.count(*) FROM cqrs.parked"));
+
+	if (cqrs_schema_020())
+		admin_collect_projections(sink);
 
 	metric_single(sink, "cqrs_projection_lag_seconds", "gauge",
 				  "How long the oldest command not yet in the read model has waited since its commit (0 when none waits).",

@@ -295,6 +295,7 @@ extern bool cqrs_lock_projection(bool wait);
 /* projection.c */
 extern void cqrs_project_declared(CqrsRecord *records, int n,
 								  CqrsApplyStats *stats);
+extern bool cqrs_retry_declared(CqrsRecord *rec, const char *projection);
 
 /* redis.c */
 extern bool cqrs_redis_check_url(char **newval, void **extra, GucSource source);

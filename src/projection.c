@@ -31,11 +31,22 @@
  * (quote_identifier), as ri_triggers.c builds its queries; no value is
  * ever spliced into them.
  *
- * An error raised by an apply function, or by the target table refusing
- * its row, splits the batch in halves until the one command that fails
- * alone is found; it is dead-lettered with the projection's name, the
- * message and the SQLSTATE, the projection's version moves past it, and
- * the other projections still apply it.
+ * An error raised by an apply function makes the batch fold again with
+ * each call in a subtransaction of its own; the failing command is
+ * dead-lettered with the projection's name, the message and the SQLSTATE,
+ * the projection's version moves past it, and the other projections still
+ * apply it.  An error of the target table refusing a row splits the batch
+ * in halves until the command that fails alone is found.
+ *
+ * pg_dump dumps a projection's table (the user's) and its versions (a
+ * configuration table) from one snapshot, but a restore loads them, the
+ * definition and the log in any order (pg_restore -j), while the new
+ * server's projector runs.  Each projection's versions include a marker
+ * row (aggregate id '', which no aggregate has), written with the
+ * definition: until it is there, the projection is not "ready", and the
+ * projector leaves it alone, so that it never folds restored commands
+ * into a table whose versions have not arrived yet.  Everything a dump
+ * carries is already in its versions.
  *
  *-------------------------------------------------------------------------
  */
@@ -85,6 +96,7 @@ typedef struct Projection
 	AttrNumber	key_attno;
 	Oid			apply;
 	Oid			owner;
+	bool		ready;			/* its versions are there (see head) */
 	FmgrInfo	flinfo;
 	char	   *load_sql;
 	char	   *upsert_sql;
@@ -194,6 +206,7 @@ static bool current_in_apply = false;
 static CqrsRecord *current_record = NULL;
 
 static bool fold_blames_command(int sqlerrcode);
+static int	projection_lookup(const char *name);
 
 static void
 defs_invalidate(Datum arg, Oid relid)
@@ -317,8 +330,11 @@ defs_load(void)
 					" CAST(pg_catalog.to_regprocedure(apply_function) AS pg_catalog.oid),"
 					" CAST(owner AS pg_catalog.oid), target, apply_function,"
 					" EXISTS (SELECT FROM pg_catalog.pg_roles AS r"
-					"         WHERE r.oid OPERATOR(pg_catalog.=) CAST(owner AS pg_catalog.oid))"
-					" FROM cqrs.projection WHERE NOT builtin ORDER BY name",
+					"         WHERE r.oid OPERATOR(pg_catalog.=) CAST(owner AS pg_catalog.oid)),"
+					" EXISTS (SELECT FROM cqrs.projection_version AS v"
+					"         WHERE v.projection OPERATOR(pg_catalog.=) p.name"
+					"         AND v.aggregate_id OPERATOR(pg_catalog.=) '')"
+					" FROM cqrs.projection AS p WHERE NOT builtin ORDER BY name",
 					false, 0) != SPI_OK_SELECT)
 		elog(ERROR, "could not read cqrs.projection");
 	projections = MemoryContextAllocZero(defs_context,
@@ -367,6 +383,7 @@ defs_load(void)
 							p->name),
 					 errhint("Drop the projection and declare it again as an existing role.")));
 		}
+		p->ready = DatumGetBool(SPI_getbinval(tup, desc, 10, &isnull));
 		p->rowtype = get_rel_type_id(p->target);
 		p->key_attno = get_attnum(p->target, SPI_getvalue(tup, desc, 4));
 		if (p->key_attno == InvalidAttrNumber)
@@ -434,6 +451,47 @@ defs_load(void)
 	}
 }
 
+/*
+ * Look again whether the projections that were not ready are: their
+ * versions may have been restored since.
+ */
+static void
+defs_check_ready(void)
+{
+	static SPIPlanPtr plan = NULL;
+	Oid			argtypes[1] = {TEXTOID};
+
+	for (int i = 0; i < nprojections; i++)
+	{
+		Datum		name;
+		static TimestampTz said = 0;
+
+		if (projections[i].ready)
+			continue;
+		name = CStringGetTextDatum(projections[i].name);
+		if (cqrs_exec(cqrs_keep_plan(&plan,
+									 "SELECT FROM cqrs.projection_version"
+									 " WHERE projection OPERATOR(pg_catalog.=) $1"
+									 " AND aggregate_id OPERATOR(pg_catalog.=) ''",
+									 1, argtypes),
+					  &name, NULL, 1, SPI_OK_SELECT) > 0)
+		{
+			projections[i].ready = true;
+			continue;
+		}
+		if (TimestampDifferenceExceeds(said, GetCurrentTimestamp(), 60000))
+		{
+			said = GetCurrentTimestamp();
+			ereport(LOG,
+					(errmsg("cqrs projector leaves projection \"%s\" alone: its versions are not there",
+							projections[i].name),
+					 errdetail("A restore has not loaded cqrs.projection_version yet, or left it out."),
+					 errhint("Once the restore is done, cqrs.rebuild('%s') fills the projection from the log.",
+							 projections[i].name)));
+		}
+	}
+}
+
 /* The index of the declared projection named name, or -1. */
 static int
 defs_find(const char *name)
@@ -463,7 +521,7 @@ defs_aggregate_type(const char *command_type)
 static inline bool
 fold_follows(Fold *f, int i, const char *aggregate_type)
 {
-	return (f->only < 0 || f->only == i) &&
+	return (f->only < 0 ? projections[i].ready : f->only == i) &&
 		strcmp(projections[i].aggregate_type, aggregate_type) == 0;
 }
 
@@ -843,7 +901,7 @@ fold_load(Fold *f, HTAB *aggs)
 		int			save_sec;
 		Oid			key_type[1] = {TEXTARRAYOID};
 
-		if (f->only >= 0 && f->only != i)
+		if (f->only >= 0 ? f->only != i : !projections[i].ready)
 			continue;
 		keys = fold_keys(aggs, projections[i].aggregate_type, &nkeys);
 		if (nkeys == 0)
@@ -1024,7 +1082,7 @@ fold_write(Fold *f, HTAB *aggs, List *dead)
 		Oid			save_userid;
 		int			save_sec;
 
-		if (f->only >= 0 && f->only != i)
+		if (f->only >= 0 ? f->only != i : !projections[i].ready)
 			continue;
 		if (f->mode == FOLD_VERIFY)
 		{
@@ -1307,11 +1365,87 @@ cqrs_project_declared(CqrsRecord *records, int n, CqrsApplyStats *stats)
 		stats->skipped += n;
 		return;
 	}
+	defs_check_ready();
 	memset(&f, 0, sizeof(f));
 	f.mode = FOLD_STREAM;
 	f.only = -1;
 	fold_records(&f, records, n);
 	cqrs_stats_add(stats, &f.stats);
+}
+
+/*
+ * cqrs.retry_dead_letter() of a command a declared projection refused:
+ * move the projection back before the command when the failure moved it
+ * past, and fold the command into that projection alone.  Called with
+ * the projection lock held and the dead letter locked.  Returns true when
+ * it was applied, false when it was dead-lettered again.
+ */
+bool
+cqrs_retry_declared(CqrsRecord *rec, const char *projection)
+{
+	static SPIPlanPtr version_plan = NULL;
+	static SPIPlanPtr rewind_plan = NULL;
+	static SPIPlanPtr forget_plan = NULL;
+	Oid			types[3] = {TEXTOID, TEXTOID, INT8OID};
+	Datum		values[3];
+	int64		version = 0;
+	int			i;
+	Fold		f;
+
+	i = projection_lookup(projection);
+	values[0] = CStringGetTextDatum(projection);
+	values[1] = CStringGetTextDatum(rec->aggregate_id);
+	if (cqrs_exec(cqrs_keep_plan(&version_plan,
+								 "SELECT version FROM cqrs.projection_version"
+								 " WHERE projection OPERATOR(pg_catalog.=) $1"
+								 " AND aggregate_id OPERATOR(pg_catalog.=) $2",
+								 2, types),
+				  values, NULL, 0, SPI_OK_SELECT) > 0)
+	{
+		bool		isnull;
+
+		version = DatumGetInt64(SPI_getbinval(SPI_tuptable->vals[0],
+											  SPI_tuptable->tupdesc, 1, &isnull));
+	}
+	if (version > rec->sequence_id)
+		ereport(ERROR,
+				(errcode(ERRCODE_OBJECT_NOT_IN_PREREQUISITE_STATE),
+				 errmsg("projection \"%s\" has moved past sequence " INT64_FORMAT " of aggregate \"%s\"",
+						projection, rec->sequence_id, rec->aggregate_id),
+				 errdetail("It applied the aggregate's commands up to sequence " INT64_FORMAT "; applying this one now would break their order.",
+						   version),
+				 errhint("Use cqrs.rebuild('%s') to replay the whole log instead.", projection)));
+	if (version < rec->sequence_id - 1)
+		ereport(ERROR,
+				(errcode(ERRCODE_OBJECT_NOT_IN_PREREQUISITE_STATE),
+				 errmsg("projection \"%s\" has not reached sequence " INT64_FORMAT " of aggregate \"%s\"",
+						projection, rec->sequence_id - 1, rec->aggregate_id)));
+	if (version == rec->sequence_id)
+	{
+		values[2] = Int64GetDatum(rec->sequence_id - 1);
+		(void) cqrs_exec(cqrs_keep_plan(&rewind_plan,
+										"UPDATE cqrs.projection_version SET version = $3"
+										" WHERE projection OPERATOR(pg_catalog.=) $1"
+										" AND aggregate_id OPERATOR(pg_catalog.=) $2",
+										3, types),
+						 values, NULL, 0, SPI_OK_UPDATE);
+	}
+	{
+		Oid			uuid_type[1] = {UUIDOID};
+		Datum		id[1] = {UUIDPGetDatum(&rec->command_id)};
+
+		(void) cqrs_exec(cqrs_keep_plan(&forget_plan,
+										"DELETE FROM cqrs.dead_letter"
+										" WHERE command_id OPERATOR(pg_catalog.=) $1",
+										1, uuid_type),
+						 id, NULL, 0, SPI_OK_DELETE);
+	}
+
+	memset(&f, 0, sizeof(f));
+	f.mode = FOLD_STREAM;
+	f.only = i;
+	fold_records(&f, rec, 1);
+	return f.stats.dead == 0;
 }
 
 /* A name argument of a projection function. */
@@ -1388,10 +1522,15 @@ static int64
 projection_fill(int i, CqrsApplyStats *stats)
 {
 	static SPIPlanPtr forget_plan = NULL;
+	static SPIPlanPtr ready_plan = NULL;
 	static const char *forget_sql =
 		"WITH v AS (DELETE FROM cqrs.projection_version"
 		"           WHERE projection OPERATOR(pg_catalog.=) $1)"
 		" DELETE FROM cqrs.dead_letter WHERE projection OPERATOR(pg_catalog.=) $1";
+	/* the marker of a projection whose versions are there */
+	static const char *ready_sql =
+		"INSERT INTO cqrs.projection_version (projection, aggregate_id, version)"
+		" VALUES ($1, '', 0)";
 	Oid			argtypes[1] = {TEXTOID};
 	Datum		values[1];
 	Fold		f;
@@ -1404,6 +1543,11 @@ projection_fill(int i, CqrsApplyStats *stats)
 	values[0] = CStringGetTextDatum(projections[i].name);
 	(void) cqrs_exec(cqrs_keep_plan(&forget_plan, forget_sql, 1, argtypes),
 					 values, NULL, 0, SPI_OK_DELETE);
+	/* the versions' DELETE is done once the statement is */
+	CommandCounterIncrement();
+	(void) cqrs_exec(cqrs_keep_plan(&ready_plan, ready_sql, 1, argtypes),
+					 values, NULL, 0, SPI_OK_INSERT);
+	projections[i].ready = true;
 	rel = relation_open(projections[i].target, AccessShareLock);
 	empty_sql = psprintf("DELETE FROM %s",
 						 quote_qualified_identifier(get_namespace_name(RelationGetNamespace(rel)),
@@ -1487,10 +1631,16 @@ create_projection(PG_FUNCTION_ARGS)
 	key = NameStr(*PG_GETARG_NAME(3));
 	apply = PG_GETARG_OID(4);
 
+	/* a name that is a metric label and a Redis key prefix as it is */
+	for (const char *c = name; *c; c++)
+		if (!((*c >= 'a' && *c <= 'z') || *c == '_' ||
+			  (*c >= '0' && *c <= '9' && c > name)))
+			name = "";
 	if (strlen(name) == 0 || strlen(name) >= NAMEDATALEN)
 		ereport(ERROR,
 				(errcode(ERRCODE_INVALID_NAME),
-				 errmsg("invalid projection name \"%s\"", name)));
+				 errmsg("invalid projection name \"%s\"", text_to_cstring(PG_GETARG_TEXT_PP(0))),
+				 errdetail("It must be 1 to 63 lower-case letters, digits and underscores, starting with a letter or an underscore.")));
 
 	/* the target: a plain table the caller may read and write */
 	if (get_rel_relkind(target) != RELKIND_RELATION &&

@@ -80,7 +80,9 @@ retry_dead_letter(PG_FUNCTION_ARGS)
 	static SPIPlanPtr forget_plan = NULL;
 	static const char *find_sql =
 		"SELECT l.log_id, l.command_type, l.aggregate_id, l.sequence_id,"
-		" l.payload, r.version, l.traceparent, l.created_at"
+		" l.payload, r.version, l.traceparent, l.created_at,"
+		/* a column of 0.2.0, read so that 0.1.0 has it NULL */
+		" pg_catalog.to_jsonb(d) OPERATOR(pg_catalog.->>) 'projection'"
 		" FROM cqrs.dead_letter AS d"
 		" JOIN cqrs.command_log AS l ON l.command_id OPERATOR(pg_catalog.=) d.command_id"
 		" LEFT JOIN cqrs.read_model AS r ON r.order_id OPERATOR(pg_catalog.=) l.aggregate_id"
@@ -100,6 +102,7 @@ retry_dead_letter(PG_FUNCTION_ARGS)
 	CqrsApplyStats stats;
 	bool		isnull;
 	Datum		version;
+	char	   *projection;
 
 	repair_begin(&scope, "cqrs.retry_dead_letter()");
 
@@ -124,6 +127,14 @@ retry_dead_letter(PG_FUNCTION_ARGS)
 	rec.commit_time = GetCurrentTimestamp();
 	rec.traceparent = cqrs_spi_text(SPI_tuptable->vals[0], SPI_tuptable->tupdesc, 7);
 	rec.created_at = DatumGetTimestampTz(repair_result(8));
+	projection = cqrs_spi_text(SPI_tuptable->vals[0], SPI_tuptable->tupdesc, 9);
+	if (projection != NULL)
+	{
+		bool		applied = cqrs_retry_declared(&rec, projection);
+
+		cqrs_spi_finish(&scope);
+		PG_RETURN_BOOL(applied);
+	}
 	version = SPI_getbinval(SPI_tuptable->vals[0], SPI_tuptable->tupdesc, 6,
 							&isnull);
 

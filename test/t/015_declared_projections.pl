@@ -220,6 +220,30 @@ like(sql(q{SELECT expected || ' / ' || actual FROM cqrs.verify('account_balance'
 sql(q{SELECT cqrs.rebuild('account_balance')});
 compare_accounts('after cqrs.rebuild(projection)');
 
+# A restore may load a definition before its versions: until they are
+# there, the projector leaves the projection alone rather than fold the
+# restored commands into its table a second time.
+sql(q{BEGIN;
+	DELETE FROM cqrs.projection_version WHERE projection = 'account_commands';
+	UPDATE cqrs.projection SET owner = owner WHERE name = 'account_commands';
+	COMMIT});
+my $n7 = sql(q{SELECT n FROM bank.commands WHERE account_id = 'acc-7'});
+sql(q{SELECT cqrs.submit('DEPOSIT', 'acc-7', '{"amount": 1}')});
+wait_projected($node);
+is(sql(q{SELECT n FROM bank.commands WHERE account_id = 'acc-7'}), $n7,
+	'a projection whose versions are missing is left alone');
+ok($node->log_contains(qr/leaves projection "account_commands" alone: its versions are not there/),
+	'and the server log says why');
+is(sql(q{SELECT count(*) FROM bank.balance WHERE account_id = 'acc-7'}), '1',
+	'the other projections go on');
+sql(q{SELECT cqrs.rebuild('account_commands')});
+is(sql(q{SELECT count(*) FROM cqrs.verify('account_commands')}), '0',
+	'cqrs.rebuild() makes it whole and ready');
+sql(q{SELECT cqrs.submit('DEPOSIT', 'acc-7', '{"amount": 1}')});
+wait_projected($node);
+is(sql(q{SELECT n FROM bank.commands WHERE account_id = 'acc-7'}), $n7 + 2,
+	'and it follows the stream again');
+
 # Dropping a projection while commands keep coming.
 sql(q{SELECT cqrs.drop_projection('unlucky')});
 sql(q{SELECT cqrs.submit('DEPOSIT', 'acc-6', '{"amount": 13.13}')});
