@@ -220,6 +220,13 @@ CREATE TRIGGER projection_changed
 -- created_at, for a parked command too.
 ALTER TABLE cqrs.parked ADD COLUMN created_at timestamptz;
 
+-- Redis keys of declared projections wait in the backlog too.
+ALTER TABLE cqrs.redis_backlog ADD COLUMN projection text;
+COMMENT ON COLUMN cqrs.redis_backlog.projection IS
+	'The declared projection whose key <projection>:<aggregate id> is to be written; NULL for an order (key order:<order_id>)';
+COMMENT ON TABLE cqrs.redis_backlog IS
+	'Keys the projector still has to write to Redis (cqrs.redis_url), oldest first: orders, and aggregates of declared projections';
+
 -- Which projection refused a command, and with which SQLSTATE.
 ALTER TABLE cqrs.dead_letter ADD COLUMN projection text,
 	ADD COLUMN sqlstate text;

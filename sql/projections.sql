@@ -137,10 +137,14 @@ SELECT cqrs.wait_for(:'applied', '1 s') AS applied,
 SELECT command_type, aggregate_id, sequence_id, projection, sqlstate, reason
   FROM cqrs.dead_letter ORDER BY aggregate_id, sequence_id;
 SELECT aggregate_id, sequence_id, waiting_for FROM cqrs.parked ORDER BY 1, 2;
-SELECT name, aggregate_type, target, key_column, owner, builtin, aggregates, dead_letters
+-- (the orders' counts depend on what earlier tests left in the read model)
+SELECT name, aggregate_type, target, key_column, owner, builtin,
+       CASE WHEN NOT builtin THEN aggregates END AS aggregates,
+       CASE WHEN NOT builtin THEN dead_letters END AS dead_letters
   FROM cqrs.projections ORDER BY name;
 SELECT name, labels, value FROM cqrs.metrics()
- WHERE name LIKE 'cqrs_projection_%' AND name <> 'cqrs_projection_lag_seconds' ORDER BY 1, 2;
+ WHERE name LIKE 'cqrs_projection_%' AND name <> 'cqrs_projection_lag_seconds'
+   AND labels ->> 'projection' <> 'orders' ORDER BY 1, 2;
 
 -- Another cqrs_admin may not point a projection at a table it cannot write.
 SET ROLE regress_proj_other;

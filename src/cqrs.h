@@ -296,11 +296,18 @@ extern bool cqrs_lock_projection(bool wait);
 extern void cqrs_project_declared(CqrsRecord *records, int n,
 								  CqrsApplyStats *stats);
 extern bool cqrs_retry_declared(CqrsRecord *rec, const char *projection);
+extern void cqrs_projection_json(const char *projection, int n, char **ids,
+								 char **json, int64 *versions);
 
 /* redis.c */
 extern bool cqrs_redis_check_url(char **newval, void **extra, GucSource source);
 extern const char *cqrs_redis_state_name(void);
 extern void cqrs_redis_stale(const char *order_id);
+extern void cqrs_redis_stale_in(const char *projection, const char *id);
+extern void cqrs_redis_stale_projection(const char *projection);
+extern void cqrs_redis_declared_row(const char *projection, const char *id,
+									const char *json, int64 version,
+									bool created);
 extern void cqrs_redis_flush_stale(void);
 extern void cqrs_redis_stale_all(void);
 extern void cqrs_redis_installation(Oid extension);
@@ -339,7 +346,6 @@ typedef enum CqrsRelation
 	CQRS_RELATIONS
 } CqrsRelation;
 extern Oid	cqrs_relid(CqrsRelation rel);
-extern Oid	cqrs_relid_cached(CqrsRelation rel);
 extern bool cqrs_schema_020(void);
 extern void cqrs_spi_finish(CqrsOwnerScope *scope);
 extern char *cqrs_spi_text(HeapTuple tuple, TupleDesc desc, int col);

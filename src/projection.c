@@ -208,6 +208,13 @@ static CqrsRecord *current_record = NULL;
 static bool fold_blames_command(int sqlerrcode);
 static int	projection_lookup(const char *name);
 
+/*
+ * The catalog tables the definitions come from, as of the last load (not
+ * spi.c's cache: its own callback may have forgotten them by the time
+ * this one runs).
+ */
+static Oid	defs_relids[3];
+
 static void
 defs_invalidate(Datum arg, Oid relid)
 {
@@ -221,10 +228,9 @@ defs_invalidate(Datum arg, Oid relid)
 	for (int i = 0; i < nprojections; i++)
 		if (projections[i].target == relid)
 			defs_valid = false;
-	if (relid == cqrs_relid_cached(CQRS_REL_PROJECTION) ||
-		relid == cqrs_relid_cached(CQRS_REL_COMMAND_TYPE) ||
-		relid == cqrs_relid_cached(CQRS_REL_COMMAND_LOG))
-		defs_valid = false;
+	for (int i = 0; i < (int) lengthof(defs_relids); i++)
+		if (relid == defs_relids[i])
+			defs_valid = false;
 }
 
 /* an apply function replaced or dropped, a type changed */
@@ -321,8 +327,9 @@ defs_load(void)
 	 */
 	defs_valid = true;
 
-	(void) cqrs_relid(CQRS_REL_PROJECTION);
-	(void) cqrs_relid(CQRS_REL_COMMAND_TYPE);
+	defs_relids[0] = cqrs_relid(CQRS_REL_PROJECTION);
+	defs_relids[1] = cqrs_relid(CQRS_REL_COMMAND_TYPE);
+	defs_relids[2] = cqrs_relid(CQRS_REL_COMMAND_LOG);
 	cqrs_spi_connect_as_owner(&scope);
 	if (SPI_execute("SELECT name, aggregate_type,"
 					" CAST(pg_catalog.to_regclass(target) AS pg_catalog.oid),"
@@ -876,6 +883,19 @@ fold_keys(HTAB *aggs, const char *aggregate_type, int *nkeys)
 }
 
 /*
+ * A row of a projection as Redis keeps it: its JSON (row_to_json()), with
+ * the version first, which the write-through compares.
+ */
+static char *
+projection_json_of(Datum row, int64 version)
+{
+	char	   *body = text_to_cstring(DatumGetTextPP(DirectFunctionCall1(row_to_json, row)));
+
+	return psprintf("{\"version\":" INT64_FORMAT "%s%s", version,
+					body[1] == '}' ? "" : ",", body + 1);
+}
+
+/*
  * Load the rows, versions and parked commands of the aggregates.
  */
 static void
@@ -1129,6 +1149,21 @@ fold_write(Fold *f, HTAB *aggs, List *dead)
 							 &arg, NULL, 0, SPI_OK_DELETE);
 		}
 		fold_leave(save_userid, save_sec);
+
+		/* Redis, after the batch commits (or its backlog, with it) */
+		hash_seq_init(&seq, aggs);
+		while ((a = hash_seq_search(&seq)) != NULL)
+		{
+			ProjState  *ps = &a->ps[i];
+
+			if (!fold_follows(f, i, a->aggregate_type) || !ps->dirty ||
+				(!ps->exists && !ps->stored))
+				continue;
+			cqrs_redis_declared_row(p->name, a->aggregate_id,
+									ps->exists ? projection_json_of(ps->row, ps->version) : NULL,
+									ps->version,
+									!ps->stored && ps->stored_version <= 0);
+		}
 	}
 	if (f->mode == FOLD_VERIFY)
 		return;
@@ -1156,6 +1191,7 @@ fold_write(Fold *f, HTAB *aggs, List *dead)
 	cqrs_parked_store(&park);
 	cqrs_parked_remove(&unpark);
 	f->stats.dead += cqrs_write_dead(dead);
+	cqrs_redis_flush_stale();
 }
 
 /*
@@ -1274,6 +1310,7 @@ fold_range(Fold *f, CqrsRecord *records, int lo, int hi)
 	CqrsApplyStats saved = f->stats;
 	int64		saved_folded = f->nfolded;
 	bool		was_careful = f->careful;
+	int			redis_mark = cqrs_redis_mark();
 
 	for (;;)
 	{
@@ -1295,10 +1332,11 @@ fold_range(Fold *f, CqrsRecord *records, int lo, int hi)
 			f->careful = was_careful;
 			return;
 		}
-		/* what the failed attempt counted did not happen */
+		/* what the failed attempt counted and noted did not happen */
 		f->stats = saved;
 		f->nfolded = saved_folded;
 		cqrs_project_forget();
+		cqrs_redis_forget(redis_mark);
 		blamed = culprit >= 0 ? fold_blames_command(edata->sqlerrcode) :
 			cqrs_blames_command(edata->sqlerrcode);
 		if (!blamed)
@@ -1448,6 +1486,92 @@ cqrs_retry_declared(CqrsRecord *rec, const char *projection)
 	return f.stats.dead == 0;
 }
 
+/*
+ * For the Redis backlog: the JSON (projection_json_of()) and version of
+ * each aggregate's row in a declared projection, json[k] NULL when it has
+ * none or the projection is gone.  SPI connected.
+ */
+void
+cqrs_projection_json(const char *projection, int n, char **ids, char **json,
+					 int64 *versions)
+{
+	static SPIPlanPtr versions_plan = NULL;
+	Oid			argtypes[2] = {TEXTOID, TEXTARRAYOID};
+	Datum		values[2];
+	Datum	   *keys;
+	int			i;
+	Oid			save_userid;
+	int			save_sec;
+	HASHCTL		ctl;
+	HTAB	   *rows;
+	typedef struct KeyRow
+	{
+		char	   *id;
+		Datum		row;
+		int64		version;
+	} KeyRow;
+
+	defs_load();
+	i = defs_find(projection);
+	if (i < 0 || n == 0)
+		return;
+	keys = palloc(sizeof(Datum) * n);
+	for (int k = 0; k < n; k++)
+		keys[k] = CStringGetTextDatum(ids[k]);
+	values[0] = CStringGetTextDatum(projection);
+	values[1] = cqrs_array(keys, NULL, n, TEXTOID);
+
+	ctl.keysize = sizeof(char *);
+	ctl.entrysize = sizeof(KeyRow);
+	ctl.hash = agg_hash;
+	ctl.match = agg_match;
+	ctl.hcxt = CurrentMemoryContext;
+	rows = hash_create("cqrs redis rows", n, &ctl,
+					   HASH_ELEM | HASH_FUNCTION | HASH_COMPARE | HASH_CONTEXT);
+
+	fold_enter(i, &save_userid, &save_sec);
+	(void) cqrs_exec(cqrs_keep_plan(&projections[i].load_plan,
+									projections[i].load_sql, 1, &argtypes[1]),
+					 &values[1], NULL, 0, SPI_OK_SELECT);
+	fold_leave(save_userid, save_sec);
+	for (uint64 r = 0; r < SPI_processed; r++)
+	{
+		HeapTuple	tup = SPI_tuptable->vals[r];
+		char	   *id = cqrs_spi_text(tup, SPI_tuptable->tupdesc, 1);
+		bool		isnull;
+		KeyRow	   *kr = hash_search(rows, &id, HASH_ENTER, NULL);
+
+		kr->row = datumCopy(SPI_getbinval(tup, SPI_tuptable->tupdesc, 2, &isnull),
+							false, -1);
+		kr->version = 0;
+	}
+	(void) cqrs_exec(cqrs_keep_plan(&versions_plan,
+									"SELECT aggregate_id, version FROM cqrs.projection_version"
+									" WHERE projection OPERATOR(pg_catalog.=) $1"
+									" AND aggregate_id OPERATOR(pg_catalog.=) ANY ($2)",
+									2, argtypes),
+					 values, NULL, 0, SPI_OK_SELECT);
+	for (uint64 r = 0; r < SPI_processed; r++)
+	{
+		HeapTuple	tup = SPI_tuptable->vals[r];
+		char	   *id = cqrs_spi_text(tup, SPI_tuptable->tupdesc, 1);
+		bool		isnull;
+		KeyRow	   *kr = hash_search(rows, &id, HASH_FIND, NULL);
+
+		if (kr != NULL)
+			kr->version = DatumGetInt64(SPI_getbinval(tup, SPI_tuptable->tupdesc, 2, &isnull));
+	}
+	for (int k = 0; k < n; k++)
+	{
+		KeyRow	   *kr = hash_search(rows, &ids[k], HASH_FIND, NULL);
+
+		if (kr == NULL)
+			continue;
+		json[k] = projection_json_of(kr->row, kr->version);
+		versions[k] = kr->version;
+	}
+}
+
 /* A name argument of a projection function. */
 static char *
 projection_name_arg(FunctionCallInfo fcinfo, int argno)
@@ -1541,6 +1665,8 @@ projection_fill(int i, CqrsApplyStats *stats)
 	Relation	rel;
 
 	values[0] = CStringGetTextDatum(projections[i].name);
+	/* every key it has now is written again, or deleted, after the fill */
+	cqrs_redis_stale_projection(projections[i].name);
 	(void) cqrs_exec(cqrs_keep_plan(&forget_plan, forget_sql, 1, argtypes),
 					 values, NULL, 0, SPI_OK_DELETE);
 	/* the versions' DELETE is done once the statement is */
@@ -1792,6 +1918,8 @@ drop_projection(PG_FUNCTION_ARGS)
 		ereport(ERROR,
 				(errcode(ERRCODE_FEATURE_NOT_SUPPORTED),
 				 errmsg("projection \"%s\" is built in", name)));
+	/* its Redis keys go: the projector finds no projection for them */
+	cqrs_redis_stale_projection(name);
 	if (SPI_execute_with_args("WITH v AS (DELETE FROM cqrs.projection_version"
 							  "           WHERE projection OPERATOR(pg_catalog.=) $1),"
 							  " d AS (DELETE FROM cqrs.dead_letter"

@@ -279,10 +279,17 @@ cqrs_redis_state_name(void)
 }
 
 /*
- * Orders whose key must be rewritten from the read model, to insert into
- * cqrs.redis_backlog with the current transaction (redis_flush_stale()).
+ * Keys that must be rewritten from their table, to insert into
+ * cqrs.redis_backlog with the current transaction (redis_flush_stale()):
+ * orders, and aggregates of declared projections.
  */
-static List *stale_orders = NIL;
+typedef struct StaleKey
+{
+	char	   *projection;		/* NULL: an order */
+	char	   *id;
+} StaleKey;
+
+static List *stale_orders = NIL;	/* StaleKey * */
 static bool backlog_written = false;
 static bool callback_registered = false;
 
@@ -337,14 +344,28 @@ redis_register_callback(void)
 void
 cqrs_redis_stale(const char *order_id)
 {
+	cqrs_redis_stale_in(NULL, order_id);
+}
+
+/*
+ * The same for the key of an aggregate in a declared projection (NULL:
+ * the orders).
+ */
+void
+cqrs_redis_stale_in(const char *projection, const char *id)
+{
 	MemoryContext old;
+	StaleKey   *k;
 
 	if (!redis_configured())
 		return;
 	redis_register_callback();
 	/* not CurTransactionContext: a subtransaction may roll back first */
 	old = MemoryContextSwitchTo(TopTransactionContext);
-	stale_orders = lappend(stale_orders, pstrdup(order_id));
+	k = palloc(sizeof(StaleKey));
+	k->projection = projection ? pstrdup(projection) : NULL;
+	k->id = pstrdup(id);
+	stale_orders = lappend(stale_orders, k);
 	MemoryContextSwitchTo(old);
 }
 
@@ -355,27 +376,44 @@ cqrs_redis_stale(const char *order_id)
 void
 cqrs_redis_flush_stale(void)
 {
-	static SPIPlanPtr plan = NULL;
-	static const char *sql =
+	static SPIPlanPtr plans[2];
+	static const char *const sql[2] = {
+		/* 0.1.0 not updated yet: orders only */
 		"INSERT INTO cqrs.redis_backlog (order_id)"
-		" SELECT pg_catalog.unnest($1::pg_catalog.text[])";
-	Oid			argtypes[1] = {TEXTARRAYOID};
-	Datum		values[1];
+		" SELECT pg_catalog.unnest($1::pg_catalog.text[])",
+		"INSERT INTO cqrs.redis_backlog (order_id, projection)"
+		" SELECT * FROM ROWS FROM (pg_catalog.unnest($1::pg_catalog.text[]),"
+		" pg_catalog.unnest($2::pg_catalog.text[]))"};
+	Oid			argtypes[2] = {TEXTARRAYOID, TEXTARRAYOID};
+	Datum		values[2];
 	Datum	   *ids;
+	Datum	   *projections;
+	bool	   *nulls;
 	int			n = list_length(stale_orders);
 	int			i = 0;
+	int			v;
 	ListCell   *lc;
 
 	if (n == 0)
 		return;
+	v = cqrs_schema_020() ? 1 : 0;
 	ids = palloc(sizeof(Datum) * n);
+	projections = palloc(sizeof(Datum) * n);
+	nulls = palloc(sizeof(bool) * n);
 	foreach(lc, stale_orders)
-		ids[i++] = CStringGetTextDatum((char *) lfirst(lc));
-	values[0] = PointerGetDatum(construct_array(ids, n, TEXTOID, -1, false,
-												TYPALIGN_INT));
+	{
+		StaleKey   *k = lfirst(lc);
+
+		ids[i] = CStringGetTextDatum(k->id);
+		nulls[i] = (k->projection == NULL);
+		projections[i] = nulls[i] ? (Datum) 0 : CStringGetTextDatum(k->projection);
+		i++;
+	}
+	values[0] = cqrs_array(ids, NULL, n, TEXTOID);
+	values[1] = cqrs_array(projections, nulls, n, TEXTOID);
 	stale_orders = NIL;
-	(void) cqrs_exec(cqrs_keep_plan(&plan, sql, 1, argtypes), values, NULL,
-					 0, SPI_OK_INSERT);
+	(void) cqrs_exec(cqrs_keep_plan(&plans[v], sql[v], v + 1, argtypes), values,
+					 NULL, 0, SPI_OK_INSERT);
 	backlog_written = true;
 }
 
@@ -393,6 +431,35 @@ cqrs_redis_stale_all(void)
 					" SELECT order_id FROM cqrs.read_model",
 					false, 0) != SPI_OK_INSERT)
 		elog(ERROR, "could not fill cqrs.redis_backlog");
+	backlog_written = true;
+}
+
+/*
+ * Every aggregate a declared projection has folded goes to the backlog
+ * (all of them: projection NULL); SPI connected, as the extension's owner.
+ */
+void
+cqrs_redis_stale_projection(const char *projection)
+{
+	static SPIPlanPtr plan = NULL;
+	Oid			argtypes[1] = {TEXTOID};
+	Datum		values[1];
+	char		nulls[1] = {' '};
+
+	if (!redis_configured() || !cqrs_schema_020())
+		return;
+	redis_register_callback();
+	if (projection)
+		values[0] = CStringGetTextDatum(projection);
+	else
+		nulls[0] = 'n';
+	(void) cqrs_exec(cqrs_keep_plan(&plan,
+									"INSERT INTO cqrs.redis_backlog (order_id, projection)"
+									" SELECT aggregate_id, projection FROM cqrs.projection_version"
+									" WHERE aggregate_id OPERATOR(pg_catalog.<>) ''"
+									" AND ($1 IS NULL OR projection OPERATOR(pg_catalog.=) $1)",
+									1, argtypes),
+					 values, nulls, 0, SPI_OK_INSERT);
 	backlog_written = true;
 }
 
@@ -447,7 +514,8 @@ static const char redis_cas_script[] =
 /* One key to write after commit: a row's JSON, or a deletion. */
 typedef struct RedisWrite
 {
-	char	   *order_id;
+	char	   *projection;		/* a declared projection, or NULL: an order */
+	char	   *order_id;		/* the aggregate */
 	char	   *json;			/* NULL: delete the key */
 	int64		version;
 	bool		created;		/* the batch created the row (version 1) */
@@ -661,10 +729,11 @@ redis_send(List *writes)
 	foreach(lc, writes)
 	{
 		RedisWrite *w = lfirst(lc);
-		char		key[CQRS_MAX_ID_BYTES + 16];
+		char		key[CQRS_MAX_ID_BYTES + NAMEDATALEN + 2];
 		int			rc;
 
-		snprintf(key, sizeof(key), "order:%s", w->order_id);
+		snprintf(key, sizeof(key), "%s:%s",
+				 w->projection ? w->projection : "order", w->order_id);
 		if (w->json == NULL)
 			rc = redisAppendCommandArgv(redis, 2, (const char *[]) {"DEL", key}, NULL);
 		else
@@ -935,6 +1004,53 @@ cqrs_redis_tick(void)
 }
 
 /*
+ * Fill in the JSON and version of backlog entries of declared projections
+ * (RedisWrite *), a projection at a time; a row that is gone, or a
+ * projection dropped, leaves the JSON NULL: the key is deleted.
+ */
+static void
+redis_declared_rows(List *declared)
+{
+	while (declared != NIL)
+	{
+		RedisWrite *first = linitial(declared);
+		List	   *same = NIL;
+		List	   *rest = NIL;
+		ListCell   *lc;
+		char	  **ids;
+		char	  **json;
+		int64	   *versions;
+		int			n = 0;
+
+		foreach(lc, declared)
+		{
+			RedisWrite *w = lfirst(lc);
+
+			if (strcmp(w->projection, first->projection) == 0)
+				same = lappend(same, w);
+			else
+				rest = lappend(rest, w);
+		}
+		ids = palloc(sizeof(char *) * list_length(same));
+		json = palloc0(sizeof(char *) * list_length(same));
+		versions = palloc0(sizeof(int64) * list_length(same));
+		foreach(lc, same)
+			ids[n++] = ((RedisWrite *) lfirst(lc))->order_id;
+		cqrs_projection_json(first->projection, n, ids, json, versions);
+		n = 0;
+		foreach(lc, same)
+		{
+			RedisWrite *w = lfirst(lc);
+
+			w->json = json[n];
+			w->version = versions[n];
+			n++;
+		}
+		declared = rest;
+	}
+}
+
+/*
  * Write up to limit backlog entries to Redis from the read model as it is
  * now, and delete them; in a transaction, SPI connected.  When fewer were
  * left, the backlog is done until the next hint.  Returns whether more is
@@ -943,15 +1059,23 @@ cqrs_redis_tick(void)
 bool
 cqrs_redis_drain(int limit)
 {
-	static SPIPlanPtr read_plan = NULL;
 	static SPIPlanPtr delete_plan = NULL;
-	static const char *read_sql =
+	static SPIPlanPtr read_plans[2];
+	static const char *const read_sql[2] = {
+		/* 0.1.0 not updated yet: orders only */
 		"SELECT b.id, b.order_id, r.user_id, r.total_amount::pg_catalog.text,"
-		" r.status, r.version, r.updated_at"
+		" r.status, r.version, r.updated_at, NULL::pg_catalog.text"
 		" FROM (SELECT id, order_id FROM cqrs.redis_backlog"
 		"       ORDER BY id LIMIT $1) AS b"
 		" LEFT JOIN cqrs.read_model AS r"
-		" ON r.order_id OPERATOR(pg_catalog.=) b.order_id";
+		" ON r.order_id OPERATOR(pg_catalog.=) b.order_id",
+		"SELECT b.id, b.order_id, r.user_id, r.total_amount::pg_catalog.text,"
+		" r.status, r.version, r.updated_at, b.projection"
+		" FROM (SELECT id, order_id, projection FROM cqrs.redis_backlog"
+		"       ORDER BY id LIMIT $1) AS b"
+		" LEFT JOIN cqrs.read_model AS r"
+		" ON b.projection IS NULL AND r.order_id OPERATOR(pg_catalog.=) b.order_id"};
+	int			v = cqrs_schema_020() ? 1 : 0;
 	static const char *delete_sql =
 		"DELETE FROM cqrs.redis_backlog"
 		" WHERE id OPERATOR(pg_catalog.=) ANY ($1::pg_catalog.int8[])";
@@ -960,6 +1084,7 @@ cqrs_redis_drain(int limit)
 	Datum		values[1];
 	Datum	   *ids;
 	List	   *writes = NIL;
+	List	   *declared = NIL;
 	StringInfoData json;
 	uint64		n;
 
@@ -968,10 +1093,11 @@ cqrs_redis_drain(int limit)
 	if (redis_resync_needed)
 	{
 		cqrs_redis_stale_all();
+		cqrs_redis_stale_projection(NULL);
 		redis_resync_needed = false;
 	}
 	values[0] = Int32GetDatum(limit);
-	n = cqrs_exec(cqrs_keep_plan(&read_plan, read_sql, 1, read_types),
+	n = cqrs_exec(cqrs_keep_plan(&read_plans[v], read_sql[v], 1, read_types),
 				  values, NULL, 0, SPI_OK_SELECT);
 	if (n < (uint64) limit)
 		redis_drain_needed = false;
@@ -990,8 +1116,11 @@ cqrs_redis_drain(int limit)
 
 		ids[i] = SPI_getbinval(tup, desc, 1, &isnull);
 		w->order_id = cqrs_spi_text(tup, desc, 2);
+		w->projection = cqrs_spi_text(tup, desc, 8);
 		version = SPI_getbinval(tup, desc, 6, &isnull);
-		if (!isnull)
+		if (w->projection != NULL)
+			declared = lappend(declared, w);
+		else if (!isnull)
 		{
 			w->version = DatumGetInt64(version);
 			redis_row_json(&json, w->order_id, cqrs_spi_text(tup, desc, 3),
@@ -1002,6 +1131,9 @@ cqrs_redis_drain(int limit)
 		}
 		writes = lappend(writes, w);
 	}
+	/* the rows of declared projections, read as each projection's owner */
+	if (declared != NIL)
+		redis_declared_rows(declared);
 	if (!redis_send(writes))
 	{
 		redis_drain_needed = true;
@@ -1050,7 +1182,7 @@ cqrs_redis_row(const char *order_id, const char *user_id, Datum amount,
 		return;
 	}
 	old = MemoryContextSwitchTo(redis_context);
-	w = palloc(sizeof(RedisWrite));
+	w = palloc0(sizeof(RedisWrite));
 	w->order_id = pstrdup(order_id);
 	w->version = version;
 	w->created = (version == 1);
@@ -1059,6 +1191,36 @@ cqrs_redis_row(const char *order_id, const char *user_id, Datum amount,
 				   DatumGetCString(DirectFunctionCall1(numeric_out, amount)),
 				   status, version, GetCurrentTransactionStartTimestamp());
 	w->json = json.data;
+	redis_pending = lappend(redis_pending, w);
+	MemoryContextSwitchTo(old);
+}
+
+/*
+ * A row (as JSON with its version, see cqrs_projection_json()) the current
+ * batch writes to a declared projection, or NULL: the row was deleted.
+ * "created": the batch made the row.
+ */
+void
+cqrs_redis_declared_row(const char *projection, const char *id,
+						const char *json, int64 version, bool created)
+{
+	MemoryContext old;
+	RedisWrite *w;
+
+	if (!redis_configured())
+		return;
+	if (!redis_write_through)
+	{
+		cqrs_redis_stale_in(projection, id);
+		return;
+	}
+	old = MemoryContextSwitchTo(redis_context);
+	w = palloc0(sizeof(RedisWrite));
+	w->projection = pstrdup(projection);
+	w->order_id = pstrdup(id);
+	w->json = json ? pstrdup(json) : NULL;
+	w->version = version;
+	w->created = created && json != NULL;
 	redis_pending = lappend(redis_pending, w);
 	MemoryContextSwitchTo(old);
 }
@@ -1117,7 +1279,8 @@ cqrs_redis_backlog_failed(void)
 	ListCell   *lc;
 
 	foreach(lc, redis_pending)
-		cqrs_redis_stale(((RedisWrite *) lfirst(lc))->order_id);
+		cqrs_redis_stale_in(((RedisWrite *) lfirst(lc))->projection,
+							((RedisWrite *) lfirst(lc))->order_id);
 	redis_pending = NIL;
 	cqrs_redis_flush_stale();
 	redis_drain_needed = true;
@@ -1167,6 +1330,12 @@ cqrs_redis_batch_begin(void)
 void
 cqrs_redis_row(const char *order_id, const char *user_id, Datum amount,
 			   const char *status, int64 version)
+{
+}
+
+void
+cqrs_redis_declared_row(const char *projection, const char *id,
+						const char *json, int64 version, bool created)
 {
 }
 

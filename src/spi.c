@@ -120,17 +120,6 @@ cqrs_schema_020(void)
 }
 
 /*
- * The OID of one of the extension's relations if this process has looked
- * it up, else InvalidOid; never reads the catalogs (for invalidation
- * callbacks).
- */
-Oid
-cqrs_relid_cached(CqrsRelation rel)
-{
-	return relation_oids[rel];
-}
-
-/*
  * Connect to SPI as the owner of cqrs.command_log, who owns every object
  * of the extension: the command functions append, and the administration
  * functions read and repair, as that owner (as RI triggers run as the

@@ -245,9 +245,13 @@ is(sql(q{SELECT n FROM bank.commands WHERE account_id = 'acc-7'}), $n7 + 2,
 	'and it follows the stream again');
 
 # Dropping a projection while commands keep coming.
+my $unlucky6 = sql(q{SELECT n FROM bank.unlucky WHERE account_id = 'acc-6'});
 sql(q{SELECT cqrs.drop_projection('unlucky')});
 sql(q{SELECT cqrs.submit('DEPOSIT', 'acc-6', '{"amount": 13.13}')});
+sql(q{SELECT cqrs.submit('DEPOSIT', 'acc-6', '{"amount": 1}')});
 wait_projected($node);
+is(sql(q{SELECT n FROM bank.unlucky WHERE account_id = 'acc-6'}), $unlucky6,
+	'the projector no longer folds into a dropped projection\'s table');
 is(sql(q{SELECT count(*) FROM cqrs.dead_letter WHERE projection = 'unlucky'}), '0',
 	'a dropped projection takes its dead letters along');
 is(sql(q{SELECT state FROM cqrs.status}), 'running', 'the projector goes on without it');
