@@ -280,6 +280,8 @@ extern void cqrs_project(CqrsRecord *records, int nrecords,
 						 CqrsApplyStats *stats);
 extern void cqrs_stats_add(CqrsApplyStats *to, const CqrsApplyStats *from);
 extern void cqrs_project_forget(void);
+extern bool cqrs_parked_maybe(void);
+extern void cqrs_parked_note(int64 parked, int64 unparked);
 extern void cqrs_save_offset(const char *slot_name, XLogRecPtr lsn);
 extern XLogRecPtr cqrs_load_offset(const char *slot_name);
 extern int64 cqrs_project_log(CqrsApplyStats *stats);
@@ -303,6 +305,7 @@ extern void cqrs_projection_json(const char *projection, int n, char **ids,
 extern bool cqrs_redis_check_url(char **newval, void **extra, GucSource source);
 extern const char *cqrs_redis_state_name(void);
 extern void cqrs_redis_stale(const char *order_id);
+extern bool cqrs_redis_wanted(void);
 extern void cqrs_redis_stale_in(const char *projection, const char *id);
 extern void cqrs_redis_stale_projection(const char *projection);
 extern void cqrs_redis_declared_row(const char *projection, const char *id,

@@ -68,6 +68,7 @@
 #include "utils/acl.h"
 #include "utils/builtins.h"
 #include "utils/datum.h"
+#include "utils/fmgroids.h"
 #include "utils/hsearch.h"
 #include "utils/inval.h"
 #include "utils/jsonb.h"
@@ -99,9 +100,11 @@ typedef struct Projection
 	bool		ready;			/* its versions are there (see head) */
 	FmgrInfo	flinfo;
 	char	   *load_sql;
+	char	   *insert_sql;
 	char	   *upsert_sql;
 	char	   *delete_sql;
 	SPIPlanPtr	load_plan;
+	SPIPlanPtr	insert_plan;
 	SPIPlanPtr	upsert_plan;
 	SPIPlanPtr	delete_plan;
 } Projection;
@@ -143,6 +146,7 @@ static AttrNumber log_attnums[LOG_COLS];
 /* One declared projection's state of one aggregate in a fold. */
 typedef struct ProjState
 {
+	Datum		old_row;		/* rebuild: the stored row, to compare */
 	Datum		row;			/* composite datum, when exists */
 	bool		exists;
 	bool		stored;			/* the table had a row before the fold */
@@ -163,6 +167,8 @@ typedef struct ProjAggState
 {
 	const char *aggregate_id;	/* hash key (a pointer to the string) */
 	const char *aggregate_type;
+	int64		min_sequence;	/* lowest sequence of the fold's commands */
+	bool		lookup;			/* look its rows and versions up */
 	List	   *parked;			/* Parked * */
 	ProjState	ps[FLEXIBLE_ARRAY_MEMBER];	/* by projection index */
 } ProjAggState;
@@ -190,11 +196,19 @@ typedef struct Fold
 	int			only;			/* fold this projection only, or -1 */
 	List	   *failures;		/* Failure * */
 	bool		careful;		/* each apply call in a subtransaction */
+	bool		trust;			/* an aggregate whose sequence 1 the fold has
+								 * is new: its rows are not looked up */
 	CqrsApplyStats stats;
 	/* verify: where the differences go */
 	Tuplestorestate *out;
 	TupleDesc	out_desc;
 	int64		nfolded;		/* aggregates folded */
+	FmgrInfo	image_eq;		/* rebuild: record_image_eq(), to compare */
+	/* rebuild: the ids of every aggregate folded, in keep_context */
+	MemoryContext keep_context;
+	Datum	   *kept;
+	int64		nkept;
+	int64		kept_size;
 } Fold;
 
 /*
@@ -271,6 +285,9 @@ defs_build_sql(Projection *p, Relation rel)
 	p->load_sql = psprintf("SELECT t.%s, t FROM %s AS t"
 						   " WHERE t.%s OPERATOR(pg_catalog.=) ANY ($1)",
 						   key, target, key);
+	p->insert_sql = psprintf("INSERT INTO %s (%s) OVERRIDING SYSTEM VALUE"
+							 " SELECT %s FROM pg_catalog.unnest($1)",
+							 target, cols.data, cols.data);
 	p->upsert_sql = psprintf("INSERT INTO %s (%s) OVERRIDING SYSTEM VALUE"
 							 " SELECT %s FROM pg_catalog.unnest($1)"
 							 " ON CONFLICT (%s) DO %s%s",
@@ -310,6 +327,8 @@ defs_load(void)
 	{
 		if (projections[i].load_plan)
 			SPI_freeplan(projections[i].load_plan);
+		if (projections[i].insert_plan)
+			SPI_freeplan(projections[i].insert_plan);
 		if (projections[i].upsert_plan)
 			SPI_freeplan(projections[i].upsert_plan);
 		if (projections[i].delete_plan)
@@ -867,7 +886,7 @@ fold_record(Fold *f, ProjAggState *a, CqrsRecord *rec, List **dead)
 
 /* The ids of the aggregates of aggregate_type (any, when NULL), as text[]. */
 static Datum
-fold_keys(HTAB *aggs, const char *aggregate_type, int *nkeys)
+fold_keys(HTAB *aggs, const char *aggregate_type, bool lookup_only, int *nkeys)
 {
 	Datum	   *keys = palloc(sizeof(Datum) * Max(hash_get_num_entries(aggs), 1));
 	HASH_SEQ_STATUS seq;
@@ -876,7 +895,8 @@ fold_keys(HTAB *aggs, const char *aggregate_type, int *nkeys)
 
 	hash_seq_init(&seq, aggs);
 	while ((a = hash_seq_search(&seq)) != NULL)
-		if (aggregate_type == NULL || strcmp(a->aggregate_type, aggregate_type) == 0)
+		if ((aggregate_type == NULL || strcmp(a->aggregate_type, aggregate_type) == 0) &&
+			(!lookup_only || a->lookup))
 			keys[n++] = CStringGetTextDatum(a->aggregate_id);
 	*nkeys = n;
 	return cqrs_array(keys, NULL, n, TEXTOID);
@@ -923,7 +943,7 @@ fold_load(Fold *f, HTAB *aggs)
 
 		if (f->only >= 0 ? f->only != i : !projections[i].ready)
 			continue;
-		keys = fold_keys(aggs, projections[i].aggregate_type, &nkeys);
+		keys = fold_keys(aggs, projections[i].aggregate_type, true, &nkeys);
 		if (nkeys == 0)
 			continue;
 		names[nnames++] = CStringGetTextDatum(projections[i].name);
@@ -942,18 +962,28 @@ fold_load(Fold *f, HTAB *aggs)
 
 			if (a == NULL)
 				continue;
+			a->ps[i].stored = true;
+			if (f->mode == FOLD_REBUILD)
+			{
+				/* the fold starts from nothing; the row is to compare */
+				a->ps[i].old_row = datumCopy(SPI_getbinval(tup, SPI_tuptable->tupdesc, 2, &isnull),
+											 false, -1);
+				continue;
+			}
 			a->ps[i].row = datumCopy(SPI_getbinval(tup, SPI_tuptable->tupdesc, 2, &isnull),
 									 false, -1);
-			a->ps[i].exists = a->ps[i].stored = true;
+			a->ps[i].exists = true;
 		}
 	}
-	if (nnames == 0)
-		return;
-
-	values[0] = cqrs_array(names, NULL, nnames, TEXTOID);
-	values[1] = fold_keys(aggs, NULL, &nkeys);
-	(void) cqrs_exec(cqrs_keep_plan(&versions_plan, versions_sql, 2, argtypes),
-					 values, NULL, 0, SPI_OK_SELECT);
+	if (nnames > 0)
+	{
+		values[0] = cqrs_array(names, NULL, nnames, TEXTOID);
+		values[1] = fold_keys(aggs, NULL, true, &nkeys);
+		(void) cqrs_exec(cqrs_keep_plan(&versions_plan, versions_sql, 2, argtypes),
+						 values, NULL, 0, SPI_OK_SELECT);
+	}
+	else
+		SPI_processed = 0;
 	for (uint64 r = 0; r < SPI_processed; r++)
 	{
 		HeapTuple	tup = SPI_tuptable->vals[r];
@@ -964,11 +994,16 @@ fold_load(Fold *f, HTAB *aggs)
 
 		if (a == NULL || i < 0)
 			continue;
-		a->ps[i].version = a->ps[i].stored_version =
+		a->ps[i].stored_version =
 			DatumGetInt64(SPI_getbinval(tup, SPI_tuptable->tupdesc, 3, &isnull));
+		if (f->mode != FOLD_REBUILD)
+			a->ps[i].version = a->ps[i].stored_version;
 	}
 
-	parked = cqrs_parked_load(values[1]);
+	/* a new aggregate may have commands parked before its first */
+	if (f->mode == FOLD_REBUILD || !cqrs_parked_maybe())
+		return;
+	parked = cqrs_parked_load(fold_keys(aggs, NULL, false, &nkeys));
 	foreach(lc, parked)
 	{
 		CqrsRecord *rec = lfirst(lc);
@@ -1009,7 +1044,7 @@ fold_compare(Fold *f, HTAB *aggs, int i)
 		char	   *row;
 	} Actual;
 
-	keys = fold_keys(aggs, p->aggregate_type, &nkeys);
+	keys = fold_keys(aggs, p->aggregate_type, false, &nkeys);
 	if (nkeys == 0)
 		return;
 	ctl.keysize = sizeof(char *);
@@ -1065,6 +1100,23 @@ fold_compare(Fold *f, HTAB *aggs, int i)
 	}
 }
 
+/* Rebuild: remember that the fold made (or kept) this aggregate. */
+static void
+fold_keep_key(Fold *f, const char *id)
+{
+	MemoryContext old = MemoryContextSwitchTo(f->keep_context);
+
+	if (f->nkept == f->kept_size)
+	{
+		f->kept_size = Max(1024, f->kept_size * 2);
+		f->kept = f->kept == NULL ?
+			MemoryContextAllocHuge(f->keep_context, sizeof(Datum) * f->kept_size) :
+			repalloc_huge(f->kept, sizeof(Datum) * f->kept_size);
+	}
+	f->kept[f->nkept++] = CStringGetTextDatum(id);
+	MemoryContextSwitchTo(old);
+}
+
 /*
  * Write the fold back: each projection's rows and versions, parked and
  * unparked commands, dead letters.
@@ -1072,17 +1124,27 @@ fold_compare(Fold *f, HTAB *aggs, int i)
 static void
 fold_write(Fold *f, HTAB *aggs, List *dead)
 {
-	static SPIPlanPtr versions_plan = NULL;
-	static const char *versions_sql =
-		"INSERT INTO cqrs.projection_version (projection, aggregate_id, version)"
-		" SELECT * FROM ROWS FROM (pg_catalog.unnest($1::pg_catalog.text[]),"
-		" pg_catalog.unnest($2::pg_catalog.text[]),"
+	/*
+	 * Versions and rows the fold found none of are inserted; should one be
+	 * there after all (a trusted create, see Fold), the unique violation
+	 * makes fold_range() fold again with lookups.
+	 */
+#define VERSIONS_SQL \
+		"INSERT INTO cqrs.projection_version (projection, aggregate_id, version)" \
+		" SELECT * FROM ROWS FROM (pg_catalog.unnest($1::pg_catalog.text[])," \
+		" pg_catalog.unnest($2::pg_catalog.text[])," \
 		" pg_catalog.unnest($3::pg_catalog.int8[]))"
+	static SPIPlanPtr versions_plan = NULL;
+	static SPIPlanPtr new_versions_plan = NULL;
+	static const char *versions_sql = VERSIONS_SQL
 		" ON CONFLICT (projection, aggregate_id)"
 		" DO UPDATE SET version = excluded.version";
+	static const char *new_versions_sql = VERSIONS_SQL;
+#undef VERSIONS_SQL
 	static const Oid version_types[3] = {TEXTOID, TEXTOID, INT8OID};
 	int			naggs = hash_get_num_entries(aggs);
 	CqrsBatch	versions;
+	CqrsBatch	new_versions;
 	CqrsBatch	park;
 	CqrsBatch	unpark;
 	HASH_SEQ_STATUS seq;
@@ -1091,13 +1153,16 @@ fold_write(Fold *f, HTAB *aggs, List *dead)
 	memset(&park, 0, sizeof(park));
 	memset(&unpark, 0, sizeof(unpark));
 	cqrs_batch_init(&versions, naggs, 3, version_types);
+	cqrs_batch_init(&new_versions, naggs, 3, version_types);
 
 	for (int i = 0; i < nprojections; i++)
 	{
 		Projection *p = &projections[i];
 		Datum	   *rows;
+		Datum	   *fresh;
 		Datum	   *gone;
 		int			nrows = 0;
+		int			nfresh = 0;
 		int			ngone = 0;
 		Oid			save_userid;
 		int			save_sec;
@@ -1110,6 +1175,7 @@ fold_write(Fold *f, HTAB *aggs, List *dead)
 			continue;
 		}
 		rows = palloc(sizeof(Datum) * Max(naggs, 1));
+		fresh = palloc(sizeof(Datum) * Max(naggs, 1));
 		gone = palloc(sizeof(Datum) * Max(naggs, 1));
 		hash_seq_init(&seq, aggs);
 		while ((a = hash_seq_search(&seq)) != NULL)
@@ -1118,17 +1184,29 @@ fold_write(Fold *f, HTAB *aggs, List *dead)
 
 			if (!fold_follows(f, i, a->aggregate_type))
 				continue;
-			if (ps->dirty && ps->exists)
+			if (f->mode == FOLD_REBUILD)
+			{
+				/* write only what differs from the table */
+				ps->dirty = ps->exists != ps->stored ||
+					(ps->exists &&
+					 !DatumGetBool(FunctionCall2(&f->image_eq, ps->old_row, ps->row)));
+				fold_keep_key(f, a->aggregate_id);
+			}
+			if (ps->dirty && ps->exists && ps->stored)
 				rows[nrows++] = ps->row;
+			else if (ps->dirty && ps->exists)
+				fresh[nfresh++] = ps->row;
 			else if (ps->dirty && ps->stored)
 				gone[ngone++] = CStringGetTextDatum(a->aggregate_id);
 			if (ps->version != ps->stored_version)
 			{
-				cqrs_batch_put_text(&versions, 0, p->name);
-				cqrs_batch_put_text(&versions, 1, a->aggregate_id);
-				cqrs_batch_put(&versions, 2, Int64GetDatum(ps->version));
-				versions.nrows++;
-				cqrs_batch_grow(&versions);
+				CqrsBatch  *b = ps->stored_version < 0 ? &new_versions : &versions;
+
+				cqrs_batch_put_text(b, 0, p->name);
+				cqrs_batch_put_text(b, 1, a->aggregate_id);
+				cqrs_batch_put(b, 2, Int64GetDatum(ps->version));
+				b->nrows++;
+				cqrs_batch_grow(b);
 			}
 		}
 		fold_enter(i, &save_userid, &save_sec);
@@ -1138,6 +1216,14 @@ fold_write(Fold *f, HTAB *aggs, List *dead)
 			Datum		arg = cqrs_array(rows, NULL, nrows, p->rowtype);
 
 			(void) cqrs_exec(cqrs_keep_plan(&p->upsert_plan, p->upsert_sql, 1, argtypes),
+							 &arg, NULL, 0, SPI_OK_INSERT);
+		}
+		if (nfresh > 0)
+		{
+			Oid			argtypes[1] = {get_array_type(p->rowtype)};
+			Datum		arg = cqrs_array(fresh, NULL, nfresh, p->rowtype);
+
+			(void) cqrs_exec(cqrs_keep_plan(&p->insert_plan, p->insert_sql, 1, argtypes),
 							 &arg, NULL, 0, SPI_OK_INSERT);
 		}
 		if (ngone > 0)
@@ -1151,6 +1237,8 @@ fold_write(Fold *f, HTAB *aggs, List *dead)
 		fold_leave(save_userid, save_sec);
 
 		/* Redis, after the batch commits (or its backlog, with it) */
+		if (!cqrs_redis_wanted())
+			continue;
 		hash_seq_init(&seq, aggs);
 		while ((a = hash_seq_search(&seq)) != NULL)
 		{
@@ -1168,6 +1256,7 @@ fold_write(Fold *f, HTAB *aggs, List *dead)
 	if (f->mode == FOLD_VERIFY)
 		return;
 	cqrs_batch_exec(&versions, &versions_plan, versions_sql, SPI_OK_INSERT);
+	cqrs_batch_exec(&new_versions, &new_versions_plan, new_versions_sql, SPI_OK_INSERT);
 
 	hash_seq_init(&seq, aggs);
 	while ((a = hash_seq_search(&seq)) != NULL)
@@ -1192,6 +1281,8 @@ fold_write(Fold *f, HTAB *aggs, List *dead)
 	cqrs_parked_remove(&unpark);
 	f->stats.dead += cqrs_write_dead(dead);
 	cqrs_redis_flush_stale();
+	if (f->mode == FOLD_STREAM)
+		cqrs_parked_note(park.nrows, unpark.nrows);
 }
 
 /*
@@ -1227,13 +1318,16 @@ fold_range_once(Fold *f, CqrsRecord *records, int lo, int hi)
 			memset(((char *) a) + sizeof(char *), 0, hctl.entrysize - sizeof(char *));
 			a->aggregate_id = rec->aggregate_id;
 			a->aggregate_type = type;
+			a->min_sequence = rec->sequence_id;
 			for (int p = 0; p < nprojections; p++)
 				a->ps[p].stored_version = -1;
 		}
+		a->min_sequence = Min(a->min_sequence, rec->sequence_id);
+		a->lookup = !(f->trust && a->min_sequence == 1);
 	}
 	if (hash_get_num_entries(aggs) == 0)
 		return;
-	if (f->mode == FOLD_STREAM)
+	if (f->mode != FOLD_VERIFY)
 		fold_load(f, aggs);
 
 	for (int i = lo; i < hi; i++)
@@ -1278,6 +1372,49 @@ fold_blames_command(int sqlerrcode)
 	}
 }
 
+/*
+ * Rebuild, before a range that failed is split: its aggregates start from
+ * nothing in the halves, folded as the projector does (which looks rows
+ * and versions up), so their rows and versions go first.
+ */
+static void
+fold_reset(Fold *f, CqrsRecord *records, int lo, int hi)
+{
+	static SPIPlanPtr versions_plan = NULL;
+	Projection *p = &projections[f->only];
+	Datum	   *ids = palloc(sizeof(Datum) * (hi - lo));
+	int			n = 0;
+	Oid			types[2] = {TEXTOID, TEXTARRAYOID};
+	Datum		values[2];
+	Oid			save_userid;
+	int			save_sec;
+
+	for (int r = lo; r < hi; r++)
+	{
+		const char *type = defs_aggregate_type(records[r].command_type);
+
+		if (type == NULL || records[r].aggregate_id == NULL ||
+			strcmp(type, p->aggregate_type) != 0)
+			continue;
+		ids[n++] = CStringGetTextDatum(records[r].aggregate_id);
+		fold_keep_key(f, records[r].aggregate_id);
+	}
+	if (n == 0)
+		return;
+	values[0] = CStringGetTextDatum(p->name);
+	values[1] = cqrs_array(ids, NULL, n, TEXTOID);
+	fold_enter(f->only, &save_userid, &save_sec);
+	(void) cqrs_exec(cqrs_keep_plan(&p->delete_plan, p->delete_sql, 1, &types[1]),
+					 &values[1], NULL, 0, SPI_OK_DELETE);
+	fold_leave(save_userid, save_sec);
+	(void) cqrs_exec(cqrs_keep_plan(&versions_plan,
+									"DELETE FROM cqrs.projection_version"
+									" WHERE projection OPERATOR(pg_catalog.=) $1"
+									" AND aggregate_id OPERATOR(pg_catalog.=) ANY ($2)",
+									2, types),
+					 values, NULL, 0, SPI_OK_DELETE);
+}
+
 typedef struct RangeArgs
 {
 	Fold	   *fold;
@@ -1310,6 +1447,7 @@ fold_range(Fold *f, CqrsRecord *records, int lo, int hi)
 	CqrsApplyStats saved = f->stats;
 	int64		saved_folded = f->nfolded;
 	bool		was_careful = f->careful;
+	bool		was_trusting = f->trust;
 	int			redis_mark = cqrs_redis_mark();
 
 	for (;;)
@@ -1330,6 +1468,7 @@ fold_range(Fold *f, CqrsRecord *records, int lo, int hi)
 		if (edata == NULL)
 		{
 			f->careful = was_careful;
+			f->trust = was_trusting;
 			return;
 		}
 		/* what the failed attempt counted and noted did not happen */
@@ -1341,6 +1480,13 @@ fold_range(Fold *f, CqrsRecord *records, int lo, int hi)
 			cqrs_blames_command(edata->sqlerrcode);
 		if (!blamed)
 			ReThrowError(edata);
+		/* a create trusted as new was not: look everything up */
+		if (f->trust && edata->sqlerrcode == ERRCODE_UNIQUE_VIOLATION)
+		{
+			f->trust = false;
+			FreeErrorData(edata);
+			continue;
+		}
 		if (in_apply && !f->careful)
 		{
 			f->careful = true;
@@ -1356,6 +1502,8 @@ fold_range(Fold *f, CqrsRecord *records, int lo, int hi)
 			FoldMode	mode = f->mode;
 
 			FreeErrorData(edata);
+			if (mode == FOLD_REBUILD)
+				fold_reset(f, records, lo, hi);
 			/* the second half starts from what the first half wrote */
 			f->mode = FOLD_STREAM;
 			fold_range(f, records, lo, mid);
@@ -1407,6 +1555,7 @@ cqrs_project_declared(CqrsRecord *records, int n, CqrsApplyStats *stats)
 	memset(&f, 0, sizeof(f));
 	f.mode = FOLD_STREAM;
 	f.only = -1;
+	f.trust = true;
 	fold_records(&f, records, n);
 	cqrs_stats_add(stats, &f.stats);
 }
@@ -1511,9 +1660,25 @@ cqrs_projection_json(const char *projection, int n, char **ids, char **json,
 		int64		version;
 	} KeyRow;
 
+	static SPIPlanPtr exists_plan = NULL;
+	Oid			name_type[1] = {TEXTOID};
+	Datum		name = CStringGetTextDatum(projection);
+
+	/*
+	 * Not only the cache: a drop commits (and is seen) a moment before
+	 * its invalidation arrives, and this runs without the projection lock
+	 * that would order the two.
+	 */
+	if (n == 0 ||
+		cqrs_exec(cqrs_keep_plan(&exists_plan,
+								 "SELECT FROM cqrs.projection"
+								 " WHERE name OPERATOR(pg_catalog.=) $1",
+								 1, name_type),
+				  &name, NULL, 1, SPI_OK_SELECT) == 0)
+		return;
 	defs_load();
 	i = defs_find(projection);
-	if (i < 0 || n == 0)
+	if (i < 0)
 		return;
 	keys = palloc(sizeof(Datum) * n);
 	for (int k = 0; k < n; k++)
@@ -1648,47 +1813,58 @@ projection_fill(int i, CqrsApplyStats *stats)
 	static SPIPlanPtr forget_plan = NULL;
 	static SPIPlanPtr ready_plan = NULL;
 	static const char *forget_sql =
-		"WITH v AS (DELETE FROM cqrs.projection_version"
-		"           WHERE projection OPERATOR(pg_catalog.=) $1)"
-		" DELETE FROM cqrs.dead_letter WHERE projection OPERATOR(pg_catalog.=) $1";
+		"DELETE FROM cqrs.dead_letter WHERE projection OPERATOR(pg_catalog.=) $1";
 	/* the marker of a projection whose versions are there */
 	static const char *ready_sql =
 		"INSERT INTO cqrs.projection_version (projection, aggregate_id, version)"
-		" VALUES ($1, '', 0)";
+		" VALUES ($1, '', 0) ON CONFLICT DO NOTHING";
 	Oid			argtypes[1] = {TEXTOID};
 	Datum		values[1];
 	Fold		f;
 	Oid			save_userid;
 	int			save_sec;
-	char	   *empty_sql;
+	char	   *prune_sql;
 	int64		n;
 	Relation	rel;
+	const char *target;
+	const char *key;
+	Oid			key_type[1] = {TEXTARRAYOID};
+	Datum		kept;
 
 	values[0] = CStringGetTextDatum(projections[i].name);
 	/* every key it has now is written again, or deleted, after the fill */
 	cqrs_redis_stale_projection(projections[i].name);
 	(void) cqrs_exec(cqrs_keep_plan(&forget_plan, forget_sql, 1, argtypes),
 					 values, NULL, 0, SPI_OK_DELETE);
-	/* the versions' DELETE is done once the statement is */
-	CommandCounterIncrement();
 	(void) cqrs_exec(cqrs_keep_plan(&ready_plan, ready_sql, 1, argtypes),
 					 values, NULL, 0, SPI_OK_INSERT);
 	projections[i].ready = true;
-	rel = relation_open(projections[i].target, AccessShareLock);
-	empty_sql = psprintf("DELETE FROM %s",
-						 quote_qualified_identifier(get_namespace_name(RelationGetNamespace(rel)),
-													RelationGetRelationName(rel)));
-	relation_close(rel, AccessShareLock);
-	fold_enter(i, &save_userid, &save_sec);
-	if (SPI_execute(empty_sql, false, 0) != SPI_OK_DELETE)
-		elog(ERROR, "could not empty the table of projection \"%s\"",
-			 projections[i].name);
-	fold_leave(save_userid, save_sec);
 
+	/* fold every aggregate from nothing; write what differs */
 	memset(&f, 0, sizeof(f));
 	f.mode = FOLD_REBUILD;
+	f.keep_context = CurrentMemoryContext;
+	fmgr_info(F_RECORD_IMAGE_EQ, &f.image_eq);
 	n = projection_scan(&f, i);
 	cqrs_stats_add(stats, &f.stats);
+
+	/* the rows of aggregates the log does not have go */
+	rel = relation_open(projections[i].target, AccessShareLock);
+	target = quote_qualified_identifier(get_namespace_name(RelationGetNamespace(rel)),
+										RelationGetRelationName(rel));
+	key = quote_identifier(NameStr(TupleDescAttr(RelationGetDescr(rel),
+												 projections[i].key_attno - 1)->attname));
+	relation_close(rel, AccessShareLock);
+	prune_sql = psprintf("DELETE FROM %s AS t WHERE t.%s IN"
+						 " (SELECT CAST(s.%s AS pg_catalog.text) FROM %s AS s"
+						 "  EXCEPT SELECT pg_catalog.unnest($1))",
+						 target, key, key, target);
+	kept = cqrs_array(f.kept, NULL, (int) f.nkept, TEXTOID);
+	fold_enter(i, &save_userid, &save_sec);
+	if (SPI_execute_with_args(prune_sql, 1, key_type, &kept, NULL, false, 0) != SPI_OK_DELETE)
+		elog(ERROR, "could not delete the rows of aggregates without commands from %s",
+			 target);
+	fold_leave(save_userid, save_sec);
 	return n;
 }
 

@@ -1045,6 +1045,28 @@ projector_parked_exists(void)
 }
 
 /*
+ * May cqrs.parked have rows?  False only while it is known to be empty.
+ */
+bool
+cqrs_parked_maybe(void)
+{
+	return parked_known != 0;
+}
+
+/*
+ * A fold parked and unparked that many commands: learn what cqrs.parked
+ * holds now.
+ */
+void
+cqrs_parked_note(int64 parked, int64 unparked)
+{
+	if (parked > 0)
+		parked_known = 1;
+	else if (parked_known == -1 || unparked > 0)
+		parked_known = projector_parked_exists() ? 1 : 0;
+}
+
+/*
  * Forget what is known about cqrs.parked: the transaction that learnt it
  * rolled back.
  */
@@ -1130,10 +1152,7 @@ projector_fold(CqrsRecord *records, int lo, int hi, CqrsApplyStats *stats,
 
 	cqrs_stats_add(stats, &fr.stats);
 
-	if (fr.stats.parked > 0)
-		parked_known = 1;
-	else if (parked_known == -1 || fr.stats.unparked > 0)
-		parked_known = projector_parked_exists() ? 1 : 0;
+	cqrs_parked_note(fr.stats.parked, fr.stats.unparked);
 }
 
 /*

@@ -347,6 +347,13 @@ cqrs_redis_stale(const char *order_id)
 	cqrs_redis_stale_in(NULL, order_id);
 }
 
+/* Is there a Redis to write to (cqrs.redis_url set, hiredis built in)? */
+bool
+cqrs_redis_wanted(void)
+{
+	return redis_configured();
+}
+
 /*
  * The same for the key of an aggregate in a declared projection (NULL:
  * the orders).
