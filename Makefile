@@ -40,7 +40,7 @@ REGRESS_OPTS = --temp-config=$(srcdir)/test/cqrs.conf \
 
 # Isolation specs: every concurrency claim of the command path.
 ISOLATION = duplicate_command_id sequence_assignment create_race bulk_escalation \
-	define_while_submitting
+	define_while_submitting define_projection
 ISOLATION_OPTS = --inputdir=$(srcdir)/test/isolation \
 	--temp-config=$(srcdir)/test/cqrs.conf \
 	--temp-instance=./tmp_check_iso --port=54392

@@ -300,6 +300,8 @@ extern void cqrs_project_declared(CqrsRecord *records, int n,
 extern bool cqrs_retry_declared(CqrsRecord *rec, const char *projection);
 extern void cqrs_projection_json(const char *projection, int n, char **ids,
 								 char **json, int64 *versions);
+extern void cqrs_redis_stale_declared(const char *command_type,
+									  const char *aggregate_id);
 
 /* redis.c */
 extern bool cqrs_redis_check_url(char **newval, void **extra, GucSource source);

@@ -1737,6 +1737,28 @@ cqrs_projection_json(const char *projection, int n, char **ids, char **json,
 	}
 }
 
+/*
+ * The Redis keys of an aggregate in every projection that follows its
+ * command type must be written again (a batch delivered again after a
+ * crash).
+ */
+void
+cqrs_redis_stale_declared(const char *command_type, const char *aggregate_id)
+{
+	const char *type;
+
+	if (!cqrs_redis_wanted())
+		return;
+	defs_load();
+	type = defs_aggregate_type(command_type);
+	if (type == NULL)
+		return;
+	for (int i = 0; i < nprojections; i++)
+		if (projections[i].ready &&
+			strcmp(projections[i].aggregate_type, type) == 0)
+			cqrs_redis_stale_in(projections[i].name, aggregate_id);
+}
+
 /* A name argument of a projection function. */
 static char *
 projection_name_arg(FunctionCallInfo fcinfo, int argno)
@@ -2003,9 +2025,10 @@ create_projection(PG_FUNCTION_ARGS)
 		Oid			one[1] = {TEXTOID};
 		Datum		v[1] = {CStringGetTextDatum(aggregate)};
 
+		/* not read-only: what committed while this waited for the lock */
 		if (SPI_execute_with_args("SELECT FROM cqrs.aggregate_type"
 								  " WHERE name OPERATOR(pg_catalog.=) $1",
-								  1, one, v, NULL, true, 0) != SPI_OK_SELECT)
+								  1, one, v, NULL, false, 0) != SPI_OK_SELECT)
 			elog(ERROR, "could not read cqrs.aggregate_type");
 		if (SPI_processed == 0)
 			ereport(ERROR,
@@ -2018,7 +2041,7 @@ create_projection(PG_FUNCTION_ARGS)
 		v[0] = CStringGetTextDatum(name);
 		if (SPI_execute_with_args("SELECT FROM cqrs.projection"
 								  " WHERE name OPERATOR(pg_catalog.=) $1",
-								  1, one, v, NULL, true, 0) != SPI_OK_SELECT)
+								  1, one, v, NULL, false, 0) != SPI_OK_SELECT)
 			elog(ERROR, "could not read cqrs.projection");
 		if (SPI_processed > 0)
 			ereport(ERROR,

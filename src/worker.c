@@ -560,8 +560,8 @@ worker_release_memory(void)
  * batch's position, in the table and the replication origin; an earlier
  * part commits without it, so that after a crash the whole batch is
  * delivered again, and the version rule skips what was applied.  The
- * orders in "redelivered" were applied by an earlier run: they go to the
- * Redis backlog.  Returns false when projection was switched off or the
+ * commands in "redelivered" were applied by an earlier run: their keys go
+ * to the Redis backlog.  Returns false when projection was switched off or the
  * extension dropped meanwhile; the part is then not applied.
  */
 static bool
@@ -589,7 +589,15 @@ worker_apply_part(CqrsQueue *queue, CqrsRecord *records, int n, bool last,
 
 			cqrs_redis_batch_begin();
 			foreach(lc, redelivered)
-				cqrs_redis_stale((char *) lfirst(lc));
+			{
+				CqrsRecord *rec = lfirst(lc);
+
+				if (rec->command_type == NULL ||
+					cqrs_is_order_command(rec->command_type))
+					cqrs_redis_stale(rec->aggregate_id);
+				else
+					cqrs_redis_stale_declared(rec->command_type, rec->aggregate_id);
+			}
 			cqrs_redis_flush_stale();
 			cqrs_project(records, n, stats);
 			if (stats->poisoned > CQRS_MAX_POISON_PER_BATCH)
@@ -666,7 +674,7 @@ worker_apply_part(CqrsQueue *queue, CqrsRecord *records, int n, bool last,
 
 /*
  * Keep the records an earlier run has not applied (committed after
- * skip_upto), in place; list the orders of the others in *redelivered.
+ * skip_upto), in place; list (copies of) the others in *redelivered.
  * Returns how many are kept.
  */
 static int
@@ -680,7 +688,12 @@ worker_unapplied(CqrsRecord *records, int n, XLogRecPtr skip_upto,
 		if (records[i].commit_lsn > skip_upto)
 			records[kept++] = records[i];
 		else if (records[i].aggregate_id != NULL)
-			*redelivered = lappend(*redelivered, records[i].aggregate_id);
+		{
+			CqrsRecord *copy = palloc(sizeof(CqrsRecord));
+
+			*copy = records[i];
+			*redelivered = lappend(*redelivered, copy);
+		}
 	}
 	return kept;
 }
