@@ -177,12 +177,11 @@ CREATE TABLE cqrs.projection (
 	-- qualified names, resolved when read (as in cqrs.command_type)
 	target text NOT NULL,
 	key_column name NOT NULL,
-	apply_function text,
+	apply_function text NOT NULL,
 	owner pg_catalog.regrole NOT NULL,
 	builtin boolean NOT NULL DEFAULT false,
 	created_at timestamptz NOT NULL DEFAULT pg_catalog.now(),
-	CONSTRAINT projection_pkey PRIMARY KEY (name),
-	CONSTRAINT projection_apply_check CHECK (builtin OR apply_function IS NOT NULL)
+	CONSTRAINT projection_pkey PRIMARY KEY (name)
 );
 COMMENT ON TABLE cqrs.projection IS
 	'Projections the projector maintains: the aggregate type each follows, its target table and key column, and the apply function folded over each aggregate''s commands; written by cqrs.create_projection() and cqrs.drop_projection()';
@@ -201,8 +200,21 @@ CREATE TABLE cqrs.projection_version (
 COMMENT ON TABLE cqrs.projection_version IS
 	'The sequence_id up to which each declared projection has applied each aggregate''s commands';
 
-INSERT INTO cqrs.projection (name, aggregate_type, target, key_column, owner, builtin)
+-- The built-in projection's rules as an apply function, registered like
+-- any other; the projector runs the same rules in its set-based C fold.
+CREATE FUNCTION cqrs.apply_order(state cqrs.read_model, command cqrs.command_log)
+RETURNS cqrs.read_model
+AS 'MODULE_PATHNAME', 'apply_order'
+LANGUAGE C IMMUTABLE PARALLEL SAFE;
+COMMENT ON FUNCTION cqrs.apply_order(cqrs.read_model, cqrs.command_log) IS
+	'The orders'' projection rules as an apply function: the order after the command (an error for a command the rules refuse)';
+REVOKE ALL ON FUNCTION cqrs.apply_order(cqrs.read_model, cqrs.command_log) FROM PUBLIC;
+GRANT EXECUTE ON FUNCTION cqrs.apply_order(cqrs.read_model, cqrs.command_log)
+	TO cqrs_admin, cqrs_reader;
+
+INSERT INTO cqrs.projection (name, aggregate_type, target, key_column, apply_function, owner, builtin)
 	VALUES ('orders', 'order', 'cqrs.read_model', 'order_id',
+			'cqrs.apply_order(cqrs.read_model,cqrs.command_log)',
 			CAST(CAST(CURRENT_USER AS text) AS pg_catalog.regrole), true);
 
 -- A declared projection's table is the user's, and pg_dump dumps it: its

@@ -240,6 +240,24 @@ SELECT count(*) AS rows_kept FROM regress_ledger.totals;
 SELECT count(*) AS versions FROM cqrs.projection_version WHERE projection = 'ledger_totals';
 SELECT count(*) AS dead FROM cqrs.dead_letter WHERE projection = 'ledger_totals';
 
+-- The built-in projection is registered with its C apply function, which
+-- folds in SQL as any other does.
+SELECT name, apply_function, builtin FROM cqrs.projection WHERE builtin;
+SELECT order_id, user_id, total_amount, status, version
+  FROM cqrs.apply_order(cqrs.apply_order(NULL,
+		ROW(1, 'e0000000-0000-4000-8000-0000000000a1', 'CREATE_ORDER', 'o-fold', 1,
+			'{"user_id": "u1", "amount": 9.5}', now(), NULL)::cqrs.command_log),
+		ROW(2, 'e0000000-0000-4000-8000-0000000000a2', 'SHIP_ORDER', 'o-fold', 2,
+			'{}', now(), NULL)::cqrs.command_log);
+SELECT cqrs.apply_order(NULL,
+	ROW(1, 'e0000000-0000-4000-8000-0000000000a3', 'SHIP_ORDER', 'o-none', 1,
+		'{}', now(), NULL)::cqrs.command_log);
+\echo :SQLSTATE
+SELECT cqrs.apply_order(NULL,
+	ROW(1, 'e0000000-0000-4000-8000-0000000000a4', 'CREATE_ORDER', 'o-bad', 1,
+		'{"user_id": 5}', now(), NULL)::cqrs.command_log);
+\echo :SQLSTATE
+
 DROP SCHEMA regress_ledger CASCADE;
 DROP FUNCTION public.regress_ledger_peek;
 DROP TABLE public.regress_ledger_spy;

@@ -124,6 +124,10 @@ static HTAB *command_aggregates = NULL;
 static bool defs_valid = false;
 static TupleDesc log_desc = NULL;	/* cqrs.command_log's row type */
 
+/* defs_aggregate_type()'s last answer; forgotten with the definitions */
+static char last_command[NAMEDATALEN];
+static CommandAggregate *last_aggregate = NULL;
+
 /* Columns of cqrs.command_log, by name, as the apply function sees them. */
 enum
 {
@@ -338,6 +342,7 @@ defs_load(void)
 	projections = NULL;
 	nprojections = 0;
 	command_aggregates = NULL;
+	last_aggregate = NULL;
 	log_desc = NULL;
 	/*
 	 * From now on, an invalidation makes this load stale.  Each statement
@@ -537,9 +542,17 @@ defs_aggregate_type(const char *command_type)
 
 	if (command_type == NULL || strlen(command_type) >= NAMEDATALEN)
 		return NULL;
+	/* commands come in runs of one type: the last answer first */
+	if (last_aggregate != NULL && strcmp(command_type, last_command) == 0)
+		return last_aggregate->aggregate_type;
 	memset(key, 0, sizeof(key));
 	strlcpy(key, command_type, sizeof(key));
 	ca = hash_search(command_aggregates, key, HASH_FIND, NULL);
+	if (ca != NULL)
+	{
+		strlcpy(last_command, command_type, sizeof(last_command));
+		last_aggregate = ca;
+	}
 	return ca ? ca->aggregate_type : NULL;
 }
 
@@ -707,7 +720,12 @@ fold_call(Fold *f, int i, ProjAggState *a, Datum command)
 		bool		isnull;
 		Datum		key = GetAttributeByNum(row, p->key_attno, &isnull);
 
-		if (isnull || strcmp(TextDatumGetCString(key), a->aggregate_id) != 0)
+		text	   *keytext = isnull ? NULL : DatumGetTextPP(key);
+
+		if (isnull ||
+			VARSIZE_ANY_EXHDR(keytext) != strlen(a->aggregate_id) ||
+			memcmp(VARDATA_ANY(keytext), a->aggregate_id,
+				   VARSIZE_ANY_EXHDR(keytext)) != 0)
 			ereport(ERROR,
 					(errcode(ERRCODE_INVALID_PARAMETER_VALUE),
 					 errmsg("apply function %s of projection \"%s\" returned a row for %s%s%s, not for aggregate \"%s\"",
@@ -716,7 +734,8 @@ fold_call(Fold *f, int i, ProjAggState *a, Datum command)
 							isnull ? "" : TextDatumGetCString(key),
 							isnull ? "" : "\"", a->aggregate_id),
 					 errhint("Set the key column to the command's aggregate_id.")));
-		ps->row = datumCopy(PointerGetDatum(row), false, -1);
+		/* in this context already (fmgr's rule for results), flat */
+		ps->row = PointerGetDatum(row);
 	}
 	current_in_apply = false;
 	fold_leave(save_userid, save_sec);

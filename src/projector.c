@@ -35,10 +35,12 @@
  */
 #include "postgres.h"
 
+#include "access/htup_details.h"
 #include "access/xact.h"
 #include "catalog/pg_type.h"
 #include "common/hashfn.h"
 #include "executor/spi.h"
+#include "funcapi.h"
 #include "miscadmin.h"
 #include "storage/lock.h"
 #include "utils/array.h"
@@ -53,6 +55,7 @@
 #include "utils/pg_lsn.h"
 #include "utils/resowner.h"
 #include "utils/timestamp.h"
+#include "utils/typcache.h"
 
 #include "cqrs.h"
 
@@ -487,58 +490,181 @@ fold_member(Jsonb *payload, const char *key, enum jbvType type)
 }
 
 /*
- * Apply rec, whose sequence is the order's next, to the order.
+ * The orders' rules: what command "type" with "payload" makes of an order
+ * that exists or not, in status *status.  Returns NULL when it applies
+ * (*status, and for a create *user_id and *amount, set), or why not.
+ */
+static char *
+order_rule(const char *order_id, bool exists, OrderStatus *status,
+		   const char *type, Jsonb *payload, int64 sequence_id,
+		   char **user_id, Datum *amount)
+{
+	if (!exists)
+	{
+		JsonbValue *u = fold_member(payload, "user_id", jbvString);
+		JsonbValue *a = fold_member(payload, "amount", jbvNumeric);
+
+		if (strcmp(type, "CREATE_ORDER") != 0)
+			return psprintf("the first command of order \"%s\" is %s, not CREATE_ORDER",
+							order_id, type);
+		if (u == NULL || a == NULL)
+			return pstrdup("malformed CREATE_ORDER payload: it needs a string \"user_id\" and a numeric \"amount\"");
+		*user_id = pnstrdup(u->val.string.val, u->val.string.len);
+		*amount = NumericGetDatum(a->val.numeric);
+		*status = STATUS_CREATED;
+		return NULL;
+	}
+	if (strcmp(type, "SHIP_ORDER") == 0 || strcmp(type, "CANCEL_ORDER") == 0)
+	{
+		if (*status != STATUS_CREATED)
+			return psprintf("invalid transition: %s on a %s order",
+							type, status_names[*status]);
+		*status = (type[0] == 'S') ? STATUS_SHIPPED : STATUS_CANCELLED;
+		return NULL;
+	}
+	if (strcmp(type, "CREATE_ORDER") == 0)
+		return psprintf("invalid transition: CREATE_ORDER at sequence " INT64_FORMAT " of an existing order",
+						sequence_id);
+	return psprintf("unknown command type \"%s\"", type);
+}
+
+/*
+ * Apply rec, whose sequence is the order's next, to the order.  A command
+ * the rules refuse is dead-lettered; the version still advances past it
+ * (but a first command that creates nothing leaves no row).
  */
 static void
 fold_apply(FoldResult *fr, OrderState *o, CqrsRecord *rec)
 {
 	const char *type = rec->command_type ? rec->command_type : "";
+	OrderStatus status = o->status;
+	char	   *user_id = NULL;
+	Datum		amount = (Datum) 0;
+	char	   *reason;
 
 	fr->stats.applied++;
-
-	if (!o->exists)
+	reason = order_rule(o->order_id, o->exists, &status, type, rec->payload,
+						rec->sequence_id, &user_id, &amount);
+	if (reason != NULL)
 	{
-		JsonbValue *user_id = fold_member(rec->payload, "user_id", jbvString);
-		JsonbValue *amount = fold_member(rec->payload, "amount", jbvNumeric);
-
-		if (strcmp(type, "CREATE_ORDER") != 0)
-		{
-			fold_dead(fr, rec, psprintf("the first command of order \"%s\" is %s, not CREATE_ORDER",
-										o->order_id, type));
+		fold_dead(fr, rec, reason);
+		if (!o->exists)
 			return;
-		}
-		if (user_id == NULL || amount == NULL)
-		{
-			fold_dead(fr, rec, "malformed CREATE_ORDER payload: it needs a string \"user_id\" and a numeric \"amount\"");
-			return;
-		}
+	}
+	else if (!o->exists)
+	{
 		o->exists = true;
-		o->user_id = pnstrdup(user_id->val.string.val, user_id->val.string.len);
-		o->total_amount = NumericGetDatum(amount->val.numeric);
-		o->status = STATUS_CREATED;
-		o->version = rec->sequence_id;
-		o->dirty = true;
-		return;
+		o->user_id = user_id;
+		o->total_amount = amount;
 	}
-
-	if (strcmp(type, "SHIP_ORDER") == 0 || strcmp(type, "CANCEL_ORDER") == 0)
-	{
-		bool		ship = (type[0] == 'S');
-
-		if (o->status == STATUS_CREATED)
-			o->status = ship ? STATUS_SHIPPED : STATUS_CANCELLED;
-		else
-			fold_dead(fr, rec, psprintf("invalid transition: %s on a %s order",
-										type, status_names[o->status]));
-	}
-	else if (strcmp(type, "CREATE_ORDER") == 0)
-		fold_dead(fr, rec, psprintf("invalid transition: CREATE_ORDER at sequence " INT64_FORMAT " of an existing order",
-									rec->sequence_id));
-	else
-		fold_dead(fr, rec, psprintf("unknown command type \"%s\"", type));
-
+	o->status = status;
 	o->version = rec->sequence_id;
 	o->dirty = true;
+}
+
+/*
+ * cqrs.apply_order(state cqrs.read_model, command cqrs.command_log)
+ * RETURNS cqrs.read_model
+ *
+ * The built-in projection's rules as an apply function, registered in
+ * cqrs.projection as any other: the projector runs the same rules
+ * (order_rule()) in its set-based fold, and this lets them be folded in
+ * SQL.  A command the rules refuse is an error (23514, 22023 for a
+ * malformed create), as a declared projection's apply function raises
+ * one; updated_at is the command's created_at.
+ */
+PG_FUNCTION_INFO_V1(apply_order);
+
+Datum
+apply_order(PG_FUNCTION_ARGS)
+{
+	HeapTupleHeader command;
+	TupleDesc	desc;
+	bool		isnull;
+	Datum		d;
+	char	   *type;
+	char	   *order_id;
+	int64		sequence_id;
+	Jsonb	   *payload = NULL;
+	bool		exists = !PG_ARGISNULL(0);
+	OrderStatus status = STATUS_CREATED;
+	char	   *user_id = NULL;
+	Datum		amount = (Datum) 0;
+	char	   *reason;
+	Datum		values[6];
+	bool		nulls[6] = {false, false, false, false, false, false};
+	static const char *const cols[6] = {"order_id", "user_id", "total_amount",
+	"status", "version", "updated_at"};
+
+	if (PG_ARGISNULL(1))
+		PG_RETURN_DATUM(PG_GETARG_DATUM(0));
+	command = PG_GETARG_HEAPTUPLEHEADER(1);
+	d = GetAttributeByName(command, "command_type", &isnull);
+	type = isnull ? "" : TextDatumGetCString(d);
+	d = GetAttributeByName(command, "aggregate_id", &isnull);
+	order_id = isnull ? "" : TextDatumGetCString(d);
+	d = GetAttributeByName(command, "sequence_id", &isnull);
+	sequence_id = isnull ? 0 : DatumGetInt64(d);
+	d = GetAttributeByName(command, "payload", &isnull);
+	if (!isnull)
+		payload = DatumGetJsonbP(d);
+
+	if (exists)
+	{
+		HeapTupleHeader state = PG_GETARG_HEAPTUPLEHEADER(0);
+		const char *st;
+
+		d = GetAttributeByName(state, "status", &isnull);
+		st = isnull ? "" : TextDatumGetCString(d);
+		status = strcmp(st, "shipped") == 0 ? STATUS_SHIPPED :
+			strcmp(st, "cancelled") == 0 ? STATUS_CANCELLED : STATUS_CREATED;
+		for (int c = 0; c < 6; c++)
+			values[c] = GetAttributeByName(state, cols[c], &nulls[c]);
+	}
+	reason = order_rule(order_id, exists, &status, type, payload, sequence_id,
+						&user_id, &amount);
+	if (reason != NULL)
+		ereport(ERROR,
+				(errcode(strncmp(reason, "malformed", 9) == 0 ?
+						 ERRCODE_INVALID_PARAMETER_VALUE : ERRCODE_CHECK_VIOLATION),
+				 errmsg("%s", reason)));
+	if (!exists)
+	{
+		values[0] = CStringGetTextDatum(order_id);
+		values[1] = CStringGetTextDatum(user_id);
+		values[2] = amount;
+	}
+	values[3] = CStringGetTextDatum(status_names[status]);
+	values[4] = Int64GetDatum(sequence_id);
+	values[5] = GetAttributeByName(command, "created_at", &nulls[5]);
+	for (int c = 0; c < 6; c++)
+		if (c != 5)
+			nulls[c] = false;
+
+	desc = lookup_rowtype_tupdesc(get_fn_expr_rettype(fcinfo->flinfo), -1);
+	{
+		Datum	   *all = palloc0(sizeof(Datum) * desc->natts);
+		bool	   *allnulls = palloc(sizeof(bool) * desc->natts);
+		HeapTuple	tuple;
+
+		memset(allnulls, true, sizeof(bool) * desc->natts);
+		for (int c = 0; c < 6; c++)
+		{
+			for (int i = 0; i < desc->natts; i++)
+			{
+				Form_pg_attribute att = TupleDescAttr(desc, i);
+
+				if (!att->attisdropped && strcmp(NameStr(att->attname), cols[c]) == 0)
+				{
+					all[i] = values[c];
+					allnulls[i] = nulls[c];
+				}
+			}
+		}
+		tuple = heap_form_tuple(desc, all, allnulls);
+		ReleaseTupleDesc(desc);
+		PG_RETURN_DATUM(HeapTupleGetDatum(tuple));
+	}
 }
 
 /*
