@@ -994,7 +994,42 @@ fold_load(Fold *f, HTAB *aggs)
 			a->ps[i].exists = true;
 		}
 	}
-	if (nnames > 0)
+	if (nnames > 0 && f->mode == FOLD_REBUILD)
+	{
+		/*
+		 * A rebuild's chunk holds every aggregate of its range of ids (the
+		 * log is read in their order, collation "C" as the versions' key):
+		 * one range scan of the versions instead of a probe per aggregate.
+		 */
+		static SPIPlanPtr range_plan = NULL;
+		Oid			range_types[3] = {TEXTOID, TEXTOID, TEXTOID};
+		Datum		range[3];
+		HASH_SEQ_STATUS seq;
+		ProjAggState *a;
+		const char *lo = NULL;
+		const char *hi = NULL;
+
+		hash_seq_init(&seq, aggs);
+		while ((a = hash_seq_search(&seq)) != NULL)
+		{
+			if (lo == NULL || strcmp(a->aggregate_id, lo) < 0)
+				lo = a->aggregate_id;
+			if (hi == NULL || strcmp(a->aggregate_id, hi) > 0)
+				hi = a->aggregate_id;
+		}
+		range[0] = names[0];
+		range[1] = CStringGetTextDatum(lo);
+		range[2] = CStringGetTextDatum(hi);
+		(void) cqrs_exec(cqrs_keep_plan(&range_plan,
+										"SELECT projection, aggregate_id, version"
+										" FROM cqrs.projection_version"
+										" WHERE projection OPERATOR(pg_catalog.=) $1"
+										" AND aggregate_id OPERATOR(pg_catalog.>=) $2"
+										" AND aggregate_id OPERATOR(pg_catalog.<=) $3",
+										3, range_types),
+						 range, NULL, 0, SPI_OK_SELECT);
+	}
+	else if (nnames > 0)
 	{
 		values[0] = cqrs_array(names, NULL, nnames, TEXTOID);
 		values[1] = fold_keys(aggs, NULL, true, &nkeys);
