@@ -190,7 +190,7 @@ typedef struct Failure
 typedef enum FoldMode
 {
 	FOLD_STREAM,				/* batches and catch-up: load, fold, write */
-	FOLD_REBUILD,				/* the table emptied: fold, write */
+	FOLD_REBUILD,				/* from nothing: fold, write what differs */
 	FOLD_VERIFY					/* fold from nothing, compare, write nothing */
 } FoldMode;
 
@@ -1879,8 +1879,10 @@ projection_scan(Fold *f, int i)
 }
 
 /*
- * Empty projection i's table, versions and dead letters, and fold the
- * whole log into it; in the caller's transaction, holding the projection
+ * Fold the whole log into projection i anew: every aggregate from nothing,
+ * writing the rows and versions that differ from the stored ones, then
+ * deleting the rows of aggregates the log does not have; its dead letters
+ * are derived again.  In the caller's transaction, holding the projection
  * lock.  Returns the number of commands folded.
  */
 static int64
