@@ -217,6 +217,21 @@ typedef struct CqrsQueue
 	bool		catalog_changed;	/* a decoded transaction changed catalogs */
 } CqrsQueue;
 
+/* decoder.c: the columns of cqrs.command_log, found by name */
+typedef enum CqrsLogColumn
+{
+	COL_LOG_ID,
+	COL_COMMAND_ID,
+	COL_COMMAND_TYPE,
+	COL_AGGREGATE_ID,
+	COL_SEQUENCE_ID,
+	COL_PAYLOAD,
+	COL_TRACEPARENT,
+	COL_CREATED_AT,
+	NUM_COLS
+} CqrsLogColumn;
+extern void cqrs_log_attnums(TupleDesc desc, AttrNumber *attnums);
+
 /* decoder.c: set in the projector process only, NULL elsewhere */
 extern CqrsQueue *cqrs_decoding_queue;
 extern void cqrs_queue_reset(CqrsQueue *queue);
@@ -279,6 +294,9 @@ extern bool cqrs_is_order_command(const char *type);
 extern void cqrs_project(CqrsRecord *records, int nrecords,
 						 CqrsApplyStats *stats);
 extern void cqrs_stats_add(CqrsApplyStats *to, const CqrsApplyStats *from);
+struct HTAB;
+extern struct HTAB *cqrs_id_hash_create(const char *name, long nelem,
+										Size entrysize);
 extern void cqrs_project_forget(void);
 extern bool cqrs_parked_maybe(void);
 extern void cqrs_parked_note(int64 parked, int64 unparked);
@@ -353,6 +371,9 @@ typedef enum CqrsRelation
 extern Oid	cqrs_relid(CqrsRelation rel);
 extern bool cqrs_schema_020(void);
 extern void cqrs_spi_finish(CqrsOwnerScope *scope);
+
+/* repair.c */
+extern void cqrs_repair_begin(CqrsOwnerScope *scope, const char *name);
 extern char *cqrs_spi_text(HeapTuple tuple, TupleDesc desc, int col);
 extern uint64 cqrs_exec(struct _SPI_plan *plan, Datum *values,
 						const char *nulls, long tcount, int expected);

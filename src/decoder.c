@@ -44,24 +44,39 @@ PGDLLEXPORT void _PG_output_plugin_init(OutputPluginCallbacks *cb);
 
 CqrsQueue  *cqrs_decoding_queue = NULL;
 
-/* Columns of cqrs.command_log the plugin reads, in this order. */
-enum
-{
-	COL_LOG_ID,
-	COL_COMMAND_ID,
-	COL_COMMAND_TYPE,
-	COL_AGGREGATE_ID,
-	COL_SEQUENCE_ID,
-	COL_PAYLOAD,
-	COL_TRACEPARENT,
-	COL_CREATED_AT,
-	NUM_COLS
+static const char *const col_names[NUM_COLS] = {
+	[COL_LOG_ID] = "log_id",
+	[COL_COMMAND_ID] = "command_id",
+	[COL_COMMAND_TYPE] = "command_type",
+	[COL_AGGREGATE_ID] = "aggregate_id",
+	[COL_SEQUENCE_ID] = "sequence_id",
+	[COL_PAYLOAD] = "payload",
+	[COL_TRACEPARENT] = "traceparent",
+	[COL_CREATED_AT] = "created_at",
 };
 
-static const char *const col_names[NUM_COLS] = {
-	"log_id", "command_id", "command_type", "aggregate_id", "sequence_id",
-	"payload", "traceparent", "created_at"
-};
+/*
+ * The attribute numbers of the columns of cqrs.command_log in desc (the
+ * table's, or its row type's), by CqrsLogColumn; ERROR if one is missing.
+ */
+void
+cqrs_log_attnums(TupleDesc desc, AttrNumber *attnums)
+{
+	for (int c = 0; c < NUM_COLS; c++)
+	{
+		attnums[c] = InvalidAttrNumber;
+		for (int i = 0; i < desc->natts; i++)
+		{
+			Form_pg_attribute att = TupleDescAttr(desc, i);
+
+			if (!att->attisdropped &&
+				strcmp(NameStr(att->attname), col_names[c]) == 0)
+				attnums[c] = att->attnum;
+		}
+		if (attnums[c] == InvalidAttrNumber)
+			elog(ERROR, "cqrs.command_log has no column \"%s\"", col_names[c]);
+	}
+}
 
 typedef struct CqrsDecodingState
 {
@@ -179,7 +194,6 @@ decoder_begin(LogicalDecodingContext *ctx, ReorderBufferTXN *txn)
 static bool
 decoder_is_command_log(CqrsDecodingState *state, Relation relation)
 {
-	TupleDesc	desc;
 	char	   *nspname;
 
 	if (RelationGetRelid(relation) == state->log_relid)
@@ -190,21 +204,7 @@ decoder_is_command_log(CqrsDecodingState *state, Relation relation)
 	if (nspname == NULL || strcmp(nspname, "cqrs") != 0)
 		return false;
 
-	desc = RelationGetDescr(relation);
-	for (int c = 0; c < NUM_COLS; c++)
-	{
-		state->attnums[c] = InvalidAttrNumber;
-		for (int i = 0; i < desc->natts; i++)
-		{
-			Form_pg_attribute att = TupleDescAttr(desc, i);
-
-			if (!att->attisdropped &&
-				strcmp(NameStr(att->attname), col_names[c]) == 0)
-				state->attnums[c] = att->attnum;
-		}
-		if (state->attnums[c] == InvalidAttrNumber)
-			elog(ERROR, "cqrs.command_log has no column \"%s\"", col_names[c]);
-	}
+	cqrs_log_attnums(RelationGetDescr(relation), state->attnums);
 	state->log_relid = RelationGetRelid(relation);
 	return true;
 }

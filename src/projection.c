@@ -60,7 +60,6 @@
 #include "catalog/pg_class.h"
 #include "catalog/pg_proc.h"
 #include "catalog/pg_type.h"
-#include "common/hashfn.h"
 #include "executor/spi.h"
 #include "fmgr.h"
 #include "funcapi.h"
@@ -128,24 +127,8 @@ static TupleDesc log_desc = NULL;	/* cqrs.command_log's row type */
 static char last_command[NAMEDATALEN];
 static CommandAggregate *last_aggregate = NULL;
 
-/* Columns of cqrs.command_log, by name, as the apply function sees them. */
-enum
-{
-	LOG_LOG_ID,
-	LOG_COMMAND_ID,
-	LOG_COMMAND_TYPE,
-	LOG_AGGREGATE_ID,
-	LOG_SEQUENCE_ID,
-	LOG_PAYLOAD,
-	LOG_CREATED_AT,
-	LOG_TRACEPARENT,
-	LOG_COLS
-};
-static const char *const log_col_names[LOG_COLS] = {
-	"log_id", "command_id", "command_type", "aggregate_id", "sequence_id",
-	"payload", "created_at", "traceparent"
-};
-static AttrNumber log_attnums[LOG_COLS];
+/* Columns of cqrs.command_log's row type, as the apply function sees them */
+static AttrNumber log_attnums[NUM_COLS];
 
 /* One declared projection's state of one aggregate in a fold. */
 typedef struct ProjState
@@ -466,20 +449,7 @@ defs_load(void)
 		MemoryContextSwitchTo(old);
 		ReleaseTupleDesc(desc);
 	}
-	for (int c = 0; c < LOG_COLS; c++)
-	{
-		log_attnums[c] = InvalidAttrNumber;
-		for (int i = 0; i < log_desc->natts; i++)
-		{
-			Form_pg_attribute att = TupleDescAttr(log_desc, i);
-
-			if (!att->attisdropped &&
-				strcmp(NameStr(att->attname), log_col_names[c]) == 0)
-				log_attnums[c] = att->attnum;
-		}
-		if (log_attnums[c] == InvalidAttrNumber)
-			elog(ERROR, "cqrs.command_log has no column \"%s\"", log_col_names[c]);
-	}
+	cqrs_log_attnums(log_desc, log_attnums);
 }
 
 /*
@@ -603,21 +573,6 @@ fold_error_context(void *arg)
 			   current_projection >= 0 ? "\"" : "");
 }
 
-/* Hash support: keys are pointers to NUL-terminated aggregate ids. */
-static uint32
-agg_hash(const void *key, Size keysize)
-{
-	const char *s = *(const char *const *) key;
-
-	return string_hash(s, strlen(s) + 1);
-}
-
-static int
-agg_match(const void *key1, const void *key2, Size keysize)
-{
-	return strcmp(*(const char *const *) key1, *(const char *const *) key2);
-}
-
 /* The command as a row of cqrs.command_log. */
 static Datum
 fold_command_datum(CqrsRecord *rec)
@@ -628,17 +583,17 @@ fold_command_datum(CqrsRecord *rec)
 	memset(nulls, true, sizeof(bool) * log_desc->natts);
 #define LOG_SET(c, v) \
 	do { values[log_attnums[c] - 1] = (v); nulls[log_attnums[c] - 1] = false; } while (0)
-	LOG_SET(LOG_LOG_ID, Int64GetDatum(rec->log_id));
-	LOG_SET(LOG_COMMAND_ID, UUIDPGetDatum(&rec->command_id));
-	LOG_SET(LOG_COMMAND_TYPE, CStringGetTextDatum(rec->command_type));
-	LOG_SET(LOG_AGGREGATE_ID, CStringGetTextDatum(rec->aggregate_id));
-	LOG_SET(LOG_SEQUENCE_ID, Int64GetDatum(rec->sequence_id));
+	LOG_SET(COL_LOG_ID, Int64GetDatum(rec->log_id));
+	LOG_SET(COL_COMMAND_ID, UUIDPGetDatum(&rec->command_id));
+	LOG_SET(COL_COMMAND_TYPE, CStringGetTextDatum(rec->command_type));
+	LOG_SET(COL_AGGREGATE_ID, CStringGetTextDatum(rec->aggregate_id));
+	LOG_SET(COL_SEQUENCE_ID, Int64GetDatum(rec->sequence_id));
 	if (rec->payload)
-		LOG_SET(LOG_PAYLOAD, JsonbPGetDatum(rec->payload));
+		LOG_SET(COL_PAYLOAD, JsonbPGetDatum(rec->payload));
 	if (rec->created_at != 0)
-		LOG_SET(LOG_CREATED_AT, TimestampTzGetDatum(rec->created_at));
+		LOG_SET(COL_CREATED_AT, TimestampTzGetDatum(rec->created_at));
 	if (rec->traceparent)
-		LOG_SET(LOG_TRACEPARENT, CStringGetTextDatum(rec->traceparent));
+		LOG_SET(COL_TRACEPARENT, CStringGetTextDatum(rec->traceparent));
 #undef LOG_SET
 	return HeapTupleGetDatum(heap_form_tuple(log_desc, values, nulls));
 }
@@ -1087,7 +1042,6 @@ fold_compare(Fold *f, HTAB *aggs, int i)
 	Datum		keys;
 	int			nkeys;
 	HTAB	   *actual;
-	HASHCTL		ctl;
 	Oid			save_userid;
 	int			save_sec;
 	Oid			out_func;
@@ -1101,13 +1055,7 @@ fold_compare(Fold *f, HTAB *aggs, int i)
 	keys = fold_keys(aggs, p->aggregate_type, false, &nkeys);
 	if (nkeys == 0)
 		return;
-	ctl.keysize = sizeof(char *);
-	ctl.entrysize = sizeof(Actual);
-	ctl.hash = agg_hash;
-	ctl.match = agg_match;
-	ctl.hcxt = CurrentMemoryContext;
-	actual = hash_create("cqrs verify rows", nkeys, &ctl,
-						 HASH_ELEM | HASH_FUNCTION | HASH_COMPARE | HASH_CONTEXT);
+	actual = cqrs_id_hash_create("cqrs verify rows", nkeys, sizeof(Actual));
 	getTypeOutputInfo(p->rowtype, &out_func, &varlena);
 
 	fold_enter(i, &save_userid, &save_sec);
@@ -1345,17 +1293,13 @@ fold_write(Fold *f, HTAB *aggs, List *dead)
 static void
 fold_range_once(Fold *f, CqrsRecord *records, int lo, int hi)
 {
-	HASHCTL		hctl;
 	HTAB	   *aggs;
 	List	   *dead = NIL;
 
-	hctl.keysize = sizeof(char *);
-	hctl.entrysize = offsetof(ProjAggState, ps) + sizeof(ProjState) * Max(nprojections, 1);
-	hctl.hash = agg_hash;
-	hctl.match = agg_match;
-	hctl.hcxt = CurrentMemoryContext;
-	aggs = hash_create("cqrs batch aggregates", Max(16, hi - lo), &hctl,
-					   HASH_ELEM | HASH_FUNCTION | HASH_COMPARE | HASH_CONTEXT);
+	Size		entrysize = offsetof(ProjAggState, ps) +
+		sizeof(ProjState) * Max(nprojections, 1);
+
+	aggs = cqrs_id_hash_create("cqrs batch aggregates", hi - lo, entrysize);
 
 	for (int i = lo; i < hi; i++)
 	{
@@ -1369,7 +1313,7 @@ fold_range_once(Fold *f, CqrsRecord *records, int lo, int hi)
 		a = hash_search(aggs, &rec->aggregate_id, HASH_ENTER, &found);
 		if (!found)
 		{
-			memset(((char *) a) + sizeof(char *), 0, hctl.entrysize - sizeof(char *));
+			memset(((char *) a) + sizeof(char *), 0, entrysize - sizeof(char *));
 			a->aggregate_id = rec->aggregate_id;
 			a->aggregate_type = type;
 			a->min_sequence = rec->sequence_id;
@@ -1705,7 +1649,6 @@ cqrs_projection_json(const char *projection, int n, char **ids, char **json,
 	int			i;
 	Oid			save_userid;
 	int			save_sec;
-	HASHCTL		ctl;
 	HTAB	   *rows;
 	typedef struct KeyRow
 	{
@@ -1740,13 +1683,7 @@ cqrs_projection_json(const char *projection, int n, char **ids, char **json,
 	values[0] = CStringGetTextDatum(projection);
 	values[1] = cqrs_array(keys, NULL, n, TEXTOID);
 
-	ctl.keysize = sizeof(char *);
-	ctl.entrysize = sizeof(KeyRow);
-	ctl.hash = agg_hash;
-	ctl.match = agg_match;
-	ctl.hcxt = CurrentMemoryContext;
-	rows = hash_create("cqrs redis rows", n, &ctl,
-					   HASH_ELEM | HASH_FUNCTION | HASH_COMPARE | HASH_CONTEXT);
+	rows = cqrs_id_hash_create("cqrs redis rows", n, sizeof(KeyRow));
 
 	fold_enter(i, &save_userid, &save_sec);
 	(void) cqrs_exec(cqrs_keep_plan(&projections[i].load_plan,
@@ -1946,25 +1883,6 @@ projection_fill(int i, CqrsApplyStats *stats)
 	return n;
 }
 
-/* Begin a function that folds: as the extension's owner, locked. */
-static void
-projection_begin(CqrsOwnerScope *scope, const char *name)
-{
-	if (IsolationUsesXactSnapshot())
-		ereport(ERROR,
-				(errcode(ERRCODE_FEATURE_NOT_SUPPORTED),
-				 errmsg("%s cannot run in a %s transaction", name,
-						IsolationIsSerializable() ? "SERIALIZABLE" : "REPEATABLE READ"),
-				 errhint("Call it in a READ COMMITTED transaction.")));
-	cqrs_spi_connect_as_owner(scope);
-	(void) cqrs_lock_projection(true);
-	/* a definition committed while this waited for the lock */
-	AcceptInvalidationMessages();
-	cqrs_project_forget();
-	if (cqrs_shared != NULL)
-		pg_atomic_fetch_add_u64(&cqrs_shared->repair_generation, 1);
-}
-
 /*
  * cqrs.create_projection(name text, aggregate_type text, target regclass,
  *		key_column name, apply_function regprocedure) RETURNS bigint
@@ -2076,7 +1994,7 @@ create_projection(PG_FUNCTION_ARGS)
 				(errcode(ERRCODE_INSUFFICIENT_PRIVILEGE),
 				 errmsg("permission denied for function %s", format_procedure(apply))));
 
-	projection_begin(&scope, "cqrs.create_projection()");
+	cqrs_repair_begin(&scope, "cqrs.create_projection()");
 	{
 		Oid			one[1] = {TEXTOID};
 		Datum		v[1] = {CStringGetTextDatum(aggregate)};
@@ -2164,7 +2082,7 @@ drop_projection(PG_FUNCTION_ARGS)
 	Oid			types[1] = {TEXTOID};
 	Datum		values[1] = {CStringGetTextDatum(name)};
 
-	projection_begin(&scope, "cqrs.drop_projection()");
+	cqrs_repair_begin(&scope, "cqrs.drop_projection()");
 	if (SPI_execute_with_args("SELECT FROM cqrs.projection"
 							  " WHERE name OPERATOR(pg_catalog.=) $1 AND builtin",
 							  1, types, values, NULL, true, 0) != SPI_OK_SELECT)
@@ -2204,7 +2122,7 @@ rebuild_projection(PG_FUNCTION_ARGS)
 	CqrsApplyStats stats;
 	int64		n;
 
-	projection_begin(&scope, "cqrs.rebuild()");
+	cqrs_repair_begin(&scope, "cqrs.rebuild()");
 	memset(&stats, 0, sizeof(stats));
 	n = projection_fill(projection_lookup(name), &stats);
 	cqrs_spi_finish(&scope);

@@ -204,9 +204,9 @@ cqrs_stats_add(CqrsApplyStats *to, const CqrsApplyStats *from)
 	to->poisoned += from->poisoned;
 }
 
-/* Hash support: keys are pointers to NUL-terminated order ids. */
+/* Hash support: keys are pointers to NUL-terminated ids. */
 static uint32
-order_hash(const void *key, Size keysize)
+id_hash(const void *key, Size keysize)
 {
 	const char *s = *(const char *const *) key;
 
@@ -214,9 +214,28 @@ order_hash(const void *key, Size keysize)
 }
 
 static int
-order_match(const void *key1, const void *key2, Size keysize)
+id_match(const void *key1, const void *key2, Size keysize)
 {
 	return strcmp(*(const char *const *) key1, *(const char *const *) key2);
+}
+
+/*
+ * A hash table in the current memory context whose entries (entrysize
+ * bytes) begin with a pointer to a NUL-terminated id, their key: the
+ * strings are not copied, and must outlive the table.
+ */
+HTAB *
+cqrs_id_hash_create(const char *name, long nelem, Size entrysize)
+{
+	HASHCTL		hctl;
+
+	hctl.keysize = sizeof(char *);
+	hctl.entrysize = entrysize;
+	hctl.hash = id_hash;
+	hctl.match = id_match;
+	hctl.hcxt = CurrentMemoryContext;
+	return hash_create(name, Max(nelem, 16), &hctl,
+					   HASH_ELEM | HASH_FUNCTION | HASH_COMPARE | HASH_CONTEXT);
 }
 
 /*
@@ -1217,18 +1236,11 @@ static void
 projector_fold(CqrsRecord *records, int lo, int hi, CqrsApplyStats *stats,
 			   bool trust_creates)
 {
-	HASHCTL		hctl;
 	FoldResult	fr;
 	int			norders;
 
 	memset(&fr, 0, sizeof(fr));
-	hctl.keysize = sizeof(char *);
-	hctl.entrysize = sizeof(OrderState);
-	hctl.hash = order_hash;
-	hctl.match = order_match;
-	hctl.hcxt = CurrentMemoryContext;
-	fr.orders = hash_create("cqrs batch orders", Max(16, hi - lo), &hctl,
-							HASH_ELEM | HASH_FUNCTION | HASH_COMPARE | HASH_CONTEXT);
+	fr.orders = cqrs_id_hash_create("cqrs batch orders", hi - lo, sizeof(OrderState));
 
 	for (int i = lo; i < hi; i++)
 	{

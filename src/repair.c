@@ -30,9 +30,14 @@ PG_FUNCTION_INFO_V1(retry_dead_letter);
 PG_FUNCTION_INFO_V1(skip_parked);
 PG_FUNCTION_INFO_V1(rebuild);
 
-/* A repair function's identity switch and SPI connection. */
-static void
-repair_begin(CqrsOwnerScope *scope, const char *name)
+/*
+ * A function that folds outside the projector (a repair, a rebuild, a
+ * projection's creation or drop): as the extension's owner, connected to
+ * SPI, holding the projection lock (which also takes in definitions
+ * committed while it waited).
+ */
+void
+cqrs_repair_begin(CqrsOwnerScope *scope, const char *name)
 {
 	/* the read model moves under us: each statement needs a new snapshot */
 	if (IsolationUsesXactSnapshot())
@@ -104,7 +109,7 @@ retry_dead_letter(PG_FUNCTION_ARGS)
 	Datum		version;
 	char	   *projection;
 
-	repair_begin(&scope, "cqrs.retry_dead_letter()");
+	cqrs_repair_begin(&scope, "cqrs.retry_dead_letter()");
 
 	values[0] = UUIDPGetDatum(command_id);
 	(void) cqrs_exec(cqrs_keep_plan(&find_plan, find_sql, 1, find_types),
@@ -211,7 +216,7 @@ skip_parked(PG_FUNCTION_ARGS)
 	values[0] = UUIDPGetDatum(PG_GETARG_UUID_P(0));
 	values[1] = CStringGetTextDatum(GetUserNameFromId(GetUserId(), false));
 
-	repair_begin(&scope, "cqrs.skip_parked()");
+	cqrs_repair_begin(&scope, "cqrs.skip_parked()");
 	(void) cqrs_exec(cqrs_keep_plan(&plan, sql, 2, types),
 						 values, NULL, 0, SPI_OK_INSERT);
 	n = SPI_processed;
@@ -280,7 +285,7 @@ rebuild(PG_FUNCTION_ARGS)
 	RebuildArgs args = {&stats, 0};
 	ErrorData  *edata;
 
-	repair_begin(&scope, "cqrs.rebuild()");
+	cqrs_repair_begin(&scope, "cqrs.rebuild()");
 
 	if (SPI_execute("DELETE FROM cqrs.parked", false, 0) != SPI_OK_DELETE)
 		elog(ERROR, "could not empty cqrs.parked");
