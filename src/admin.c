@@ -380,6 +380,14 @@ admin_command_done(void *arg)
 	 * is dead-lettered.
 	 */
 	static const char *const sql[2] = {
+		/* 0.1.0 not updated yet: orders only */
+		"SELECT EXISTS (SELECT FROM cqrs.command_log AS l"
+		" WHERE l.command_id OPERATOR(pg_catalog.=) $1"
+		" AND (EXISTS (SELECT FROM cqrs.read_model AS r"
+		"              WHERE r.order_id OPERATOR(pg_catalog.=) l.aggregate_id"
+		"              AND r.version OPERATOR(pg_catalog.>=) l.sequence_id)"
+		"      OR EXISTS (SELECT FROM cqrs.dead_letter AS d"
+		"                 WHERE d.command_id OPERATOR(pg_catalog.=) $1)))",
 		"SELECT EXISTS (SELECT FROM cqrs.command_log AS l"
 		" WHERE l.command_id OPERATOR(pg_catalog.=) $1"
 		" AND (EXISTS (SELECT FROM cqrs.dead_letter AS d"
@@ -398,17 +406,9 @@ admin_command_done(void *arg)
 		"                  WHERE v.projection OPERATOR(pg_catalog.=) p.name"
 		"                  AND v.aggregate_id OPERATOR(pg_catalog.=) l.aggregate_id"
 		"                  AND v.version OPERATOR(pg_catalog.>=) l.sequence_id))"
-		"         END))",
-		/* 0.1.0 not updated yet: orders only */
-		"SELECT EXISTS (SELECT FROM cqrs.command_log AS l"
-		" WHERE l.command_id OPERATOR(pg_catalog.=) $1"
-		" AND (EXISTS (SELECT FROM cqrs.read_model AS r"
-		"              WHERE r.order_id OPERATOR(pg_catalog.=) l.aggregate_id"
-		"              AND r.version OPERATOR(pg_catalog.>=) l.sequence_id)"
-		"      OR EXISTS (SELECT FROM cqrs.dead_letter AS d"
-		"                 WHERE d.command_id OPERATOR(pg_catalog.=) $1)))"};
+		"         END))"};
 	static SPIPlanPtr plans[2];
-	int			v = cqrs_schema_020() ? 0 : 1;
+	int			v = cqrs_schema_020() ? 1 : 0;
 	Oid			argtypes[1] = {UUIDOID};
 	Datum		values[1] = {PointerGetDatum(arg)};
 	bool		isnull;
