@@ -41,6 +41,7 @@ sub redis_start
 sub redis_stop
 {
 	return unless $redis_pid;
+	kill 'CONT', $redis_pid;
 	kill 'KILL', $redis_pid;
 	usleep(100_000) while kill 0, $redis_pid;
 	$redis_pid = undef;
@@ -116,6 +117,22 @@ $node->poll_query_until('postgres', q{SELECT redis = 'connected' FROM cqrs.statu
   or die 'the projector did not reconnect';
 compare_keys('after Redis came back empty', 'account_balance', 'bank.balance');
 compare_keys('after Redis came back empty', 'account_activity', 'bank.activity');
+
+# A crash while Redis is frozen: the batch committed, its pipeline not
+# sent; after the restart the commands come again and their keys are
+# written all the same.
+kill 'STOP', $redis_pid;
+sql(q{SELECT cqrs.submit('DEPOSIT', 'acc-' || i, '{"amount": 2}') FROM generate_series(3, 5) AS i});
+wait_projected($node);
+$node->stop('immediate');
+$node->start;
+$node->poll_query_until('postgres', q{SELECT state = 'running' FROM cqrs.status})
+  or die 'the projector did not restart';
+kill 'CONT', $redis_pid;
+$node->poll_query_until('postgres', q{SELECT redis = 'connected' FROM cqrs.status})
+  or die 'the projector did not reconnect';
+compare_keys('after a crash with Redis frozen', 'account_balance', 'bank.balance');
+compare_keys('after a crash with Redis frozen', 'account_activity', 'bank.activity');
 
 # A rebuild in another session rewrites the keys; a stale one is put right.
 redis('SET', 'account_balance:acc-4', '{"version":1,"account_id":"acc-4","balance":0}');
