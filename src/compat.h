@@ -31,12 +31,17 @@
 	((change)->data.tp.newtuple ? &(change)->data.tp.newtuple->tuple : NULL)
 #endif
 
-/* Slot creation grew failover/synced arguments in 17. */
+/*
+ * Failover slots came in 17: slot creation grew failover/synced arguments,
+ * and a slot records whether it is one and whether a standby synchronized
+ * it from its primary.
+ */
 #if PG_VERSION_NUM >= 170000
-#define CQRS_SLOT_CREATE(name) \
-	ReplicationSlotCreate((name), true, RS_EPHEMERAL, false, false, false)
+#define CQRS_FAILOVER_SLOTS
+#define CQRS_SLOT_CREATE(name, failover) \
+	ReplicationSlotCreate((name), true, RS_EPHEMERAL, false, (failover), false)
 #else
-#define CQRS_SLOT_CREATE(name) \
+#define CQRS_SLOT_CREATE(name, failover) \
 	ReplicationSlotCreate((name), true, RS_EPHEMERAL, false)
 #endif
 

@@ -28,6 +28,7 @@ void		_PG_init(void);
 
 char	   *cqrs_database = NULL;
 char	   *cqrs_slot_name = NULL;
+bool		cqrs_slot_failover = true;
 int			cqrs_workers = 1;
 bool		cqrs_enabled = true;
 int			cqrs_batch_size_min = 64;
@@ -139,6 +140,13 @@ cqrs_define_settings(void)
 							   "cqrs",
 							   PGC_POSTMASTER, 0,
 							   NULL, NULL, NULL);
+	DefineCustomBoolVariable("cqrs.slot_failover",
+							 "Makes the projector's slot a failover slot, synchronized to standbys (PostgreSQL 17 and later).",
+							 "With sync_replication_slots on a standby, a promoted standby continues from the synchronized slot instead of folding the whole command log.  Ignored before PostgreSQL 17.",
+							 &cqrs_slot_failover,
+							 true,
+							 PGC_SIGHUP, 0,
+							 NULL, NULL, NULL);
 	DefineCustomIntVariable("cqrs.workers",
 							"Number of cqrs projector processes (one leads, the others stand by).",
 							NULL,

@@ -39,6 +39,7 @@
 /* Settings (cqrs.c) */
 extern char *cqrs_database;
 extern char *cqrs_slot_name;
+extern bool cqrs_slot_failover;
 extern int	cqrs_workers;
 extern bool cqrs_enabled;
 extern int	cqrs_batch_size_min;

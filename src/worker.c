@@ -344,7 +344,7 @@ worker_create_slot(void)
 	pgstat_report_activity(STATE_RUNNING, "creating replication slot");
 
 	CheckLogicalDecodingRequirements();
-	CQRS_SLOT_CREATE(cqrs_slot_name);
+	CQRS_SLOT_CREATE(cqrs_slot_name, cqrs_slot_failover);
 	ctx = CreateInitDecodingContext("cqrs", NIL, false, InvalidXLogRecPtr,
 									XL_ROUTINE(.page_read = read_local_xlog_page,
 											   .segment_open = wal_segment_open,
@@ -406,6 +406,12 @@ worker_ensure_slot(void)
 	bool		ours = false;
 	bool		lost = false;
 	bool		found;
+	XLogRecPtr	offset = InvalidXLogRecPtr;
+#ifdef CQRS_FAILOVER_SLOTS
+	XLogRecPtr	confirmed = InvalidXLogRecPtr;
+	bool		synced = false;
+	bool		failover = false;
+#endif
 
 	LWLockAcquire(ReplicationSlotControlLock, LW_SHARED);
 	slot = SearchNamedReplicationSlot(cqrs_slot_name, false);
@@ -416,6 +422,11 @@ worker_ensure_slot(void)
 				strcmp(NameStr(slot->data.plugin), "cqrs") == 0);
 		SpinLockAcquire(&slot->mutex);
 		lost = CQRS_SLOT_INVALIDATED(slot);
+#ifdef CQRS_FAILOVER_SLOTS
+		confirmed = slot->data.confirmed_flush;
+		synced = slot->data.synced;
+		failover = slot->data.failover;
+#endif
 		SpinLockRelease(&slot->mutex);
 	}
 	LWLockRelease(ReplicationSlotControlLock);
@@ -431,7 +442,9 @@ worker_ensure_slot(void)
 	 * A slot this extension has no position for served an earlier
 	 * installation (dropped while no projector ran): its WAL is not ours.
 	 */
-	if (found && XLogRecPtrIsInvalid(worker_offset()))
+	if (found)
+		offset = worker_offset();
+	if (found && XLogRecPtrIsInvalid(offset))
 	{
 		worker_drop_slot("of an earlier installation");
 		found = false;
@@ -460,6 +473,49 @@ worker_ensure_slot(void)
 		worker_drop_slot("that was invalidated");
 		found = false;
 	}
+
+#ifdef CQRS_FAILOVER_SLOTS
+
+	/*
+	 * A slot a standby synchronized from its primary, on this server since
+	 * its promotion.  The primary confirms its slot only once the batch up
+	 * to there is durable, here and, with synchronized_standby_slots, on
+	 * the standbys (worker_confirm()), so the read model this server
+	 * replayed reaches at least the slot's position: streaming goes on
+	 * from it, and the commands between are skipped as already applied.
+	 * A slot ahead of the read model (synchronized_standby_slots not set
+	 * on the old primary) would skip commands the read model lacks: it is
+	 * made again and the log folded instead.
+	 */
+	if (found && !lost && synced)
+	{
+		if (confirmed > offset)
+		{
+			ereport(WARNING,
+					(errcode(ERRCODE_OBJECT_NOT_IN_PREREQUISITE_STATE),
+					 errmsg("cqrs projector's synchronized replication slot \"%s\" is at %X/%X, ahead of the read model at %X/%X",
+							cqrs_slot_name, LSN_FORMAT_ARGS(confirmed),
+							LSN_FORMAT_ARGS(offset)),
+					 errdetail("The former primary confirmed the slot past projections this server did not receive; the slot is made again and the whole command log folded into the read model."),
+					 errhint("On the primary, list the standbys' physical slots in synchronized_standby_slots.")));
+			cqrs_set_error(psprintf("synchronized replication slot \"%s\" was ahead of the read model; made again and the command log folded",
+									cqrs_slot_name));
+			worker_drop_slot("that was ahead of the read model");
+			found = false;
+		}
+		else
+			ereport(LOG,
+					(errmsg("cqrs projector continues from replication slot \"%s\" synchronized from the former primary, at %X/%X",
+							cqrs_slot_name, LSN_FORMAT_ARGS(confirmed)),
+					 errdetail("The read model is at %X/%X; no command log fold is needed.",
+							   LSN_FORMAT_ARGS(offset))));
+	}
+
+	/* cqrs.slot_failover changed since the slot was made */
+	if (found && failover != cqrs_slot_failover)
+		ReplicationSlotAlter(cqrs_slot_name, cqrs_slot_failover);
+#endif
+
 	if (!found)
 		worker_create_slot();
 }
@@ -922,6 +978,33 @@ worker_redis(Oid extension)
 	return more;
 }
 
+#ifdef CQRS_FAILOVER_SLOTS
+/* Since when confirmation waits for the standbys, and when we last said so */
+static TimestampTz standby_wait_since = 0;
+static TimestampTz standby_warned_at = 0;
+
+/*
+ * The level at which StandbySlotsHaveCaughtup() reports a standby slot that
+ * is missing, invalidated or inactive: a warning once a minute while the
+ * projector's slot has been held back for a minute, DEBUG1 otherwise.
+ */
+static int
+worker_standby_elevel(void)
+{
+	TimestampTz now = GetCurrentTimestamp();
+
+	if (standby_wait_since == 0)
+		standby_wait_since = now;
+	if (TimestampDifferenceExceeds(standby_wait_since, now, 60000) &&
+		TimestampDifferenceExceeds(standby_warned_at, now, 60000))
+	{
+		standby_warned_at = now;
+		return WARNING;
+	}
+	return DEBUG1;
+}
+#endif
+
 /*
  * Confirm the slot up to "upto", the end of the last applied batch, once
  * that batch's commit record ("commit_end") is on disk; with "flush", make
@@ -940,6 +1023,20 @@ worker_confirm(XLogRecPtr upto, XLogRecPtr commit_end, bool flush)
 			return false;
 		XLogFlush(commit_end);
 	}
+#ifdef CQRS_FAILOVER_SLOTS
+
+	/*
+	 * A failover slot is confirmed past a batch only once the standbys of
+	 * synchronized_standby_slots have the batch too: a standby promoted
+	 * with the slot synchronized from here then has the projections up to
+	 * the slot's position.  Never waited for: the batch is retried at the
+	 * next round, and projection goes on meanwhile.
+	 */
+	if (MyReplicationSlot->data.failover && !XLogRecPtrIsInvalid(commit_end) &&
+		!StandbySlotsHaveCaughtup(commit_end, worker_standby_elevel()))
+		return false;
+	standby_wait_since = 0;
+#endif
 	if (upto > MyReplicationSlot->data.confirmed_flush)
 		LogicalConfirmReceivedLocation(upto);
 	return true;
@@ -1023,8 +1120,8 @@ worker_stream(void)
 		if (worker_paused())
 		{
 			/* after the batch just applied; it must not wait for resume */
-			worker_confirm(unconfirmed, unconfirmed_commit, true);
-			unconfirmed = InvalidXLogRecPtr;
+			if (worker_confirm(unconfirmed, unconfirmed_commit, true))
+				unconfirmed = InvalidXLogRecPtr;
 			if (!worker_hold_while_paused(extension))
 			{
 				extension_gone = (worker_extension_oid() != extension);
@@ -1185,11 +1282,31 @@ worker_stream(void)
 		if (!XLogRecPtrIsInvalid(unconfirmed))
 		{
 			/* make the last batch durable, then read past its commit */
-			worker_confirm(unconfirmed, unconfirmed_commit, true);
-			unconfirmed = InvalidXLogRecPtr;
+			if (worker_confirm(unconfirmed, unconfirmed_commit, true))
+			{
+				unconfirmed = InvalidXLogRecPtr;
+				continue;
+			}
+			/* the standbys do not have it yet: look again after a nap */
+		}
+		else if (ctx->reader->EndRecPtr - skip_upto >= (uint64) wal_segment_size)
+		{
+			/*
+			 * Only other WAL since the last batch, a segment of it: record
+			 * the position, so that the slot, confirmed only up to a
+			 * recorded position, stops keeping that WAL.  The recording
+			 * itself is not decoded (our origin), so this does not repeat.
+			 */
+			worker_begin();
+			cqrs_save_offset(cqrs_slot_name, ctx->reader->EndRecPtr);
+			replorigin_session_origin_lsn = ctx->reader->EndRecPtr;
+			replorigin_session_origin_timestamp = GetCurrentTimestamp();
+			worker_commit();
+			replorigin_session_origin_lsn = InvalidXLogRecPtr;
+			unconfirmed = skip_upto = ctx->reader->EndRecPtr;
+			unconfirmed_commit = XactLastCommitEnd;
 			continue;
 		}
-		worker_confirm(ctx->reader->EndRecPtr, InvalidXLogRecPtr, false);
 		worker_set_state(CQRS_STATE_RUNNING);
 		cqrs_set_applied(ctx->reader->EndRecPtr, true);
 
