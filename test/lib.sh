@@ -219,6 +219,57 @@ cqrs_redis_start() {
 	return 1
 }
 
+# Start Debian's pgbouncer from directory $1 (made anew), listening on
+# 127.0.0.1:$2 in transaction pooling mode, in front of database postgres
+# of the cluster whose socket is in $3, port $4, with $5 server
+# connections; clients connect as postgres without a password.
+cqrs_pgbouncer_start() {
+	local d=$1 port=$2 host=$3 pgport=$4 pool=$5 bin
+	bin=$(command -v pgbouncer || echo /usr/sbin/pgbouncer)
+	cqrs_pgbouncer_stop "$d"
+	rm -rf "$d"
+	mkdir -p "$d"
+	cat > "$d/pgbouncer.ini" <<-INI
+	[databases]
+	postgres = host=$host port=$pgport dbname=postgres user=postgres
+
+	[pgbouncer]
+	listen_addr = 127.0.0.1
+	listen_port = $port
+	unix_socket_dir =
+	auth_type = trust
+	auth_file = $d/users.txt
+	pool_mode = transaction
+	default_pool_size = $pool
+	max_client_conn = 200
+	logfile = $d/pgbouncer.log
+	pidfile = $d/pgbouncer.pid
+	INI
+	echo '"postgres" ""' > "$d/users.txt"
+	[ "$(id -u)" -eq 0 ] && chown -R "$(cqrs_pg_user)": "$d"
+	cqrs_as_pg "$bin" -d -q "$d/pgbouncer.ini"
+	for _ in $(seq 50); do
+		cqrs_as_pg "$("$PG_CONFIG" --bindir)/psql" -X -q -At -h 127.0.0.1 -p "$port" \
+			-U postgres -d postgres -c 'SELECT 1' >/dev/null 2>&1 && return 0
+		sleep 0.1
+	done
+	cqrs_log "pgbouncer did not start: see $d/pgbouncer.log"
+	return 1
+}
+
+# Stop the pgbouncer cqrs_pgbouncer_start started in $1, if it runs.
+cqrs_pgbouncer_stop() {
+	local pidfile=$1/pgbouncer.pid pid
+	[ -f "$pidfile" ] || return 0
+	pid=$(cat "$pidfile")
+	kill "$pid" 2>/dev/null || true
+	for _ in $(seq 50); do
+		kill -0 "$pid" 2>/dev/null || break
+		sleep 0.1
+	done
+	rm -f "$pidfile"
+}
+
 # Stop the redis-server cqrs_redis_start started in $1, if it runs.
 cqrs_redis_stop() {
 	local dir=$1 pid

@@ -12,6 +12,7 @@ cqrs_become_root "$@"
 DIR=${CQRS_SMOKE_DIR:-/tmp/cqrs-smoke}
 PORT=${CQRS_SMOKE_PORT:-54340}
 REDIS_PORT=${CQRS_SMOKE_REDIS_PORT:-54341}
+BOUNCER_PORT=${CQRS_SMOKE_BOUNCER_PORT:-54342}
 LOAD=$CQRS_ROOT/tools/cqrs-load
 WORK=$(mktemp -d /tmp/cqrs-smoke-out.XXXXXX)
 chmod 777 "$WORK"
@@ -30,14 +31,14 @@ if cqrs_redis_start "$DIR-redis" "$REDIS_PORT" && ldd "$LOAD" | grep -q hiredis;
 	redis=(-r "redis://127.0.0.1:$REDIS_PORT")
 	echo "cqrs.redis_url = 'redis://127.0.0.1:$REDIS_PORT'" | cqrs_as_pg tee -a "$DIR/data/postgresql.conf" >/dev/null
 fi
-trap 'cqrs_cluster_stop "$DIR"; cqrs_redis_stop "$DIR-redis"; rm -rf "$WORK"' EXIT
+trap 'cqrs_cluster_stop "$DIR"; cqrs_redis_stop "$DIR-redis"; cqrs_pgbouncer_stop "$DIR-pgbouncer"; rm -rf "$WORK"' EXIT
 cqrs_as_pg "$("$PG_CONFIG" --bindir)/pg_ctl" -D "$DIR/data" reload >/dev/null
 conninfo="host=$DIR port=$PORT dbname=postgres user=postgres"
 cqrs_as_pg "$("$PG_CONFIG" --bindir)/psql" -X -q -d "$conninfo" -c 'CREATE EXTENSION cqrs'
 
 out=$(cqrs_as_pg "$LOAD" -d "$conninfo" "${redis[@]}" -T 3 -W 200 -R 500 --json "$WORK/s.json" --series "$WORK/s.csv")
 echo "$out"
-json() { grep -o "\"$1\": [-0-9.e+]*" "$WORK/s.json" | awk '{ print $2 }'; }
+json() { grep -o "\"$1\": [-0-9.e+]*" "$WORK/${2:-s}.json" | awk '{ print $2 }'; }
 check "a progress line every second" '[ "$(echo "$out" | grep -c "writes/s")" -ge 3 ]'
 check "writes at about the rate asked (200/s)" '[ "$(json writes)" -ge 300 ] && [ "$(json writes)" -le 700 ]'
 check "reads" '[ "$(json reads)" -ge 500 ]'
@@ -49,6 +50,24 @@ check "the read model has what was written" \
 if [ ${#redis[@]} -gt 0 ]; then
 	check "cache-aside reads hit Redis" 'awk -v r="$(json cache_hit_ratio)" "BEGIN { exit !(r > 0.5) }"'
 fi
+# Through PgBouncer in transaction pooling mode: --pooled prepares nothing
+# and sets synchronous_commit per transaction, so it works on one server
+# connection shared by every thread; without it, the second thread to
+# prepare its statements there finds them prepared already.
+cqrs_pgbouncer_start "$DIR-pgbouncer" "$BOUNCER_PORT" "$DIR" "$PORT" 1
+pooled="host=127.0.0.1 port=$BOUNCER_PORT dbname=postgres user=postgres"
+cqrs_as_pg "$LOAD" -d "$pooled" --pooled "${redis[@]}" -T 3 -W 200 -R 500 -s off -q --json "$WORK/pooled.json" >/dev/null
+check "through PgBouncer with --pooled: writes" '[ "$(json writes pooled)" -ge 300 ]'
+check "through PgBouncer with --pooled: reads and lag probes" \
+	'[ "$(json reads pooled)" -ge 500 ] && [ "$(json lag_probes pooled)" -ge 5 ]'
+check "through PgBouncer with --pooled: no errors" 'grep -q "\"errors\": {}" "$WORK/pooled.json"'
+cqrs_as_pg "$LOAD" -d "$pooled" -w 2 -c 0 --no-probe -T 1 -q --json "$WORK/unpooled.json" >/dev/null 2>&1 || true
+check "through PgBouncer without --pooled: prepared statements collide" \
+	'grep -q "\"errors\": {[^}]*[1-9]" "$WORK/unpooled.json"'
+cqrs_pgbouncer_stop "$DIR-pgbouncer"
+check "the read model has what went through PgBouncer" \
+	'[ "$(cqrs_as_pg "$("$PG_CONFIG" --bindir)/psql" -X -At -d "$conninfo" -c "SELECT count(*) = 0 FROM cqrs.verify()")" = t ]'
+
 if [ ${#redis[@]} -gt 0 ]; then
 	# Redis gone in the middle of a run: the readers go on from the database
 	(sleep 1.5; cqrs_redis_stop "$DIR-redis") &

@@ -23,6 +23,11 @@
  * The probe submits one order at a time, notes when its commit returned,
  * and asks cqrs.wait_for() when the read model has it.
  *
+ * With --pooled, for a transaction-pooling PgBouncer, no statement is
+ * prepared by name and no setting outlives its transaction: each statement
+ * is sent unnamed (parse, bind and execute in one round trip), and the
+ * writers' synchronous_commit is set for each command's own transaction.
+ *
  * Every second a progress line; at the end (or at Ctrl-C) a summary, and
  * optionally the same as JSON (--json) and one line per second as CSV
  * (--series) for plotting.
@@ -82,6 +87,7 @@ static int	opt_preload = 1000;
 static const char *opt_json = NULL;
 static const char *opt_series = NULL;
 static const char *opt_sync_commit = NULL;
+static bool opt_pooled = false;
 
 /* Redis target, parsed from --redis. */
 static char redis_host[256];
@@ -255,11 +261,50 @@ pg_connect(bool fatal)
 	return conn;
 }
 
-static bool
-pg_prepare(PGconn *conn, const char *name, const char *sql, int nparams)
+/*
+ * Statements of this thread, kept instead of prepared with --pooled.  A
+ * writer's ("sync") take synchronous_commit as one more parameter, set for
+ * their own transaction, which commits at the statement's end.
+ */
+#define MAX_POOLED_STMTS 4
+#define SYNC_FILTER " WHERE pg_catalog.set_config('synchronous_commit', $%d, true) IS NOT NULL"
+
+typedef struct PooledStmt
 {
-	PGresult   *res = PQprepare(conn, name, sql, nparams, NULL);
-	bool		ok = PQresultStatus(res) == PGRES_COMMAND_OK;
+	const char *name;
+	char	   *sql;
+	bool		sync;
+} PooledStmt;
+
+static __thread PooledStmt pooled_stmts[MAX_POOLED_STMTS];
+static __thread int npooled_stmts;
+
+static bool
+pg_prepare_as(PGconn *conn, const char *name, const char *sql, int nparams,
+			  bool sync)
+{
+	PGresult   *res;
+	bool		ok;
+
+	if (opt_pooled)
+	{
+		PooledStmt *st;
+		size_t		len = strlen(sql) + sizeof(SYNC_FILTER) + 8;
+
+		if (npooled_stmts >= MAX_POOLED_STMTS)
+			abort();
+		st = &pooled_stmts[npooled_stmts++];
+		st->name = name;
+		st->sync = sync && opt_sync_commit != NULL;
+		st->sql = xmalloc(len);
+		if (st->sync)
+			snprintf(st->sql, len, "%s" SYNC_FILTER, sql, nparams + 1);
+		else
+			snprintf(st->sql, len, "%s", sql);
+		return true;
+	}
+	res = PQprepare(conn, name, sql, nparams, NULL);
+	ok = PQresultStatus(res) == PGRES_COMMAND_OK;
 
 	if (!ok)
 		fprintf(stderr, "cqrs-load: could not prepare \"%s\": %s", name,
@@ -268,13 +313,43 @@ pg_prepare(PGconn *conn, const char *name, const char *sql, int nparams)
 	return ok;
 }
 
+static bool
+pg_prepare(PGconn *conn, const char *name, const char *sql, int nparams)
+{
+	return pg_prepare_as(conn, name, sql, nparams, false);
+}
+
 /* Run a prepared statement; true on success (result in *out if wanted). */
 static bool
 pg_exec(PGconn *conn, const char *name, int n, const char *const *params,
 		PGresult **out)
 {
-	PGresult   *res = PQexecPrepared(conn, name, n, params, NULL, NULL, 0);
-	ExecStatusType st = PQresultStatus(res);
+	PGresult   *res = NULL;
+	ExecStatusType st;
+
+	if (opt_pooled)
+	{
+		for (int i = 0; i < npooled_stmts; i++)
+		{
+			const PooledStmt *ps = &pooled_stmts[i];
+			const char *all[8];
+
+			if (strcmp(ps->name, name) != 0)
+				continue;
+			if (n >= (int) (sizeof(all) / sizeof(all[0])))
+				abort();
+			memcpy(all, params, n * sizeof(*params));
+			if (ps->sync)
+				all[n++] = opt_sync_commit;
+			res = PQexecParams(conn, ps->sql, n, NULL, all, NULL, NULL, 0);
+			break;
+		}
+		if (res == NULL)
+			abort();
+	}
+	else
+		res = PQexecPrepared(conn, name, n, params, NULL, NULL, 0);
+	st = PQresultStatus(res);
 
 	if (st != PGRES_TUPLES_OK && st != PGRES_COMMAND_OK)
 	{
@@ -311,7 +386,7 @@ writer_main(void *arg)
 	double		interval = opt_write_rate > 0 ? opt_writers / opt_write_rate : 0;
 	double		next = now_s();
 
-	if (PQstatus(conn) == CONNECTION_OK && opt_sync_commit)
+	if (PQstatus(conn) == CONNECTION_OK && opt_sync_commit && !opt_pooled)
 	{
 		const char *params[1] = {opt_sync_commit};
 
@@ -319,9 +394,9 @@ writer_main(void *arg)
 							 1, NULL, params, NULL, NULL, 0));
 	}
 	if (PQstatus(conn) != CONNECTION_OK ||
-		!pg_prepare(conn, "create", "SELECT 1 FROM cqrs.submit_order($1, $2, $3)", 3) ||
-		!pg_prepare(conn, "ship", "SELECT 1 FROM cqrs.ship_order($1)", 1) ||
-		!pg_prepare(conn, "cancel", "SELECT 1 FROM cqrs.cancel_order($1, 'changed my mind')", 1))
+		!pg_prepare_as(conn, "create", "SELECT 1 FROM cqrs.submit_order($1, $2, $3)", 3, true) ||
+		!pg_prepare_as(conn, "ship", "SELECT 1 FROM cqrs.ship_order($1)", 1, true) ||
+		!pg_prepare_as(conn, "cancel", "SELECT 1 FROM cqrs.cancel_order($1, 'changed my mind')", 1, true))
 	{
 		count_error("connection");
 		PQfinish(conn);
@@ -922,6 +997,8 @@ usage(FILE *f)
 			"  -p, --preload=N           orders to create before the run, for readers to read (default 1000)\n"
 			"      --ttl=S, --ttl-jitter=S, --miss-ttl=S   cache fills: TTL 300 +/- 30 s, misses 5 s\n"
 			"  -s, --synchronous-commit=on|off   for the writers (default: the server's)\n"
+			"      --pooled              for transaction pooling (PgBouncer): no prepared statements,\n"
+			"                            no session settings\n"
 			"      --no-probe            do not measure commit-to-read-model lag\n"
 			"      --json=FILE           write the summary as JSON\n"
 			"      --series=FILE         write one CSV line per second (rates, read latency, lag)\n"
@@ -1014,6 +1091,7 @@ main(int argc, char **argv)
 		{"no-probe", no_argument, NULL, 4},
 		{"json", required_argument, NULL, 5},
 		{"series", required_argument, NULL, 6},
+		{"pooled", no_argument, NULL, 7},
 		{"synchronous-commit", required_argument, NULL, 's'},
 		{"quiet", no_argument, NULL, 'q'},
 		{"help", no_argument, NULL, 'h'},
@@ -1088,6 +1166,9 @@ main(int argc, char **argv)
 				break;
 			case 6:
 				opt_series = optarg;
+				break;
+			case 7:
+				opt_pooled = true;
 				break;
 			case 's':
 				if (strcmp(optarg, "on") != 0 && strcmp(optarg, "off") != 0)

@@ -7,6 +7,10 @@ BINDIR=$("$PG_CONFIG" --bindir)
 BENCH_REDIS_DIR=$BENCH_DIR-redis
 BENCH_REDIS_PORT=${CQRS_BENCH_REDIS_PORT:-54331}
 BENCH_REDIS_URL="redis://127.0.0.1:$BENCH_REDIS_PORT"
+BENCH_BOUNCER_DIR=$BENCH_DIR-pgbouncer
+BENCH_BOUNCER_PORT=${CQRS_BENCH_BOUNCER_PORT:-54332}
+# server connections PgBouncer keeps for the benchmark's clients
+BENCH_BOUNCER_POOL=${BOUNCER_POOL:-4}
 BENCH_WORK=$(mktemp -d /tmp/cqrs-bench-scripts.XXXXXX)
 chmod 755 "$BENCH_WORK"
 # Defaults of every benchmark: seconds per load, pgbench clients.
@@ -25,8 +29,17 @@ bench_start() {
 		"shared_buffers = '1GB'" "max_wal_size = '16GB'" \
 		"checkpoint_timeout = '1h'" "autovacuum = off" \
 		"wal_compression = ${WAL_COMPRESSION:-lz4}" "$@"
-	trap 'cqrs_cluster_stop "$BENCH_DIR"; cqrs_redis_stop "$BENCH_REDIS_DIR"; rm -rf "$BENCH_WORK"' EXIT
+	trap 'cqrs_cluster_stop "$BENCH_DIR"; cqrs_redis_stop "$BENCH_REDIS_DIR"; bench_pgbouncer_stop; rm -rf "$BENCH_WORK"' EXIT
 }
+
+# Debian's pgbouncer in front of the benchmark cluster, in transaction
+# pooling mode with BENCH_BOUNCER_POOL server connections, listening on
+# 127.0.0.1:$BENCH_BOUNCER_PORT; stopped with the cluster.
+bench_pgbouncer_start() {
+	cqrs_pgbouncer_start "$BENCH_BOUNCER_DIR" "$BENCH_BOUNCER_PORT" "$BENCH_DIR" \
+		"$BENCH_PORT" "$BENCH_BOUNCER_POOL"
+}
+bench_pgbouncer_stop() { cqrs_pgbouncer_stop "$BENCH_BOUNCER_DIR"; }
 
 # A redis-server beside the benchmark cluster ($BENCH_REDIS_URL), stopped
 # with it.
@@ -40,6 +53,34 @@ bench_redis_start() {
 psql_bench() {
 	cqrs_as_pg "$BINDIR/psql" -X -q -At -h "$BENCH_DIR" -p "$BENCH_PORT" \
 		-U postgres -d postgres -v ON_ERROR_STOP=1 "$@"
+}
+
+# Fill the command log with $1 orders written straight into it, in three
+# statements: every order created, half of them shipped, a quarter
+# cancelled, and half of the shipped ones cancelled afterwards (an invalid
+# transition, so a dead letter): 2 commands per order.
+bench_fill_log() {
+	psql_bench <<-SQL
+	INSERT INTO cqrs.command_log (command_id, command_type, aggregate_id, sequence_id, payload)
+	SELECT cqrs.uuidv7(), 'CREATE_ORDER', 'o' || g, 1,
+	       jsonb_build_object('order_id', 'o' || g, 'user_id', 'u' || (g % 1000), 'amount', (g % 997 + 1) * 1.25)
+	  FROM generate_series(1, $1) g;
+	INSERT INTO cqrs.command_log (command_id, command_type, aggregate_id, sequence_id, payload)
+	SELECT cqrs.uuidv7(), CASE WHEN g % 2 = 0 THEN 'SHIP_ORDER' ELSE 'CANCEL_ORDER' END, 'o' || g, 2,
+	       CASE WHEN g % 2 = 0 THEN jsonb_build_object('order_id', 'o' || g)
+	            ELSE jsonb_build_object('order_id', 'o' || g, 'reason', NULL) END
+	  FROM generate_series(1, $1) g WHERE g % 4 <> 3;
+	INSERT INTO cqrs.command_log (command_id, command_type, aggregate_id, sequence_id, payload)
+	SELECT cqrs.uuidv7(), 'CANCEL_ORDER', 'o' || g, 3, jsonb_build_object('order_id', 'o' || g, 'reason', 'late')
+	  FROM generate_series(1, $1) g WHERE g % 4 = 0;
+	SQL
+}
+
+# Wait until the projector has applied everything committed so far.
+bench_wait_projected() {
+	until [ "$(psql_bench -c "SELECT applied_lsn >= pg_current_wal_flush_lsn() FROM cqrs.status")" = t ]; do
+		sleep 0.2
+	done
 }
 
 # Write a pgbench script named $1 from stdin.

@@ -29,24 +29,9 @@ ROUNDS=${ROUNDS:-3}
 bench_start
 psql_bench -c "CREATE EXTENSION cqrs" >/dev/null
 
-psql_bench <<SQL
-INSERT INTO cqrs.command_log (command_id, command_type, aggregate_id, sequence_id, payload)
-SELECT cqrs.uuidv7(), 'CREATE_ORDER', 'o' || g, 1,
-       jsonb_build_object('order_id', 'o' || g, 'user_id', 'u' || (g % 1000), 'amount', (g % 997 + 1) * 1.25)
-  FROM generate_series(1, $ORDERS) g;
-INSERT INTO cqrs.command_log (command_id, command_type, aggregate_id, sequence_id, payload)
-SELECT cqrs.uuidv7(), CASE WHEN g % 2 = 0 THEN 'SHIP_ORDER' ELSE 'CANCEL_ORDER' END, 'o' || g, 2,
-       CASE WHEN g % 2 = 0 THEN jsonb_build_object('order_id', 'o' || g)
-            ELSE jsonb_build_object('order_id', 'o' || g, 'reason', NULL) END
-  FROM generate_series(1, $ORDERS) g WHERE g % 4 <> 3;
-INSERT INTO cqrs.command_log (command_id, command_type, aggregate_id, sequence_id, payload)
-SELECT cqrs.uuidv7(), 'CANCEL_ORDER', 'o' || g, 3, jsonb_build_object('order_id', 'o' || g, 'reason', 'late')
-  FROM generate_series(1, $ORDERS) g WHERE g % 4 = 0;
-SQL
+bench_fill_log "$ORDERS"
 commands=$(psql_bench -c "SELECT count(*) FROM cqrs.command_log")
-until [ "$(psql_bench -c "SELECT applied_lsn >= pg_current_wal_flush_lsn() FROM cqrs.status")" = t ]; do
-	sleep 0.2
-done
+bench_wait_projected
 
 psql_bench <<'SQL' >/dev/null
 CREATE SCHEMA bench;

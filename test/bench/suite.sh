@@ -17,6 +17,9 @@
 #   production  cqrs-load at 5000 writes/s (synchronous_commit = off) and
 #               10000 cache-aside reads/s for PROD_SECONDS s (lag p99 < 500
 #               ms, read p95 < 1 ms), plotted with gnuplot into $PNG;
+#               then the same through PgBouncer (transaction pooling,
+#               BOUNCER_POOL server connections, default 4; cqrs-load
+#               --pooled: no prepared statements, no session settings);
 #   rebuild     test/bench/rebuild.sh (its own cluster) with ORDERS orders.
 #
 # Then one table of the figures and their ratios.  Starts and stops its own
@@ -92,10 +95,16 @@ COMMIT;
 SQL
 } | bench_script dual
 
-# cqrs-load as the server user, with the bench cluster and Redis.
+# cqrs-load as the server user, with the bench cluster and Redis; with
+# pooled first, through PgBouncer.
 load() {
-	cqrs_as_pg "$LOAD" -d "host=$BENCH_DIR port=$BENCH_PORT dbname=postgres user=postgres" \
-		-r "$BENCH_REDIS_URL" -q "$@" >/dev/null
+	local db="host=$BENCH_DIR port=$BENCH_PORT dbname=postgres user=postgres"
+	if [ "$1" = pooled ]; then
+		shift
+		db="host=127.0.0.1 port=$BENCH_BOUNCER_PORT dbname=postgres user=postgres"
+		set -- --pooled "$@"
+	fi
+	cqrs_as_pg "$LOAD" -d "$db" -r "$BENCH_REDIS_URL" -q "$@" >/dev/null
 }
 json() { grep -o "\"$2\": [-0-9.e+]*" "$1" | awk '{ print $2 }'; }
 
@@ -126,6 +135,11 @@ done
 
 cqrs_log "production check: 5000 writes/s and 10000 reads/s for ${PROD_SECONDS}s"
 load -w 4 -s off -W 5000 -c 4 -R 10000 -T "$PROD_SECONDS" --json "$OUT/prod.json" --series "$OUT/prod.csv"
+catch_up >/dev/null
+cqrs_log "production check through PgBouncer (transaction pooling, $BENCH_BOUNCER_POOL server connections)"
+bench_pgbouncer_start
+load pooled -w 4 -s off -W 5000 -c 4 -R 10000 -T "$PROD_SECONDS" --json "$OUT/prod-pooled.json"
+bench_pgbouncer_stop
 if command -v gnuplot >/dev/null; then
 	mkdir -p "$(dirname "$PNG")"
 	gnuplot <<EOF
@@ -180,13 +194,19 @@ done
 a=$(r "$(json "$OUT/read-cache-aside.json" read_p95_ms)" "$(json "$OUT/read-redis.json" read_p95_ms)")
 printf '  cache-aside p95 / Redis GET p95: %s (<= 1.5 %s)\n' "$a" "$(verdict "$a" 1.5 '<=')"
 echo
-p=$OUT/prod.json
-printf 'production check (5000 writes/s, synchronous_commit off, + 10000 reads/s, %ss): %s writes/s, %s reads/s, hit ratio %s\n' \
-	"$PROD_SECONDS" "$(json "$p" writes_per_s)" "$(json "$p" reads_per_s)" "$(json "$p" cache_hit_ratio)"
-printf '  lag p99 %s ms (< 500 %s), read p95 %s ms (< 1 %s); errors: %s\n' \
-	"$(json "$p" lag_p99_ms)" "$(verdict "$(json "$p" lag_p99_ms)" 500 '<=')" \
-	"$(json "$p" read_p95_ms)" "$(verdict "$(json "$p" read_p95_ms)" 1 '<=')" \
-	"$(grep -o '"errors": {[^}]*}' "$p" | sed 's/"errors": //')"
-[ -f "$PNG" ] && echo "  plotted: ${PNG#$CQRS_ROOT/}"
+printf 'production check (5000 writes/s, synchronous_commit off, + 10000 reads/s, %ss)\n' "$PROD_SECONDS"
+for p in "$OUT/prod.json" "$OUT/prod-pooled.json"; do
+	case $p in
+	*pooled*) echo "  through PgBouncer (transaction pooling, $BENCH_BOUNCER_POOL server connections, cqrs-load --pooled):" ;;
+	*) echo "  directly (9 connections, prepared statements):" ;;
+	esac
+	printf '    %s writes/s, %s reads/s, hit ratio %s\n' \
+		"$(json "$p" writes_per_s)" "$(json "$p" reads_per_s)" "$(json "$p" cache_hit_ratio)"
+	printf '    lag p99 %s ms (< 500 %s), read p95 %s ms (< 1 %s); errors: %s\n' \
+		"$(json "$p" lag_p99_ms)" "$(verdict "$(json "$p" lag_p99_ms)" 500 '<=')" \
+		"$(json "$p" read_p95_ms)" "$(verdict "$(json "$p" read_p95_ms)" 1 '<=')" \
+		"$(grep -o '"errors": {[^}]*}' "$p" | sed 's/"errors": //')"
+done
+[ -f "$PNG" ] && echo "  plotted (directly): ${PNG#$CQRS_ROOT/}"
 echo
 echo "rebuild ($ORDERS orders): $rebuild_line"
