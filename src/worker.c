@@ -1006,6 +1006,23 @@ worker_standby_elevel(void)
 #endif
 
 /*
+ * How much WAL of other transactions an idle projector lets pass before it
+ * records its position (and so can confirm the slot past that WAL): a
+ * segment, or a quarter of cqrs.max_lag when that is less, so that other
+ * traffic alone never makes backpressure refuse commands.  Less would
+ * make every checkpoint's or bgwriter's record cost a transaction.
+ */
+static uint64
+worker_idle_record_bytes(void)
+{
+	uint64		bytes = (uint64) wal_segment_size;
+
+	if (cqrs_max_lag > 0)
+		bytes = Min(bytes, (uint64) cqrs_max_lag * 1024 / 4);
+	return bytes;
+}
+
+/*
  * Confirm the slot up to "upto", the end of the last applied batch, once
  * that batch's commit record ("commit_end") is on disk; with "flush", make
  * it so first.  Until then the slot keeps the batch's commands, so a crash
@@ -1289,13 +1306,13 @@ worker_stream(void)
 			}
 			/* the standbys do not have it yet: look again after a nap */
 		}
-		else if (ctx->reader->EndRecPtr - skip_upto >= (uint64) wal_segment_size)
+		else if (ctx->reader->EndRecPtr - skip_upto >= worker_idle_record_bytes())
 		{
 			/*
-			 * Only other WAL since the last batch, a segment of it: record
-			 * the position, so that the slot, confirmed only up to a
-			 * recorded position, stops keeping that WAL.  The recording
-			 * itself is not decoded (our origin), so this does not repeat.
+			 * Only other WAL since the last batch, enough of it: record the
+			 * position, so that the slot, confirmed only up to a recorded
+			 * position, stops keeping that WAL.  The recording itself is
+			 * not decoded (our origin), so this does not repeat.
 			 */
 			worker_begin();
 			cqrs_save_offset(cqrs_slot_name, ctx->reader->EndRecPtr);
