@@ -478,38 +478,18 @@ worker_ensure_slot(void)
 
 	/*
 	 * A slot a standby synchronized from its primary, on this server since
-	 * its promotion.  The primary confirms its slot only once the batch up
-	 * to there is durable, here and, with synchronized_standby_slots, on
-	 * the standbys (worker_confirm()), so the read model this server
-	 * replayed reaches at least the slot's position: streaming goes on
-	 * from it, and the commands between are skipped as already applied.
-	 * A slot ahead of the read model (synchronized_standby_slots not set
-	 * on the old primary) would skip commands the read model lacks: it is
-	 * made again and the log folded instead.
+	 * its promotion.  The primary confirms a failover slot only up to WAL
+	 * the standbys of synchronized_standby_slots have (worker_confirm()),
+	 * and only past commands it has applied, so the read model this server
+	 * replayed holds every command before the slot's position: streaming
+	 * goes on from it, skipping the commands applied after it.
 	 */
 	if (found && !lost && synced)
-	{
-		if (confirmed > offset)
-		{
-			ereport(WARNING,
-					(errcode(ERRCODE_OBJECT_NOT_IN_PREREQUISITE_STATE),
-					 errmsg("cqrs projector's synchronized replication slot \"%s\" is at %X/%X, ahead of the read model at %X/%X",
-							cqrs_slot_name, LSN_FORMAT_ARGS(confirmed),
-							LSN_FORMAT_ARGS(offset)),
-					 errdetail("The former primary confirmed the slot past projections this server did not receive; the slot is made again and the whole command log folded into the read model."),
-					 errhint("On the primary, list the standbys' physical slots in synchronized_standby_slots.")));
-			cqrs_set_error(psprintf("synchronized replication slot \"%s\" was ahead of the read model; made again and the command log folded",
-									cqrs_slot_name));
-			worker_drop_slot("that was ahead of the read model");
-			found = false;
-		}
-		else
-			ereport(LOG,
-					(errmsg("cqrs projector continues from replication slot \"%s\" synchronized from the former primary, at %X/%X",
-							cqrs_slot_name, LSN_FORMAT_ARGS(confirmed)),
-					 errdetail("The read model is at %X/%X; no command log fold is needed.",
-							   LSN_FORMAT_ARGS(offset))));
-	}
+		ereport(LOG,
+				(errmsg("cqrs projector continues from replication slot \"%s\" synchronized from the former primary, at %X/%X",
+						cqrs_slot_name, LSN_FORMAT_ARGS(confirmed)),
+				 errdetail("The read model is at %X/%X; no command log fold is needed.",
+						   LSN_FORMAT_ARGS(offset))));
 
 	/* cqrs.slot_failover changed since the slot was made */
 	if (found && failover != cqrs_slot_failover)
@@ -1006,23 +986,6 @@ worker_standby_elevel(void)
 #endif
 
 /*
- * How much WAL of other transactions an idle projector lets pass before it
- * records its position (and so can confirm the slot past that WAL): a
- * segment, or a quarter of cqrs.max_lag when that is less, so that other
- * traffic alone never makes backpressure refuse commands.  Less would
- * make every checkpoint's or bgwriter's record cost a transaction.
- */
-static uint64
-worker_idle_record_bytes(void)
-{
-	uint64		bytes = (uint64) wal_segment_size;
-
-	if (cqrs_max_lag > 0)
-		bytes = Min(bytes, (uint64) cqrs_max_lag * 1024 / 4);
-	return bytes;
-}
-
-/*
  * Confirm the slot up to "upto", the end of the last applied batch, once
  * that batch's commit record ("commit_end") is on disk; with "flush", make
  * it so first.  Until then the slot keeps the batch's commands, so a crash
@@ -1043,14 +1006,16 @@ worker_confirm(XLogRecPtr upto, XLogRecPtr commit_end, bool flush)
 #ifdef CQRS_FAILOVER_SLOTS
 
 	/*
-	 * A failover slot is confirmed past a batch only once the standbys of
-	 * synchronized_standby_slots have the batch too: a standby promoted
-	 * with the slot synchronized from here then has the projections up to
-	 * the slot's position.  Never waited for: the batch is retried at the
-	 * next round, and projection goes on meanwhile.
+	 * A failover slot is confirmed past a position only once the standbys
+	 * of synchronized_standby_slots have the WAL up to it, and so the batch
+	 * that recorded it (before it, or at commit_end): a standby promoted
+	 * with the slot synchronized from here then has the projections of
+	 * every command before the slot's position.  Never waited for: the
+	 * confirmation is tried again at the next round, and projection goes
+	 * on meanwhile.
 	 */
-	if (MyReplicationSlot->data.failover && !XLogRecPtrIsInvalid(commit_end) &&
-		!StandbySlotsHaveCaughtup(commit_end, worker_standby_elevel()))
+	if (MyReplicationSlot->data.failover &&
+		!StandbySlotsHaveCaughtup(Max(upto, commit_end), worker_standby_elevel()))
 		return false;
 	standby_wait_since = 0;
 #endif
@@ -1306,24 +1271,8 @@ worker_stream(void)
 			}
 			/* the standbys do not have it yet: look again after a nap */
 		}
-		else if (ctx->reader->EndRecPtr - skip_upto >= worker_idle_record_bytes())
-		{
-			/*
-			 * Only other WAL since the last batch, enough of it: record the
-			 * position, so that the slot, confirmed only up to a recorded
-			 * position, stops keeping that WAL.  The recording itself is
-			 * not decoded (our origin), so this does not repeat.
-			 */
-			worker_begin();
-			cqrs_save_offset(cqrs_slot_name, ctx->reader->EndRecPtr);
-			replorigin_session_origin_lsn = ctx->reader->EndRecPtr;
-			replorigin_session_origin_timestamp = GetCurrentTimestamp();
-			worker_commit();
-			replorigin_session_origin_lsn = InvalidXLogRecPtr;
-			unconfirmed = skip_upto = ctx->reader->EndRecPtr;
-			unconfirmed_commit = XactLastCommitEnd;
-			continue;
-		}
+		else
+			(void) worker_confirm(ctx->reader->EndRecPtr, InvalidXLogRecPtr, false);
 		worker_set_state(CQRS_STATE_RUNNING);
 		cqrs_set_applied(ctx->reader->EndRecPtr, true);
 

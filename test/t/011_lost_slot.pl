@@ -65,20 +65,6 @@ sql(q{SELECT cqrs.cancel_order('ls-' || i) FROM generate_series(101, 150) i});
 wait_projected($node);
 compare_model($node, 'after commands through the new slot');
 
-# Idle, with only other WAL written: once a segment of it has passed, the
-# projector records its position and confirms the slot up to there, so the
-# slot keeps none of that WAL; the slot is never confirmed past the
-# recorded position (a standby promoted with a synchronized copy of the
-# slot relies on it).
-my $start = sql('SELECT pg_current_wal_lsn()');
-sql(q{CREATE TABLE other AS SELECT i, repeat('x', 200) AS pad FROM generate_series(1, 20000) i});
-$node->poll_query_until('postgres', qq{
-	SELECT confirmed_flush_lsn > '$start' FROM pg_replication_slots WHERE slot_name = 'cqrs'})
-  or die 'the slot is not confirmed past other WAL';
-pass('an idle projector confirms its slot past other WAL');
-is(sql(q{SELECT s.confirmed_flush_lsn <= o.last_lsn AND o.last_lsn > '} . $start . q{'
-	FROM cqrs.offset_tracking o JOIN pg_replication_slots s USING (slot_name)}),
-	't', 'up to a position it recorded');
 
 $node->stop;
 done_testing();

@@ -7,9 +7,7 @@
 # folds the whole log.  Either way every command the promoted server has is
 # applied exactly once (an audit trigger records each version written, on
 # the primary and, replicated, on the standby), and the read model equals
-# an independent fold of the log.  On 17, a synchronized slot ahead of the
-# read model (what a primary without synchronized_standby_slots can leave)
-# is made again and the log folded, with a warning saying why.
+# an independent fold of the log.
 use strict;
 use warnings;
 use FindBin;
@@ -153,43 +151,6 @@ compare_model($standby, 'after the promotion');
 is($standby->safe_psql('postgres',
 	q{SELECT count(*) FROM (SELECT 1 FROM audit GROUP BY order_id, version HAVING count(*) > 1) d}),
 	'0', 'no order version was written twice');
-
-if ($failover_slots)
-{
-	# A synchronized slot ahead of the read model: the read model of the
-	# last orders taken back to an older position, as if the standby had
-	# not received the projections the old primary confirmed the slot for.
-	$standby->safe_psql('postgres',
-		'ALTER SYSTEM SET cqrs.enabled = off; SELECT pg_reload_conf()');
-	$standby->poll_query_until('postgres', q{SELECT state = 'disabled' FROM cqrs.status})
-	  or die 'the projector did not stop';
-	my $lsn = $standby->safe_psql('postgres', 'SELECT pg_current_wal_lsn()');
-	$standby->safe_psql('postgres', q{SELECT cqrs.submit_order('late-' || i, 'u', 1)
-		FROM generate_series(1, 50) i});
-	$standby->safe_psql('postgres', qq{
-		UPDATE cqrs.offset_tracking SET last_lsn = '$lsn';
-		SELECT pg_replication_slot_advance('cqrs', pg_current_wal_lsn());
-		DELETE FROM cqrs.read_model WHERE order_id LIKE 'late-%';
-		DELETE FROM audit WHERE order_id LIKE 'late-%';});
-	$offset = -s $standby->logfile;
-	$standby->safe_psql('postgres',
-		'ALTER SYSTEM SET cqrs.enabled = on; SELECT pg_reload_conf()');
-	wait_projected($standby);
-	$standby->wait_for_log(
-		qr/WARNING:  cqrs projector's synchronized replication slot "cqrs" is at \S+, ahead of the read model/,
-		$offset);
-	pass('a synchronized slot ahead of the read model is refused');
-	like($standby->safe_psql('postgres', 'SELECT last_error FROM cqrs.status'),
-		qr/ahead of the read model; made again and the command log folded/,
-		'cqrs.status.last_error says so');
-	is($standby->safe_psql('postgres',
-		q{SELECT count(*) FROM cqrs.read_model WHERE order_id LIKE 'late-%'}),
-		'50', 'the commands the slot had skipped are projected by the fold');
-	compare_model($standby, 'after the fold');
-	is($standby->safe_psql('postgres',
-		q{SELECT count(*) FROM (SELECT 1 FROM audit GROUP BY order_id, version HAVING count(*) > 1) d}),
-		'0', 'still no order version written twice');
-}
 
 $standby->stop;
 done_testing();
