@@ -83,6 +83,27 @@ bench_wait_projected() {
 	done
 }
 
+# The SQL of what users would build instead of cqrs: a log and a read
+# table kept in step by an AFTER INSERT trigger (schema bench must exist).
+bench_trigger_sql() {
+	cat <<'SQL'
+CREATE TABLE bench.trig_log (LIKE cqrs.command_log INCLUDING ALL);
+CREATE TABLE bench.trig_model (LIKE cqrs.read_model INCLUDING ALL);
+CREATE FUNCTION bench.upsert_model() RETURNS trigger LANGUAGE plpgsql AS $$
+BEGIN
+	INSERT INTO bench.trig_model (order_id, user_id, total_amount, status, version, updated_at)
+	VALUES (NEW.aggregate_id, NEW.payload ->> 'user_id', (NEW.payload ->> 'amount')::numeric,
+	        'created', NEW.sequence_id, now())
+	ON CONFLICT (order_id) DO UPDATE
+	   SET status = excluded.status, version = excluded.version, updated_at = excluded.updated_at
+	 WHERE bench.trig_model.version < excluded.version;
+	RETURN NULL;
+END $$;
+CREATE TRIGGER upsert_model AFTER INSERT ON bench.trig_log
+	FOR EACH ROW EXECUTE FUNCTION bench.upsert_model();
+SQL
+}
+
 # Write a pgbench script named $1 from stdin.
 bench_script() {
 	cat > "$BENCH_WORK/$1.sql"

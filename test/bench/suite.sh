@@ -57,22 +57,9 @@ CREATE SCHEMA bench;
 CREATE TABLE bench.plain (LIKE cqrs.command_log INCLUDING ALL);
 -- what users would build instead: a log and a read table kept in step
 -- by a trigger, or by the application writing both
-CREATE TABLE bench.trig_log (LIKE cqrs.command_log INCLUDING ALL);
-CREATE TABLE bench.trig_model (LIKE cqrs.read_model INCLUDING ALL);
 CREATE TABLE bench.dual_log (LIKE cqrs.command_log INCLUDING ALL);
 CREATE TABLE bench.dual_model (LIKE cqrs.read_model INCLUDING ALL);
-CREATE FUNCTION bench.upsert_model() RETURNS trigger LANGUAGE plpgsql AS \$\$
-BEGIN
-	INSERT INTO bench.trig_model (order_id, user_id, total_amount, status, version, updated_at)
-	VALUES (NEW.aggregate_id, NEW.payload ->> 'user_id', (NEW.payload ->> 'amount')::numeric,
-	        'created', NEW.sequence_id, now())
-	ON CONFLICT (order_id) DO UPDATE
-	   SET status = excluded.status, version = excluded.version, updated_at = excluded.updated_at
-	 WHERE bench.trig_model.version < excluded.version;
-	RETURN NULL;
-END \$\$;
-CREATE TRIGGER upsert_model AFTER INSERT ON bench.trig_log
-	FOR EACH ROW EXECUTE FUNCTION bench.upsert_model();
+$(bench_trigger_sql)
 SQL
 wait_for "SELECT state = 'running' AND redis = 'connected' FROM cqrs.status"
 
