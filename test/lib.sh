@@ -257,9 +257,10 @@ cqrs_pgbouncer_start() {
 	return 1
 }
 
-# Stop the pgbouncer cqrs_pgbouncer_start started in $1, if it runs.
-cqrs_pgbouncer_stop() {
-	local pidfile=$1/pgbouncer.pid pid
+# Stop the process whose pid file is $1, if it runs: SIGTERM, then up to
+# 5 s for it to exit; the pid file goes.
+cqrs_stop_pidfile() {
+	local pidfile=$1 pid
 	[ -f "$pidfile" ] || return 0
 	pid=$(cat "$pidfile")
 	kill "$pid" 2>/dev/null || true
@@ -270,15 +271,8 @@ cqrs_pgbouncer_stop() {
 	rm -f "$pidfile"
 }
 
+# Stop the pgbouncer cqrs_pgbouncer_start started in $1, if it runs.
+cqrs_pgbouncer_stop() { cqrs_stop_pidfile "$1/pgbouncer.pid"; }
+
 # Stop the redis-server cqrs_redis_start started in $1, if it runs.
-cqrs_redis_stop() {
-	local dir=$1 pid
-	[ -f "$dir/redis.pid" ] || return 0
-	pid=$(cat "$dir/redis.pid")
-	kill "$pid" 2>/dev/null || true
-	for _ in $(seq 50); do
-		kill -0 "$pid" 2>/dev/null || break
-		sleep 0.1
-	done
-	rm -f "$dir/redis.pid"
-}
+cqrs_redis_stop() { cqrs_stop_pidfile "$1/redis.pid"; }

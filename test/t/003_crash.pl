@@ -13,29 +13,7 @@ use Test::More;
 
 my $node = cqrs_node('crash', conf => 'restart_after_crash = on');
 
-$node->safe_psql('postgres', q{
-CREATE TABLE audit (order_id text, version bigint);
-CREATE FUNCTION audit_write() RETURNS trigger LANGUAGE plpgsql AS $$
-BEGIN
-	INSERT INTO audit VALUES (NEW.order_id, NEW.version);
-	RETURN NULL;
-END $$;
-CREATE TRIGGER audit AFTER INSERT OR UPDATE ON cqrs.read_model
-	FOR EACH ROW EXECUTE FUNCTION audit_write();
-CREATE FUNCTION random_command(o int, k int) RETURNS void
-LANGUAGE plpgsql AS $$
-BEGIN
-	IF k = 1 THEN
-		PERFORM cqrs.submit_order('o' || o, 'u' || (o % 31), o % 500 + 1);
-	ELSIF k = 2 THEN
-		PERFORM cqrs.ship_order('o' || o);
-	ELSE
-		PERFORM cqrs.cancel_order('o' || o);
-	END IF;
-EXCEPTION WHEN unique_violation OR foreign_key_violation THEN
-	NULL;
-END $$;
-});
+audit_load($node);
 
 my $script = q{
 \set o random(1, 20000)
@@ -78,9 +56,7 @@ finish_load(start_load($node, $script, 2, 2));
 wait_projected($node);
 my $exp = compare_model($node, 'after 4 immediate stops and a kill -9');
 cmp_ok(scalar(keys %{ $exp->{orders} }), '>', 1000, 'the loads created many orders');
-is($node->safe_psql('postgres',
-	'SELECT count(*) FROM (SELECT FROM audit GROUP BY order_id, version HAVING count(*) > 1) d'),
-	'0', 'no order version was written twice');
+is(written_twice($node), '0', 'no order version was written twice');
 is($node->safe_psql('postgres', q{
 	SELECT count(*) FROM cqrs.read_model r
 	 WHERE NOT EXISTS (SELECT FROM audit a WHERE a.order_id = r.order_id AND a.version = r.version)}),

@@ -20,30 +20,9 @@ my $primary = cqrs_node('primary');
 my $failover_slots = $primary->pg_version >= 17;
 note $failover_slots ? 'PostgreSQL 17 or later: failover slots' : 'before 17: refold';
 
-$primary->safe_psql('postgres', q{
-CREATE TABLE audit (order_id text, version bigint);
-CREATE FUNCTION audit_write() RETURNS trigger LANGUAGE plpgsql AS $$
-BEGIN
-	INSERT INTO audit VALUES (NEW.order_id, NEW.version);
-	RETURN NULL;
-END $$;
-CREATE TRIGGER audit AFTER INSERT OR UPDATE ON cqrs.read_model
-	FOR EACH ROW EXECUTE FUNCTION audit_write();
-CREATE FUNCTION random_command(o int, k int) RETURNS void
-LANGUAGE plpgsql AS $$
-BEGIN
-	IF k = 1 THEN
-		PERFORM cqrs.submit_order('f' || o, 'u' || (o % 31), o % 500 + 1);
-	ELSIF k = 2 THEN
-		PERFORM cqrs.ship_order('f' || o);
-	ELSE
-		PERFORM cqrs.cancel_order('f' || o);
-	END IF;
-EXCEPTION WHEN unique_violation OR foreign_key_violation THEN
-	NULL;
-END $$;
-SELECT pg_create_physical_replication_slot('standby1');
-});
+audit_load($primary);
+$primary->safe_psql('postgres',
+	q{SELECT pg_create_physical_replication_slot('standby1')});
 if ($failover_slots)
 {
 	is($primary->safe_psql('postgres',
@@ -148,9 +127,7 @@ else
 		'the promoted standby makes a slot and folds the log');
 }
 compare_model($standby, 'after the promotion');
-is($standby->safe_psql('postgres',
-	q{SELECT count(*) FROM (SELECT 1 FROM audit GROUP BY order_id, version HAVING count(*) > 1) d}),
-	'0', 'no order version was written twice');
+is(written_twice($standby), '0', 'no order version was written twice');
 
 $standby->stop;
 done_testing();

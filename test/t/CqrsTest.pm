@@ -14,7 +14,7 @@ use Test::More;
 use Time::HiRes;
 
 our @EXPORT = qw(cqrs_node wait_projected expected_model compare_model
-  start_load finish_load declare_accounts);
+  start_load finish_load declare_accounts audit_load written_twice);
 
 # A started node with cqrs preloaded and the extension created; options:
 # conf (postgresql.conf lines), initdb (extra initdb arguments).
@@ -196,6 +196,47 @@ sub finish_load
 	my ($load) = @_;
 	$load->{h}->finish;
 	return ${ $load->{out} } . ${ $load->{err} };
+}
+
+# For crash and failover tests: table audit, filled by a trigger with
+# every (order_id, version) the read model is written with, and
+# random_command(o, k), which submits (k = 1), ships (2) or cancels (3)
+# order 'o' || o, taking refusals of commands that do not apply as part
+# of the mix.
+sub audit_load
+{
+	my ($node) = @_;
+	$node->safe_psql('postgres', q{
+CREATE TABLE audit (order_id text, version bigint);
+CREATE FUNCTION audit_write() RETURNS trigger LANGUAGE plpgsql AS $$
+BEGIN
+	INSERT INTO audit VALUES (NEW.order_id, NEW.version);
+	RETURN NULL;
+END $$;
+CREATE TRIGGER audit AFTER INSERT OR UPDATE ON cqrs.read_model
+	FOR EACH ROW EXECUTE FUNCTION audit_write();
+CREATE FUNCTION random_command(o int, k int) RETURNS void
+LANGUAGE plpgsql AS $$
+BEGIN
+	IF k = 1 THEN
+		PERFORM cqrs.submit_order('o' || o, 'u' || (o % 31), o % 500 + 1);
+	ELSIF k = 2 THEN
+		PERFORM cqrs.ship_order('o' || o);
+	ELSE
+		PERFORM cqrs.cancel_order('o' || o);
+	END IF;
+EXCEPTION WHEN unique_violation OR foreign_key_violation THEN
+	NULL;
+END $$;
+});
+}
+
+# How many (order_id, version) the audit saw written more than once.
+sub written_twice
+{
+	my ($node) = @_;
+	return $node->safe_psql('postgres',
+		'SELECT count(*) FROM (SELECT FROM audit GROUP BY order_id, version HAVING count(*) > 1) d');
 }
 
 1;
