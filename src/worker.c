@@ -964,24 +964,32 @@ static TimestampTz standby_wait_since = 0;
 static TimestampTz standby_warned_at = 0;
 
 /*
- * The level at which StandbySlotsHaveCaughtup() reports a standby slot that
- * is missing, invalidated or inactive: a warning once a minute while the
- * projector's slot has been held back for a minute, DEBUG1 otherwise.
+ * Whether the standbys of synchronized_standby_slots have the WAL up to
+ * lsn.  A standby slot that is missing, invalidated or inactive is reported
+ * by StandbySlotsHaveCaughtup() at DEBUG1, and once a minute as a warning
+ * while the projector's slot has been held back for a minute.  The clock
+ * is read only while held back.
  */
-static int
-worker_standby_elevel(void)
+static bool
+worker_standbys_have(XLogRecPtr lsn)
 {
-	TimestampTz now = GetCurrentTimestamp();
+	TimestampTz now;
 
+	if (StandbySlotsHaveCaughtup(lsn, DEBUG1))
+	{
+		standby_wait_since = 0;
+		return true;
+	}
+	now = GetCurrentTimestamp();
 	if (standby_wait_since == 0)
 		standby_wait_since = now;
-	if (TimestampDifferenceExceeds(standby_wait_since, now, 60000) &&
-		TimestampDifferenceExceeds(standby_warned_at, now, 60000))
+	else if (TimestampDifferenceExceeds(standby_wait_since, now, 60000) &&
+			 TimestampDifferenceExceeds(standby_warned_at, now, 60000))
 	{
 		standby_warned_at = now;
-		return WARNING;
+		(void) StandbySlotsHaveCaughtup(lsn, WARNING);
 	}
-	return DEBUG1;
+	return false;
 }
 #endif
 
@@ -1015,9 +1023,8 @@ worker_confirm(XLogRecPtr upto, XLogRecPtr commit_end, bool flush)
 	 * on meanwhile.
 	 */
 	if (MyReplicationSlot->data.failover &&
-		!StandbySlotsHaveCaughtup(Max(upto, commit_end), worker_standby_elevel()))
+		!worker_standbys_have(Max(upto, commit_end)))
 		return false;
-	standby_wait_since = 0;
 #endif
 	if (upto > MyReplicationSlot->data.confirmed_flush)
 		LogicalConfirmReceivedLocation(upto);
