@@ -81,6 +81,18 @@ SELECT sequence_id, duplicate
   FROM cqrs.submit_order(order_id => 'o-6', user_id => 'u-6', amount => 6,
                          command_id => 'a0000000-0000-4000-8000-000000000006');
 
+-- A command_id the server generates is in no other transaction and not in
+-- the log: only the order is locked.  One the caller passes is locked too.
+BEGIN;
+SELECT sequence_id FROM cqrs.submit_order('lock-1', 'u', 1);
+SELECT count(*) AS key_locks
+  FROM pg_locks WHERE locktype = 'advisory' AND pid = pg_backend_pid();
+SELECT sequence_id
+  FROM cqrs.submit_order('lock-2', 'u', 1, 'a0000000-0000-4000-8000-0000000000f1');
+SELECT count(*) AS key_locks
+  FROM pg_locks WHERE locktype = 'advisory' AND pid = pg_backend_pid();
+ROLLBACK;
+
 -- A bulk transaction: 20,000 commands with the default
 -- max_locks_per_transaction.  Past 256 commands the transaction locks the
 -- log instead of each command's keys, so its locks stay few.

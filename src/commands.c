@@ -16,7 +16,10 @@
  *   other transaction can be appending the same id or to the same order;
  *   the append is then one INSERT that skips itself when its command_id
  *   or its order's sequence is already in the log (cheaper than ON
- *   CONFLICT's speculative insertion).  Only when it inserted nothing is
+ *   CONFLICT's speculative insertion).  A command_id the server has just
+ *   generated (a fresh UUIDv7: the caller passed none) is in no other
+ *   transaction and not in the log, so it is neither locked nor looked
+ *   up; the unique index still stands behind it.  Only when it inserted nothing is
  *   the log read, to tell a retry of the same command (the original
  *   receipt, duplicate = true) from a reuse of the id for another command,
  *   or a taken sequence (both 23505).  Under REPEATABLE READ or
@@ -82,6 +85,7 @@ typedef struct CqrsCommand
 	bool		creates;		/* must be the aggregate's sequence 1 */
 	text	   *order_id;		/* the aggregate's id */
 	pg_uuid_t	command_id;
+	bool		id_generated;	/* command_id is a fresh UUIDv7 of ours */
 	bool		sequence_given; /* caller chose sequence_id */
 	int64		sequence_id;
 	Jsonb	   *payload;
@@ -112,6 +116,7 @@ static int	key_locked = 0;
 
 /* Plans kept for the life of the backend, prepared on first use. */
 static SPIPlanPtr insert_plan = NULL;
+static SPIPlanPtr fresh_insert_plan = NULL;
 static SPIPlanPtr snapshot_insert_plan = NULL;
 static SPIPlanPtr lookup_plan = NULL;
 static SPIPlanPtr last_sequence_plan = NULL;
@@ -232,7 +237,10 @@ cmd_init_common(CqrsCommand *cmd, FunctionCallInfo fcinfo,
 				int command_id_arg, int sequence_arg)
 {
 	if (PG_ARGISNULL(command_id_arg))
+	{
 		cqrs_generate_uuidv7(&cmd->command_id);
+		cmd->id_generated = true;
+	}
 	else
 		memcpy(&cmd->command_id, PG_GETARG_UUID_P(command_id_arg),
 			   sizeof(pg_uuid_t));
@@ -423,6 +431,16 @@ cmd_insert(CqrsCommand *cmd, CqrsReceipt *receipt)
 		"                  WHERE aggregate_id OPERATOR(pg_catalog.=) $3"
 		"                  AND sequence_id OPERATOR(pg_catalog.=) $4)"
 		" RETURNING log_id";
+	/* the same, for a command_id generated here (in no other row) */
+	static const char *fresh_sql =
+		"INSERT INTO cqrs.command_log"
+		" (command_id, command_type, aggregate_id, sequence_id, payload,"
+		" traceparent)"
+		" SELECT $1, $2, $3, $4, $5, $6"
+		" WHERE NOT EXISTS (SELECT FROM cqrs.command_log"
+		"                  WHERE aggregate_id OPERATOR(pg_catalog.=) $3"
+		"                  AND sequence_id OPERATOR(pg_catalog.=) $4)"
+		" RETURNING log_id";
 	/* under a transaction snapshot */
 	static const char *snapshot_sql =
 		"INSERT INTO cqrs.command_log"
@@ -447,6 +465,8 @@ cmd_insert(CqrsCommand *cmd, CqrsReceipt *receipt)
 
 	if (IsolationUsesXactSnapshot())
 		plan = cqrs_keep_plan(&snapshot_insert_plan, snapshot_sql, 6, argtypes);
+	else if (cmd->id_generated)
+		plan = cqrs_keep_plan(&fresh_insert_plan, fresh_sql, 6, argtypes);
 	else
 		plan = cqrs_keep_plan(&insert_plan, sql, 6, argtypes);
 	if (!cmd_exec(plan, values, nulls, SPI_OK_INSERT_RETURNING))
@@ -660,7 +680,8 @@ cmd_lock(CqrsCommand *cmd)
 		LockRelationOid(log, ShareRowExclusiveLock);
 		return;
 	}
-	cmd_lock_key(&cmd->command_id, sizeof(pg_uuid_t), CQRS_COMMAND_LOCK_SPACE);
+	if (!cmd->id_generated)
+		cmd_lock_key(&cmd->command_id, sizeof(pg_uuid_t), CQRS_COMMAND_LOCK_SPACE);
 	cmd_lock_key(VARDATA_ANY(cmd->order_id), VARSIZE_ANY_EXHDR(cmd->order_id),
 				 CQRS_ORDER_LOCK_SPACE);
 	key_locked++;
