@@ -35,6 +35,7 @@ int			cqrs_batch_size_min = 64;
 int			cqrs_batch_size_max = 10000;
 int			cqrs_projector_work_mem = 65536;
 int			cqrs_poll_interval = 1000;
+int			cqrs_batch_delay = 5;
 int			cqrs_backoff_base = 100;
 int			cqrs_backoff_max = 5000;
 int			cqrs_max_lag = 0;
@@ -182,6 +183,15 @@ cqrs_define_settings(void)
 							&cqrs_projector_work_mem,
 							65536, 64, MAX_KILOBYTES,
 							PGC_SIGHUP, GUC_UNIT_KB,
+							NULL, NULL, NULL);
+	DefineCustomIntVariable("cqrs.batch_delay",
+							"How long the projector lets commands gather between two batches while they keep coming.",
+							"After a batch of more than one command the projector waits this long before reading the next, "
+							"so that under load it applies fewer, larger batches; a lone command is applied at once. "
+							"0 starts the next batch at once.",
+							&cqrs_batch_delay,
+							5, 0, 1000,
+							PGC_SIGHUP, GUC_UNIT_MS,
 							NULL, NULL, NULL);
 	DefineCustomIntVariable("cqrs.poll_interval",
 							"How long the idle projector sleeps when no commit wakes it.",

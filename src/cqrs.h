@@ -46,6 +46,7 @@ extern int	cqrs_batch_size_min;
 extern int	cqrs_batch_size_max;
 extern int	cqrs_projector_work_mem;
 extern int	cqrs_poll_interval;
+extern int	cqrs_batch_delay;
 extern int	cqrs_backoff_base;
 extern int	cqrs_backoff_max;
 extern int	cqrs_max_lag;

@@ -72,7 +72,9 @@
 
 #include "cqrs.h"
 
-/* A batch this large means load: gather for this many ms before the next. */
+/* A batch this large means load: the WAL writer is busy writing the WAL
+ * too, and waiting for it for up to CQRS_BUSY_NAPTIME ms costs less than a
+ * flush of our own (worker_page_read()). */
 #define CQRS_BUSY_BATCH			16
 #define CQRS_BUSY_NAPTIME		5
 
@@ -1249,14 +1251,17 @@ worker_stream(void)
 				worker_release_memory();
 
 			/*
-			 * Busy: let commands accumulate for a moment, so that under
-			 * load batches grow and their fixed cost (transaction, flush)
-			 * is shared.  A single command at light load is not held up.
+			 * Commands keep coming (more than one committed while the last
+			 * batch was read and applied): let them gather for
+			 * cqrs.batch_delay before the next batch, so that under load
+			 * batches grow and what each costs whatever its size (two
+			 * transactions, WAL flushes, a Redis round trip, a wake-up) is
+			 * shared.  A lone command is not held up.
 			 */
 			worker_busy = (nrecords >= CQRS_BUSY_BATCH);
-			if (caught_up && nrecords >= CQRS_BUSY_BATCH)
+			if (caught_up && nrecords > 1 && cqrs_batch_delay > 0)
 				(void) WaitLatch(MyLatch, WL_TIMEOUT | WL_EXIT_ON_PM_DEATH,
-								 CQRS_BUSY_NAPTIME, PG_WAIT_EXTENSION);
+								 cqrs_batch_delay, PG_WAIT_EXTENSION);
 			continue;
 		}
 
