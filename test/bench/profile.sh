@@ -14,6 +14,8 @@
 #     each kind of process (pg_stat_activity's backend_type, or the
 #     program), and for cqrs the hottest functions of the backends and of
 #     the projector.
+# RATE=0 runs each variant flat out instead (then the variants do
+# different work: a busy projector makes larger batches).
 # Prints a table of microseconds per command, by kind of process, and the
 # cqrs-minus-plain and trigger-minus-plain differences.  Starts and stops
 # its own cluster.  Needs perf (Debian's linux-perf) for the breakdown;
@@ -58,6 +60,9 @@ bench_scripts
 	bench_log_insert bench.trig_log
 } | bench_script trigger
 
+rate_opt=()
+[ "$RATE" = 0 ] || rate_opt=(-R "$RATE")
+
 # busy jiffies of the whole machine (user, nice, system, irq, softirq)
 busy() { awk '/^cpu / { print $2 + $3 + $4 + $7 + $8 }' /proc/stat; }
 hz=$(getconf CLK_TCK)
@@ -75,7 +80,7 @@ run() {
 	fi
 	PGOPTIONS="-c synchronous_commit=off" cqrs_as_pg "$BINDIR/pgbench" \
 		-h "$BENCH_DIR" -p "$BENCH_PORT" -U postgres -n -M prepared \
-		-c "$CLIENTS" -j "$CLIENTS" -T "$DURATION" -R "$RATE" \
+		-c "$CLIENTS" -j "$CLIENTS" -T "$DURATION" ${rate_opt[@]+"${rate_opt[@]}"} \
 		-f "$BENCH_WORK/$v.sql" postgres > "$BENCH_WORK/$v.out" 2>&1 &
 	pg=$!
 	if [ -n "$profile" ]; then
@@ -101,7 +106,7 @@ for v in plain submit trigger; do
 	[ -n "$have_perf" ] && prows[$v]=$(run "$v" profile)
 done
 
-echo "cqrs CPU profile: $CLIENTS clients at $RATE commands/s for ${DURATION}s, synchronous_commit off, Redis $REDIS, $(nproc) cores"
+echo "cqrs CPU profile: $CLIENTS clients at $([ "$RATE" = 0 ] && echo "full speed" || echo "$RATE commands/s") for ${DURATION}s, synchronous_commit off, Redis $REDIS, $(nproc) cores"
 printf '%-44s %10s %12s\n' "" commands "CPU us/cmd"
 printf '%-44s %10s %12s\n' "plain INSERT" "${rows[plain]}" "${us[plain]}"
 printf '%-44s %10s %12s\n' "cqrs.submit_order() + projector" "${rows[submit]}" "${us[submit]}"
