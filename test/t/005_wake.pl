@@ -3,6 +3,8 @@
 # synchronous_commit on and off.  The latencies are printed, not asserted
 # beyond "long before the poll interval": test/bench measures them.  And
 # cqrs.wait_for_lsn() at the end of an idle server's WAL returns at once.
+# With cqrs.batch_delay, commands that commit while commands keep coming
+# gather into one batch, and a lone command is still applied at once.
 use strict;
 use warnings;
 use FindBin;
@@ -61,6 +63,40 @@ $node->safe_psql('postgres', q{SELECT pg_logical_emit_message(false, 'cqrs-test'
 is($node->safe_psql('postgres', q{
 	SELECT cqrs.wait_for_lsn(pg_current_wal_insert_lsn(), '3 s')}), 't',
 	'wait_for_lsn passes a trailing record that is not a commit');
+
+# cqrs.batch_delay (here 1 s, to see it): after a batch of two commands the
+# projector waits, so five commands committed one by one meanwhile make
+# one batch (the first batch is applied within the 0.3 s the script waits
+# before them); without the delay each commit wakes it.  Once the delay is
+# over and it sleeps, a lone command is applied at once.
+sub batches
+{
+	return $node->safe_psql('postgres', 'SELECT batches_total FROM cqrs.worker_status()');
+}
+$node->safe_psql('postgres', q{ALTER SYSTEM SET cqrs.batch_delay = '1s'; SELECT pg_reload_conf()});
+$node->poll_query_until('postgres', q{SELECT current_setting('cqrs.batch_delay') = '1s'})
+  or die 'cqrs.batch_delay not reloaded';
+my $b0 = batches();
+$node->safe_psql('postgres', q{
+BEGIN;
+SELECT cqrs.submit_order('gather-1', 'u', 1);
+SELECT cqrs.submit_order('gather-2', 'u', 1);
+COMMIT;
+SELECT pg_sleep(0.3);
+SELECT cqrs.submit_order('gather-3', 'u', 1);
+SELECT cqrs.submit_order('gather-4', 'u', 1);
+SELECT cqrs.submit_order('gather-5', 'u', 1);
+SELECT cqrs.submit_order('gather-6', 'u', 1);
+SELECT cqrs.submit_order('gather-7', 'u', 1);
+SELECT cqrs.wait_for_lsn(pg_current_wal_insert_lsn(), '10 s');
+});
+is(batches() - $b0, 2, 'cqrs.batch_delay: five commands committed during the delay make one batch');
+is($node->safe_psql('postgres', 'SELECT last_batch_size FROM cqrs.worker_status()'), '5',
+	'of five commands');
+sleep 2;
+my $lone = $node->safe_psql('postgres', q{SELECT command_id FROM cqrs.submit_order('lone-1', 'u', 1)});
+is($node->safe_psql('postgres', qq{SELECT cqrs.wait_for('$lone', '500 ms')}), 't',
+	'a lone command after the delay is applied at once');
 
 $node->stop;
 done_testing();
