@@ -16,7 +16,9 @@ OBJS = \
 	src/admin.o \
 	src/repair.o \
 	src/spi.o \
-	src/redis.o
+	src/redis.o \
+	src/trace.o \
+	src/otel.o
 DATA = cqrs--0.1.0.sql cqrs--0.1.0--0.2.0.sql
 PGFILEDESC = "cqrs - command log, projection and read model inside PostgreSQL"
 
@@ -28,6 +30,14 @@ WITH_HIREDIS ?= $(shell pkg-config --exists hiredis 2>/dev/null && echo yes || e
 ifeq ($(WITH_HIREDIS),yes)
 PG_CPPFLAGS += -DUSE_HIREDIS $(filter -I%,$(shell pkg-config --cflags hiredis))
 SHLIB_LINK += $(shell pkg-config --libs hiredis)
+endif
+# Span export (OpenTelemetry, OTLP/HTTP) needs libcurl, found with
+# pkg-config; WITH_CURL=no builds without it (spans are then only read
+# with cqrs.spans()).
+WITH_CURL ?= $(shell pkg-config --exists libcurl 2>/dev/null && echo yes || echo no)
+ifeq ($(WITH_CURL),yes)
+PG_CPPFLAGS += -DUSE_CURL $(filter -I%,$(shell pkg-config --cflags libcurl))
+SHLIB_LINK += $(shell pkg-config --libs libcurl)
 endif
 # The warning set the code is kept clean under; CI adds -Werror.
 PG_CFLAGS = -Wall -Wextra -Wno-unused-parameter $(CQRS_CFLAGS)

@@ -300,3 +300,18 @@ GRANT SELECT ON cqrs.projection, cqrs.projection_version, cqrs.projections TO cq
 GRANT SELECT ON cqrs.projection, cqrs.projections TO cqrs_reader;
 GRANT EXECUTE ON FUNCTION cqrs.create_projection(text, text, pg_catalog.regclass, name, pg_catalog.regprocedure),
 	cqrs.drop_projection(text), cqrs.rebuild(text), cqrs.verify(text) TO cqrs_admin;
+
+-- OpenTelemetry: the finished spans waiting in shared memory (trace.c).
+-- They name commands and aggregates, so only cqrs_admin reads them.
+CREATE FUNCTION cqrs.spans(consume boolean DEFAULT false,
+	OUT trace_id text, OUT span_id text, OUT parent_span_id text,
+	OUT name text, OUT kind text, OUT start_time timestamptz,
+	OUT end_time timestamptz, OUT status text, OUT attributes jsonb,
+	OUT links jsonb)
+RETURNS SETOF record
+AS 'MODULE_PATHNAME', 'spans'
+LANGUAGE C VOLATILE STRICT;
+COMMENT ON FUNCTION cqrs.spans(boolean) IS
+	'Finished OpenTelemetry spans not exported yet, oldest first; consume => true takes them out';
+REVOKE ALL ON FUNCTION cqrs.spans(boolean) FROM PUBLIC;
+GRANT EXECUTE ON FUNCTION cqrs.spans(boolean) TO cqrs_admin;

@@ -612,6 +612,10 @@ admin_collect(MetricSink *sink)
 	double		slot_lag = 0;
 	uint64		cumulative = 0;
 	char		le[32];
+	uint64		spans_buffered,
+				spans_dropped,
+				spans_exported,
+				spans_failed;
 
 	if (cqrs_shared == NULL)
 		ereport(ERROR,
@@ -710,6 +714,23 @@ admin_collect(MetricSink *sink)
 	metric_single(sink, "cqrs_redis_backlog", "gauge",
 				  "Orders whose Redis key the projector still has to write (rows in cqrs.redis_backlog).",
 				  (double) admin_count("SELECT pg_catalog.count(*) FROM cqrs.redis_backlog"));
+
+	if (cqrs_trace_counts(&spans_buffered, &spans_dropped, &spans_exported,
+						  &spans_failed))
+	{
+		metric_single(sink, "cqrs_spans_buffered", "gauge",
+					  "Finished spans waiting in shared memory to be exported or read (cqrs.spans()).",
+					  (double) spans_buffered);
+		metric_single(sink, "cqrs_spans_dropped_total", "counter",
+					  "Spans dropped since the server started because cqrs.trace_max_spans were waiting.",
+					  (double) spans_dropped);
+		metric_single(sink, "cqrs_spans_exported_total", "counter",
+					  "Spans the OpenTelemetry collector accepted since the server started.",
+					  (double) spans_exported);
+		metric_single(sink, "cqrs_spans_failed_total", "counter",
+					  "Spans lost in export requests that failed since the server started.",
+					  (double) spans_failed);
+	}
 
 	metric_single(sink, "cqrs_paused", "gauge",
 				  "1 while projection is paused with cqrs.pause().",

@@ -51,6 +51,7 @@
 #include "access/xlog.h"
 #include "catalog/pg_class.h"
 #include "catalog/pg_type.h"
+#include "commands/dbcommands.h"
 #include "common/hashfn.h"
 #include "common/int.h"
 #include "executor/spi.h"
@@ -753,6 +754,57 @@ cmd_receipt_datum(FunctionCallInfo fcinfo, CqrsReceipt *receipt)
 }
 
 /*
+ * What a command's span needs from before it ran: when it began, and what
+ * looking up could fail once an error is on its way (the function's name,
+ * the database's, the caller's).  Only when the command may be traced.
+ */
+typedef struct CqrsTraceCall
+{
+	bool		maybe;
+	TimestampTz start;
+	char	   *operation;
+	char	   *database;
+	char	   *user;
+} CqrsTraceCall;
+
+static void
+cmd_trace_begin(CqrsTraceCall *trace, FunctionCallInfo fcinfo)
+{
+	memset(trace, 0, sizeof(CqrsTraceCall));
+	if (!cqrs_trace_maybe())
+		return;
+	trace->maybe = true;
+	trace->start = GetCurrentTimestamp();
+	trace->operation = get_func_name(fcinfo->flinfo->fn_oid);
+	trace->database = get_database_name(MyDatabaseId);
+	trace->user = GetUserNameFromId(GetUserId(), true);
+}
+
+/*
+ * The command's span, if it is traced: with the receipt it returns, or
+ * the error it failed with.
+ */
+static void
+cmd_trace_end(CqrsTraceCall *trace, CqrsCommand *cmd, CqrsReceipt *receipt,
+			  ErrorData *edata)
+{
+	if (!trace->maybe)
+		return;
+	cqrs_trace_command(&(CqrsTraceCommand) {
+		.operation = trace->operation,
+			.database = trace->database,
+			.user = trace->user,
+			.command_type = cmd->type_name,
+			.aggregate_id = cmd->order_id ? text_to_cstring(cmd->order_id) : NULL,
+			.command_id = &cmd->command_id,
+			.sequence_id = receipt ? receipt->sequence_id : cmd->sequence_id,
+			.duplicate = receipt && receipt->duplicate,
+			.start = trace->start,
+			.edata = edata,
+	});
+}
+
+/*
  * Validate and append one command with "build", and return its receipt.
  * A refused command is counted for cqrs_command_errors_total before the
  * error goes on to roll the transaction back.
@@ -764,7 +816,10 @@ cmd_run(FunctionCallInfo fcinfo,
 	MemoryContext context = CurrentMemoryContext;
 	CqrsCommand cmd;
 	CqrsReceipt receipt;
+	CqrsTraceCall trace;
 
+	memset(&cmd, 0, sizeof(cmd));
+	cmd_trace_begin(&trace, fcinfo);
 	PG_TRY();
 	{
 		build(fcinfo, &cmd);
@@ -777,11 +832,13 @@ cmd_run(FunctionCallInfo fcinfo,
 		MemoryContextSwitchTo(context);
 		edata = CopyErrorData();
 		cqrs_count_command_error(edata->sqlerrcode);
+		cmd_trace_end(&trace, &cmd, NULL, edata);
 		FreeErrorData(edata);
 		PG_RE_THROW();
 	}
 	PG_END_TRY();
 
+	cmd_trace_end(&trace, &cmd, &receipt, NULL);
 	PG_RETURN_DATUM(cmd_receipt_datum(fcinfo, &receipt));
 }
 

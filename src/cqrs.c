@@ -262,6 +262,51 @@ cqrs_define_settings(void)
 							PGC_SIGHUP, GUC_UNIT_MS,
 							NULL, NULL, NULL);
 
+	DefineCustomRealVariable("cqrs.trace_sample_ratio",
+							 "Share of the commands submitted without a sampled traceparent that are traced.",
+							 "A command whose cqrs.traceparent is sampled is always traced; one without a "
+							 "traceparent is traced with this probability, as the root of a new trace.",
+							 &cqrs_trace_sample_ratio,
+							 0.0, 0.0, 1.0,
+							 PGC_SIGHUP, 0,
+							 NULL, NULL, NULL);
+	DefineCustomIntVariable("cqrs.trace_max_spans",
+							"Finished spans kept in shared memory until they are exported or read.",
+							"When they are all taken, the oldest is dropped for a new one.",
+							&cqrs_trace_max_spans,
+							4096, 16, 1024 * 1024,
+							PGC_POSTMASTER, 0,
+							NULL, NULL, NULL);
+	DefineCustomStringVariable("cqrs.otel_endpoint",
+							   "OTLP/HTTP URL the spans are posted to as JSON, such as http://127.0.0.1:4318/v1/traces.",
+							   "Empty: spans are not exported, and stay for cqrs.spans(). "
+							   "Only superusers can see it: it may hold credentials.",
+							   &cqrs_otel_endpoint,
+							   "",
+							   PGC_SIGHUP, GUC_SUPERUSER_ONLY,
+							   cqrs_otel_check_endpoint, NULL, NULL);
+	DefineCustomStringVariable("cqrs.otel_service_name",
+							   "service.name of the exported spans.",
+							   NULL,
+							   &cqrs_otel_service_name,
+							   "cqrs",
+							   PGC_SIGHUP, 0,
+							   NULL, NULL, NULL);
+	DefineCustomIntVariable("cqrs.otel_naptime",
+							"How often the exporter sends the spans waiting.",
+							"It sends sooner when half of cqrs.trace_max_spans are waiting.",
+							&cqrs_otel_naptime,
+							1000, 10, 3600 * 1000,
+							PGC_SIGHUP, GUC_UNIT_MS,
+							NULL, NULL, NULL);
+	DefineCustomIntVariable("cqrs.otel_timeout",
+							"Longest the exporter waits for the collector to connect and answer one request.",
+							"The spans of a request it gives up on are lost and counted.",
+							&cqrs_otel_timeout,
+							1000, 1, 60 * 1000,
+							PGC_SIGHUP, GUC_UNIT_MS,
+							NULL, NULL, NULL);
+
 	MarkGUCPrefixReserved("cqrs");
 }
 
@@ -308,5 +353,8 @@ _PG_init(void)
 
 	/* pg_upgrade starts servers that must not run our workers */
 	if (!IsBinaryUpgrade)
+	{
 		cqrs_register_workers();
+		cqrs_otel_register();
+	}
 }

@@ -16,6 +16,7 @@
 #include "storage/condition_variable.h"
 #include "storage/latch.h"
 #include "storage/spin.h"
+#include "lib/stringinfo.h"
 #include "nodes/pg_list.h"
 #include "utils/guc.h"
 #include "utils/jsonb.h"
@@ -347,6 +348,100 @@ extern bool cqrs_redis_batch_done(void);
 extern void cqrs_redis_batch_abort(void);
 extern bool cqrs_redis_batch_pending(void);
 extern void cqrs_redis_backlog_failed(void);
+
+/* trace.c: OpenTelemetry spans */
+#define CQRS_TRACE_ID_LEN		16
+#define CQRS_SPAN_ID_LEN		8
+#define CQRS_SPAN_LINKS			16	/* links a batch span keeps */
+#define CQRS_SPAN_AGGREGATE_LEN	128 /* of an aggregate id, in a span */
+
+typedef enum CqrsSpanKind
+{
+	CQRS_SPAN_COMMAND,
+	CQRS_SPAN_BATCH,
+	CQRS_SPAN_APPLY,
+	CQRS_SPAN_REDIS
+} CqrsSpanKind;
+
+typedef struct CqrsSpanLink
+{
+	uint8		trace_id[CQRS_TRACE_ID_LEN];
+	uint8		span_id[CQRS_SPAN_ID_LEN];
+} CqrsSpanLink;
+
+/* A finished span, as it waits in shared memory to be exported. */
+typedef struct CqrsSpan
+{
+	uint8		trace_id[CQRS_TRACE_ID_LEN];
+	uint8		span_id[CQRS_SPAN_ID_LEN];
+	uint8		parent_id[CQRS_SPAN_ID_LEN];	/* all zeros: a root span */
+	uint8		kind;			/* CqrsSpanKind */
+	bool		error;
+	bool		has_command;	/* command_id is set */
+	bool		duplicate;		/* command: a retry of a logged command */
+	int16		nlinks;
+	int32		batch_size;		/* batch: commands; redis: keys */
+	int32		traced;			/* batch: traced commands in it */
+	int32		attempts;		/* batch: tries until it committed */
+	TimestampTz start;
+	TimestampTz end;
+	pg_uuid_t	command_id;
+	int64		sequence_id;
+	XLogRecPtr	lsn_start;		/* batch: commit of its first command */
+	XLogRecPtr	lsn_end;		/* and of its last: the batch id */
+	char		sqlstate[6];
+	char		database[NAMEDATALEN];
+	char		operation[NAMEDATALEN]; /* command: the function called */
+	char		user[NAMEDATALEN];	/* command: who called it */
+	char		command_type[NAMEDATALEN];
+	char		aggregate_id[CQRS_SPAN_AGGREGATE_LEN];
+	char		message[128];	/* of the error */
+	CqrsSpanLink links[CQRS_SPAN_LINKS];
+} CqrsSpan;
+
+extern int	cqrs_trace_max_spans;
+extern double cqrs_trace_sample_ratio;
+extern Size cqrs_trace_shmem_size(void);
+extern void cqrs_trace_shmem_startup(void);
+extern bool cqrs_trace_sampled(const char *traceparent,
+							   const pg_uuid_t *command_id,
+							   uint8 *trace_id, uint8 *parent_id);
+extern bool cqrs_trace_maybe(void);
+/* A command function call, for its span. */
+typedef struct CqrsTraceCommand
+{
+	const char *operation;		/* the function */
+	const char *database;
+	const char *user;			/* who called it */
+	const char *command_type;	/* NULL: refused before it was known */
+	const char *aggregate_id;
+	const pg_uuid_t *command_id;	/* all zeros: not known yet */
+	int64		sequence_id;
+	bool		duplicate;		/* a retry: the command was in the log */
+	TimestampTz start;
+	ErrorData  *edata;			/* the error it failed with, or NULL */
+} CqrsTraceCommand;
+extern void cqrs_trace_command(const CqrsTraceCommand *call);
+extern void cqrs_trace_batch_begin(CqrsRecord *records, int n);
+extern void cqrs_trace_redis_begin(int keys);
+extern void cqrs_trace_redis_end(bool ok);
+extern void cqrs_trace_batch_end(CqrsRecord *records, int n, int attempts);
+extern void cqrs_trace_set_exporter(Latch *latch);
+extern int	cqrs_trace_take(CqrsSpan *out, int max, bool consume);
+extern void cqrs_trace_exported(int n, bool ok);
+extern bool cqrs_trace_counts(uint64 *buffered, uint64 *dropped,
+							  uint64 *exported, uint64 *failed);
+extern void cqrs_trace_otlp_span(StringInfo buf, const CqrsSpan *s);
+
+/* otel.c: the exporter */
+extern char *cqrs_otel_endpoint;
+extern char *cqrs_otel_service_name;
+extern int	cqrs_otel_naptime;
+extern int	cqrs_otel_timeout;
+extern bool cqrs_otel_check_endpoint(char **newval, void **extra,
+									 GucSource source);
+extern void cqrs_otel_register(void);
+extern PGDLLEXPORT void cqrs_otel_main(Datum main_arg);
 
 /* worker.c */
 extern PGDLLEXPORT void cqrs_worker_main(Datum main_arg);

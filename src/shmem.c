@@ -62,6 +62,7 @@ void
 cqrs_shmem_request(void)
 {
 	RequestAddinShmemSpace(MAXALIGN(sizeof(CqrsShared)));
+	RequestAddinShmemSpace(MAXALIGN(cqrs_trace_shmem_size()));
 }
 
 /*
@@ -87,6 +88,7 @@ cqrs_shmem_startup(void)
 		cqrs_shared->state = CQRS_STATE_IDLE;
 		cqrs_shared->applied_lsn = InvalidXLogRecPtr;
 	}
+	cqrs_trace_shmem_startup();
 	LWLockRelease(AddinShmemInitLock);
 }
 

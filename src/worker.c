@@ -609,7 +609,10 @@ worker_apply_part(CqrsQueue *queue, CqrsRecord *records, int n, bool last,
 	volatile int attempt = 0;
 	volatile long delay = 0;
 	ListCell   *lc;
+	bool		redis_pending;
+	bool		redis_ok;
 
+	cqrs_trace_batch_begin(records, n);
 	for (;;)
 	{
 		volatile bool done = false;
@@ -699,14 +702,21 @@ worker_apply_part(CqrsQueue *queue, CqrsRecord *records, int n, bool last,
 	 * must never hold a row the read model can still lose: the part, and
 	 * the commands it read before they were flushed, go to disk first.
 	 */
-	if (cqrs_redis_batch_pending() && GetFlushRecPtr(NULL) < XactLastCommitEnd)
+	redis_pending = cqrs_redis_batch_pending();
+	if (redis_pending && GetFlushRecPtr(NULL) < XactLastCommitEnd)
 		XLogFlush(XactLastCommitEnd);
-	if (!cqrs_redis_batch_done())
+	if (redis_pending)
+		cqrs_trace_redis_begin(cqrs_redis_mark());
+	redis_ok = cqrs_redis_batch_done();
+	if (redis_pending)
+		cqrs_trace_redis_end(redis_ok);
+	if (!redis_ok)
 	{
 		worker_begin();
 		cqrs_redis_backlog_failed();
 		worker_commit();
 	}
+	cqrs_trace_batch_end(records, n, attempt + 1);
 	return true;
 }
 

@@ -40,7 +40,7 @@ cqrs_log() { printf '==> %s\n' "$*" >&2; }
 # PG_CONFIG pointing at a server installed otherwise (built from source, say),
 # only the rest is installed.
 cqrs_install_deps() {
-	local pkgs="libhiredis-dev redis-server pkg-config make gcc libipc-run-perl pgbouncer
+	local pkgs="libhiredis-dev libcurl4-openssl-dev redis-server pkg-config make gcc libipc-run-perl pgbouncer
 		prometheus prometheus-postgres-exporter"
 	local missing="" p
 	case "$PG_CONFIG" in
