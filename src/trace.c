@@ -214,15 +214,19 @@ cqrs_trace_sampled(const char *traceparent, const pg_uuid_t *command_id,
 }
 
 /*
- * Could a command submitted now be traced?  Cheap enough for every
- * command: only then does the command path read the clock.
+ * Could a command submitted now be traced (a sampled traceparent, or none
+ * and a ratio)?  Cheap enough for every command: only then does the
+ * command path read the clock and look up what its span names.
  */
 bool
 cqrs_trace_maybe(void)
 {
-	return ring != NULL &&
-		((cqrs_traceparent != NULL && cqrs_traceparent[0] != '\0') ||
-		 cqrs_trace_sample_ratio > 0);
+	if (ring == NULL)
+		return false;
+	if (cqrs_traceparent != NULL && cqrs_traceparent[0] != '\0')
+		return strlen(cqrs_traceparent) >= 55 &&
+			(trace_unhex_digit(cqrs_traceparent[54]) & 1) != 0;
+	return cqrs_trace_sample_ratio > 0;
 }
 
 /* Hand a finished span over: into the ring, dropping the oldest if full. */

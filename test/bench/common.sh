@@ -21,14 +21,17 @@ CLIENTS=${CLIENTS:-4}
 # checkpoint or autovacuum falls into a measurement; stopped on exit.
 # wal_compression as recommended in the README: random keys (order ids)
 # make every first change of an index page after a checkpoint a full-page
-# image.  WAL_COMPRESSION=off measures without it.
+# image.  WAL_COMPRESSION=off measures without it.  BENCH_CONF adds a
+# postgresql.conf line (such as "cqrs.batch_delay = 0", to measure a
+# setting's effect).
 bench_start() {
 	cqrs_install_deps
 	cqrs_build_install
 	cqrs_cluster_start "$BENCH_DIR" "$BENCH_PORT" \
 		"shared_buffers = '1GB'" "max_wal_size = '16GB'" \
 		"checkpoint_timeout = '1h'" "autovacuum = off" \
-		"wal_compression = ${WAL_COMPRESSION:-lz4}" "$@"
+		"wal_compression = ${WAL_COMPRESSION:-lz4}" \
+		${BENCH_CONF:+"$BENCH_CONF"} "$@"
 	trap 'cqrs_cluster_stop "$BENCH_DIR"; cqrs_redis_stop "$BENCH_REDIS_DIR"; bench_pgbouncer_stop; rm -rf "$BENCH_WORK"' EXIT
 }
 
