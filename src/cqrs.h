@@ -379,6 +379,8 @@ typedef struct CqrsSpan
 	bool		error;
 	bool		has_command;	/* command_id is set */
 	bool		duplicate;		/* command: a retry of a logged command */
+	bool		taken;			/* read with cqrs.spans(consume => true) */
+	Oid			dbid;			/* the database it happened in */
 	int16		nlinks;
 	int32		batch_size;		/* batch: commands; redis: keys */
 	int32		traced;			/* batch: traced commands in it */
@@ -390,6 +392,7 @@ typedef struct CqrsSpan
 	XLogRecPtr	lsn_start;		/* batch: commit of its first command */
 	XLogRecPtr	lsn_end;		/* and of its last: the batch id */
 	char		sqlstate[6];
+	/* strings in UTF-8 */
 	char		database[NAMEDATALEN];
 	char		operation[NAMEDATALEN]; /* command: the function called */
 	char		user[NAMEDATALEN];	/* command: who called it */
@@ -427,7 +430,7 @@ extern void cqrs_trace_redis_begin(int keys);
 extern void cqrs_trace_redis_end(bool ok);
 extern void cqrs_trace_batch_end(CqrsRecord *records, int n, int attempts);
 extern void cqrs_trace_set_exporter(Latch *latch);
-extern int	cqrs_trace_take(CqrsSpan *out, int max, bool consume);
+extern int	cqrs_trace_take(CqrsSpan *out, int max);
 extern void cqrs_trace_exported(int n, bool ok);
 extern bool cqrs_trace_counts(uint64 *buffered, uint64 *dropped,
 							  uint64 *exported, uint64 *failed);

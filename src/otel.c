@@ -7,7 +7,9 @@
  *		http://collector:4318/v1/traces).
  *
  * Every cqrs.otel_naptime, or sooner when the ring is half full, it sends
- * what waits in requests of at most CQRS_OTEL_REQUEST_SPANS spans.  A
+ * what waits in requests of at most CQRS_OTEL_REQUEST_SPANS spans.  The
+ * server log says when a request fails, without the URL (it may hold
+ * credentials).  A
  * request that fails (no answer within cqrs.otel_timeout, or a status
  * other than 2xx) loses its spans, counted as failed; the next ones are
  * tried at the next round.  Nothing else waits for it: the command path
@@ -163,14 +165,13 @@ otel_post(StringInfo body)
 	{
 		if (warned)
 			ereport(LOG,
-					(errmsg("cqrs exports spans to \"%s\" again", cqrs_otel_endpoint)));
+					(errmsg("cqrs exports spans to the collector again")));
 		warned = false;
 		return true;
 	}
 	if (!warned)
 		ereport(WARNING,
-				(errmsg("cqrs could not export spans to \"%s\": %s",
-						cqrs_otel_endpoint,
+				(errmsg("cqrs could not export spans to the collector (cqrs.otel_endpoint): %s",
 						rc != CURLE_OK ? curl_easy_strerror(rc) : psprintf("HTTP status %ld", status)),
 				 errdetail("The spans of this request are lost; the next ones are tried in %d ms. This is said once until a request succeeds.",
 						   cqrs_otel_naptime)));
@@ -184,7 +185,7 @@ otel_export(CqrsSpan *spans, StringInfo body)
 {
 	int			n;
 
-	while ((n = cqrs_trace_take(spans, CQRS_OTEL_REQUEST_SPANS, true)) > 0)
+	while ((n = cqrs_trace_take(spans, CQRS_OTEL_REQUEST_SPANS)) > 0)
 	{
 		bool		ok;
 

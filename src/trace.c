@@ -63,6 +63,7 @@ typedef struct CqrsTraceRing
 	uint64		dropped;		/* overwritten before anyone took them */
 	uint64		exported;		/* accepted by the collector */
 	uint64		failed;			/* taken for a request that failed */
+	uint64		ntaken;			/* between tail and head, read with consume */
 	Latch	   *exporter_latch; /* set when the ring is half full */
 	int			size;
 	CqrsSpan	spans[FLEXIBLE_ARRAY_MEMBER];
@@ -238,26 +239,36 @@ trace_emit(const CqrsSpan *span)
 	SpinLockAcquire(&ring->mutex);
 	if (ring->head - ring->tail >= (uint64) ring->size)
 	{
+		if (ring->spans[ring->tail % ring->size].taken)
+			ring->ntaken--;
+		else
+			ring->dropped++;
 		ring->tail++;
-		ring->dropped++;
 	}
 	memcpy(&ring->spans[ring->head % ring->size], span, sizeof(CqrsSpan));
 	ring->head++;
-	if ((ring->head - ring->tail) * 2 == (uint64) ring->size)
+	if (ring->head - ring->tail == (uint64) (ring->size + 1) / 2)
 		wake = ring->exporter_latch;
 	SpinLockRelease(&ring->mutex);
 	if (wake != NULL)
 		SetLatch(wake);
 }
 
-/* Copy what fits of src into dst[size], cut at a character boundary. */
+/*
+ * Copy what fits of src, in the database's encoding, into dst[size] in
+ * UTF-8 (what OTLP/JSON is written in, whatever the database), cut at a
+ * character boundary.
+ */
 static void
 trace_copy(char *dst, const char *src, int size)
 {
-	int			len = pg_mbcliplen(src, strlen(src), size - 1);
+	char	   *utf8 = pg_server_to_any(src, strlen(src), PG_UTF8);
+	int			len = pg_encoding_mbcliplen(PG_UTF8, utf8, strlen(utf8), size - 1);
 
-	memcpy(dst, src, len);
+	memcpy(dst, utf8, len);
 	dst[len] = '\0';
+	if (utf8 != src)
+		pfree(utf8);
 }
 
 /*
@@ -271,10 +282,11 @@ trace_span_init(CqrsSpan *span, CqrsSpanKind kind, TimestampTz start,
 {
 	memset(span, 0, sizeof(CqrsSpan));
 	span->kind = kind;
+	span->dbid = MyDatabaseId;
 	span->start = start;
 	span->end = GetCurrentTimestamp();
 	if (database != NULL)
-		strlcpy(span->database, database, NAMEDATALEN);
+		trace_copy(span->database, database, NAMEDATALEN);
 }
 
 static void
@@ -308,9 +320,9 @@ cqrs_trace_command(const CqrsTraceCommand *call)
 	memcpy(span.parent_id, parent_id, CQRS_SPAN_ID_LEN);
 	/*
 	 * The span the projector parents its own to; a retry of a command in
-	 * the log, or one refused before it had an id, has another.
+	 * the log, or a refused command, has another.
 	 */
-	if (have_id && !call->duplicate)
+	if (have_id && !call->duplicate && call->edata == NULL)
 		trace_derived_span_id(span.span_id, call->command_id, 1);
 	else
 		trace_random_span_id(span.span_id);
@@ -321,11 +333,11 @@ cqrs_trace_command(const CqrsTraceCommand *call)
 	}
 	span.sequence_id = call->sequence_id;
 	if (call->operation != NULL)
-		strlcpy(span.operation, call->operation, NAMEDATALEN);
+		trace_copy(span.operation, call->operation, NAMEDATALEN);
 	if (call->user != NULL)
-		strlcpy(span.user, call->user, NAMEDATALEN);
+		trace_copy(span.user, call->user, NAMEDATALEN);
 	if (call->command_type != NULL)
-		strlcpy(span.command_type, call->command_type, NAMEDATALEN);
+		trace_copy(span.command_type, call->command_type, NAMEDATALEN);
 	if (call->aggregate_id != NULL)
 		trace_copy(span.aggregate_id, call->aggregate_id, sizeof(span.aggregate_id));
 	span.duplicate = call->duplicate;
@@ -458,6 +470,7 @@ cqrs_trace_batch_end(CqrsRecord *records, int n, int attempts)
 			continue;
 		memset(&apply, 0, sizeof(CqrsSpan));
 		apply.kind = CQRS_SPAN_APPLY;
+		apply.dbid = span.dbid;
 		apply.start = span.start;
 		apply.end = span.end;
 		strlcpy(apply.database, span.database, NAMEDATALEN);
@@ -470,7 +483,7 @@ cqrs_trace_batch_end(CqrsRecord *records, int n, int attempts)
 		apply.command_id = rec->command_id;
 		apply.has_command = true;
 		apply.sequence_id = rec->sequence_id;
-		strlcpy(apply.command_type, rec->command_type, NAMEDATALEN);
+		trace_copy(apply.command_type, rec->command_type, NAMEDATALEN);
 		trace_copy(apply.aggregate_id, rec->aggregate_id, sizeof(apply.aggregate_id));
 		apply.lsn_start = span.lsn_start;
 		apply.lsn_end = span.lsn_end;
@@ -490,22 +503,75 @@ cqrs_trace_set_exporter(Latch *latch)
 }
 
 /*
- * Copy up to max of the spans waiting in the ring, oldest first, into
- * out; with consume, they leave the ring.  Returns how many.
+ * Spans are copied out of the ring at most CQRS_TRACE_CHUNK at a time, so
+ * that a writer never spins on the lock for long.
+ */
+#define CQRS_TRACE_CHUNK		16
+
+/*
+ * The exporter's take: up to max of the spans waiting, oldest first, out
+ * of the ring (those read with cqrs.spans(consume => true) are skipped).
+ * Returns how many.
  */
 int
-cqrs_trace_take(CqrsSpan *out, int max, bool consume)
+cqrs_trace_take(CqrsSpan *out, int max)
 {
 	int			n = 0;
+	bool		more = true;
 
-	if (ring == NULL)
-		return 0;
-	SpinLockAcquire(&ring->mutex);
-	for (uint64 i = ring->tail; i < ring->head && n < max; i++)
-		memcpy(&out[n++], &ring->spans[i % ring->size], sizeof(CqrsSpan));
-	if (consume)
-		ring->tail += n;
-	SpinLockRelease(&ring->mutex);
+	while (more && n < max)
+	{
+		SpinLockAcquire(&ring->mutex);
+		for (int got = 0; got < CQRS_TRACE_CHUNK && n < max &&
+			 ring->tail < ring->head; got++)
+		{
+			CqrsSpan   *s = &ring->spans[ring->tail % ring->size];
+
+			if (s->taken)
+				ring->ntaken--;
+			else
+				memcpy(&out[n++], s, sizeof(CqrsSpan));
+			ring->tail++;
+		}
+		more = ring->tail < ring->head;
+		SpinLockRelease(&ring->mutex);
+	}
+	return n;
+}
+
+/*
+ * cqrs.spans()'s read: up to max of the spans of database dbid waiting,
+ * oldest first; with consume, they are marked taken (the exporter skips
+ * them, the ring reuses their place).  Returns how many.
+ */
+static int
+trace_read(CqrsSpan *out, int max, Oid dbid, bool consume)
+{
+	int			n = 0;
+	uint64		pos = 0;
+	bool		more = true;
+
+	while (more && n < max)
+	{
+		SpinLockAcquire(&ring->mutex);
+		pos = Max(pos, ring->tail);
+		for (int got = 0; got < CQRS_TRACE_CHUNK && n < max && pos < ring->head;
+			 got++, pos++)
+		{
+			CqrsSpan   *s = &ring->spans[pos % ring->size];
+
+			if (s->taken || s->dbid != dbid)
+				continue;
+			memcpy(&out[n++], s, sizeof(CqrsSpan));
+			if (consume)
+			{
+				s->taken = true;
+				ring->ntaken++;
+			}
+		}
+		more = pos < ring->head;
+		SpinLockRelease(&ring->mutex);
+	}
 	return n;
 }
 
@@ -529,7 +595,7 @@ cqrs_trace_counts(uint64 *buffered, uint64 *dropped, uint64 *exported,
 	if (ring == NULL)
 		return false;
 	SpinLockAcquire(&ring->mutex);
-	*buffered = ring->head - ring->tail;
+	*buffered = ring->head - ring->tail - ring->ntaken;
 	*dropped = ring->dropped;
 	*exported = ring->exported;
 	*failed = ring->failed;
@@ -717,12 +783,38 @@ cqrs_trace_otlp_span(StringInfo buf, const CqrsSpan *s)
 	appendStringInfoChar(buf, '}');
 }
 
+/* A span's strings back from UTF-8 into this database's encoding. */
+static void
+trace_to_server(char *field, int size)
+{
+	char	   *conv = pg_any_to_server(field, strlen(field), PG_UTF8);
+
+	if (conv != field)
+	{
+		int			len = pg_mbcliplen(conv, strlen(conv), size - 1);
+
+		memcpy(field, conv, len);
+		field[len] = '\0';
+	}
+}
+
+static void
+trace_span_to_server(CqrsSpan *s)
+{
+	trace_to_server(s->database, sizeof(s->database));
+	trace_to_server(s->operation, sizeof(s->operation));
+	trace_to_server(s->user, sizeof(s->user));
+	trace_to_server(s->command_type, sizeof(s->command_type));
+	trace_to_server(s->aggregate_id, sizeof(s->aggregate_id));
+	trace_to_server(s->message, sizeof(s->message));
+}
+
 /*
  * cqrs.spans(consume boolean DEFAULT false) RETURNS TABLE (trace_id text,
  * span_id text, parent_span_id text, name text, kind text, start_time
  * timestamptz, end_time timestamptz, status text, attributes jsonb, links
- * jsonb): the spans waiting to be exported, oldest first; with consume,
- * they are taken out (and not exported).
+ * jsonb): the spans of this database waiting to be exported, oldest
+ * first; with consume, they are taken out (and not exported).
  */
 Datum
 spans(PG_FUNCTION_ARGS)
@@ -737,8 +829,11 @@ spans(PG_FUNCTION_ARGS)
 	if (ring == NULL)
 		return (Datum) 0;
 
-	buf = palloc(sizeof(CqrsSpan) * ring->size);
-	n = cqrs_trace_take(buf, ring->size, consume);
+	SpinLockAcquire(&ring->mutex);
+	n = (int) (ring->head - ring->tail);
+	SpinLockRelease(&ring->mutex);
+	buf = palloc(sizeof(CqrsSpan) * Max(n, 1));
+	n = trace_read(buf, n, MyDatabaseId, consume);
 	for (int i = 0; i < n; i++)
 	{
 		CqrsSpan   *s = &buf[i];
@@ -765,6 +860,7 @@ spans(PG_FUNCTION_ARGS)
 		values[6] = TimestampTzGetDatum(s->end);
 		values[7] = CStringGetTextDatum(s->error ? "error" : "unset");
 
+		trace_span_to_server(s);
 		initStringInfo(&json);
 		appendStringInfoChar(&json, '{');
 		trace_attributes(&w, s);

@@ -1116,6 +1116,12 @@ worker_stream(void)
 		TimestampTz started;
 
 		CHECK_FOR_INTERRUPTS();
+		/* under load it may not sleep for long: take a reload here too */
+		if (ConfigReloadPending)
+		{
+			ConfigReloadPending = false;
+			ProcessConfigFile(PGC_SIGHUP);
+		}
 		if (!cqrs_enabled)
 			break;
 		if (worker_paused())
