@@ -380,6 +380,7 @@ typedef struct CqrsSpan
 	bool		has_command;	/* command_id is set */
 	bool		duplicate;		/* command: a retry of a logged command */
 	bool		taken;			/* read with cqrs.spans(consume => true) */
+	uint8		outcome;		/* apply: 1 applied, 2 parked, 3 dead-lettered */
 	Oid			dbid;			/* the database it happened in */
 	int16		nlinks;
 	int32		batch_size;		/* batch: commands; redis: keys */
@@ -426,6 +427,7 @@ typedef struct CqrsTraceCommand
 } CqrsTraceCommand;
 extern void cqrs_trace_command(const CqrsTraceCommand *call);
 extern void cqrs_trace_batch_begin(CqrsRecord *records, int n);
+extern void cqrs_trace_batch_outcomes(CqrsRecord *records, int n);
 extern void cqrs_trace_redis_begin(int keys);
 extern void cqrs_trace_redis_end(bool ok);
 extern void cqrs_trace_batch_end(CqrsRecord *records, int n, int attempts);

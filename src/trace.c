@@ -36,8 +36,10 @@
 #include <math.h>
 
 #include "access/xact.h"
+#include "catalog/pg_type.h"
 #include "common/hashfn.h"
 #include "common/pg_prng.h"
+#include "executor/spi.h"
 #include "funcapi.h"
 #include "mb/pg_wchar.h"
 #include "miscadmin.h"
@@ -46,6 +48,7 @@
 #include "utils/json.h"
 #include "utils/jsonb.h"
 #include "utils/lsyscache.h"
+#include "utils/memutils.h"
 #include "utils/timestamp.h"
 
 #include "cqrs.h"
@@ -351,6 +354,26 @@ cqrs_trace_command(const CqrsTraceCommand *call)
  * before it is applied, redis_* around its Redis write-through, end once
  * it committed.  Only a batch with a traced command has spans.
  */
+typedef enum TraceOutcome
+{
+	TRACE_APPLIED,
+	TRACE_PARKED,
+	TRACE_DEAD_LETTERED
+} TraceOutcome;
+
+static const char *const outcome_names[] = {
+	[TRACE_APPLIED] = "applied",
+	[TRACE_PARKED] = "parked",
+	[TRACE_DEAD_LETTERED] = "dead_lettered",
+};
+
+/* What became of a traced command of the batch, and why. */
+typedef struct TraceResult
+{
+	uint8		outcome;		/* TraceOutcome */
+	char		reason[128];	/* of a dead letter, in UTF-8 */
+} TraceResult;
+
 static struct
 {
 	bool		active;
@@ -358,6 +381,9 @@ static struct
 	CqrsSpan	batch;
 	TimestampTz redis_start;
 	int			redis_keys;
+	TraceResult *results;		/* per traced command, in record order */
+	int			nresults;
+	int			capacity;
 } tb;
 
 void
@@ -367,6 +393,7 @@ cqrs_trace_batch_begin(CqrsRecord *records, int n)
 	uint8		parent_id[CQRS_SPAN_ID_LEN];
 
 	tb.active = false;
+	tb.nresults = 0;
 	if (ring == NULL || n == 0)
 		return;
 	for (int i = 0; i < n; i++)
@@ -400,6 +427,119 @@ cqrs_trace_batch_begin(CqrsRecord *records, int n)
 		tb.batch.lsn_start = records[0].commit_lsn;
 		tb.batch.lsn_end = records[n - 1].commit_lsn;
 	}
+}
+
+typedef struct TraceOutcomeArgs
+{
+	CqrsRecord *records;
+	int			n;
+} TraceOutcomeArgs;
+
+static void trace_read_outcomes(void *arg);
+
+/*
+ * In the batch's transaction, once it is applied: what became of each
+ * traced command (a dead letter of it, or a parked row, or neither).
+ * Only a batch with a traced command asks, with one statement, in a
+ * subtransaction: should it fail, the batch goes on without outcomes.
+ */
+void
+cqrs_trace_batch_outcomes(CqrsRecord *records, int n)
+{
+	TraceOutcomeArgs args = {records, n};
+	ErrorData  *edata;
+
+	tb.nresults = 0;
+	if (!tb.active)
+		return;
+	edata = cqrs_try_subtransaction(trace_read_outcomes, &args);
+	if (edata != NULL)
+	{
+		tb.nresults = 0;
+		ereport(WARNING,
+				(errmsg("cqrs projector could not read what became of the traced commands of a batch: %s",
+						edata->message),
+				 errdetail("Their apply spans say nothing of it.")));
+		FreeErrorData(edata);
+	}
+}
+
+static void
+trace_read_outcomes(void *arg)
+{
+	CqrsRecord *records = ((TraceOutcomeArgs *) arg)->records;
+	int			n = ((TraceOutcomeArgs *) arg)->n;
+	static SPIPlanPtr plan = NULL;
+	static const char *sql =
+		"SELECT d.reason, p.command_id IS NOT NULL"
+		" FROM ROWS FROM (pg_catalog.unnest($1::pg_catalog.uuid[]),"
+		" pg_catalog.unnest($2::pg_catalog.text[]),"
+		" pg_catalog.unnest($3::pg_catalog.int8[])) WITH ORDINALITY"
+		" AS c (id, aggregate_id, sequence_id, i)"
+		" LEFT JOIN cqrs.dead_letter AS d ON d.command_id OPERATOR(pg_catalog.=) c.id"
+		" LEFT JOIN cqrs.parked AS p"
+		" ON p.aggregate_id OPERATOR(pg_catalog.=) c.aggregate_id"
+		" AND p.sequence_id OPERATOR(pg_catalog.=) c.sequence_id"
+		" AND p.command_id OPERATOR(pg_catalog.=) c.id"
+		" ORDER BY c.i";
+	Oid			argtypes[3] = {UUIDARRAYOID, TEXTARRAYOID, INT8ARRAYOID};
+	Datum	   *ids;
+	Datum	   *aggregates;
+	Datum	   *sequences;
+	Datum		values[3];
+	uint8		trace_id[CQRS_TRACE_ID_LEN];
+	uint8		parent_id[CQRS_SPAN_ID_LEN];
+	int			k = 0;
+
+	ids = palloc(sizeof(Datum) * n);
+	aggregates = palloc(sizeof(Datum) * n);
+	sequences = palloc(sizeof(Datum) * n);
+	for (int i = 0; i < n; i++)
+	{
+		CqrsRecord *rec = &records[i];
+
+		if (rec->aggregate_id == NULL ||
+			!cqrs_trace_sampled(rec->traceparent, &rec->command_id,
+								trace_id, parent_id))
+			continue;
+		ids[k] = UUIDPGetDatum(&rec->command_id);
+		aggregates[k] = CStringGetTextDatum(rec->aggregate_id);
+		sequences[k] = Int64GetDatum(rec->sequence_id);
+		k++;
+	}
+	if (k > tb.capacity)
+	{
+		if (tb.results != NULL)
+			pfree(tb.results);
+		tb.results = MemoryContextAlloc(TopMemoryContext, sizeof(TraceResult) * k);
+		tb.capacity = k;
+	}
+	values[0] = cqrs_array(ids, NULL, k, UUIDOID);
+	values[1] = cqrs_array(aggregates, NULL, k, TEXTOID);
+	values[2] = cqrs_array(sequences, NULL, k, INT8OID);
+	if (cqrs_exec(cqrs_keep_plan(&plan, sql, 3, argtypes), values, NULL, 0,
+				  SPI_OK_SELECT) != (uint64) k)
+		elog(ERROR, "could not read what became of the traced commands");
+	for (int j = 0; j < k; j++)
+	{
+		HeapTuple	tup = SPI_tuptable->vals[j];
+		TupleDesc	desc = SPI_tuptable->tupdesc;
+		bool		isnull;
+		Datum		reason = SPI_getbinval(tup, desc, 1, &isnull);
+
+		tb.results[j].reason[0] = '\0';
+		if (!isnull)
+		{
+			tb.results[j].outcome = TRACE_DEAD_LETTERED;
+			trace_copy(tb.results[j].reason, TextDatumGetCString(reason),
+					   sizeof(tb.results[j].reason));
+		}
+		else if (DatumGetBool(SPI_getbinval(tup, desc, 2, &isnull)))
+			tb.results[j].outcome = TRACE_PARKED;
+		else
+			tb.results[j].outcome = TRACE_APPLIED;
+	}
+	tb.nresults = k;
 }
 
 void
@@ -459,15 +599,18 @@ cqrs_trace_batch_end(CqrsRecord *records, int n, int attempts)
 	span.lsn_start = tb.batch.lsn_start;
 	span.lsn_end = tb.batch.lsn_end;
 
-	for (int i = 0; i < n; i++)
+	for (int i = 0, k = 0; i < n; i++)
 	{
 		CqrsRecord *rec = &records[i];
 		CqrsSpan	apply;
+		TraceResult *result;
 
 		if (rec->aggregate_id == NULL ||
 			!cqrs_trace_sampled(rec->traceparent, &rec->command_id,
 								trace_id, parent_id))
 			continue;
+		result = k < tb.nresults ? &tb.results[k] : NULL;
+		k++;
 		memset(&apply, 0, sizeof(CqrsSpan));
 		apply.kind = CQRS_SPAN_APPLY;
 		apply.dbid = span.dbid;
@@ -488,6 +631,15 @@ cqrs_trace_batch_end(CqrsRecord *records, int n, int attempts)
 		apply.lsn_start = span.lsn_start;
 		apply.lsn_end = span.lsn_end;
 		apply.batch_size = n;
+		if (result != NULL)
+		{
+			apply.outcome = result->outcome + 1;
+			if (result->outcome == TRACE_DEAD_LETTERED)
+			{
+				apply.error = true;
+				memcpy(apply.message, result->reason, sizeof(apply.message));
+			}
+		}
 		trace_emit(&apply);
 	}
 	trace_emit(&span);
@@ -722,6 +874,8 @@ trace_attributes(AttrWriter *w, const CqrsSpan *s)
 	}
 	if (s->kind == CQRS_SPAN_REDIS)
 		attr_int(w, "cqrs.redis.keys", s->batch_size);
+	if (s->outcome > 0)
+		attr_str(w, "cqrs.outcome", outcome_names[s->outcome - 1]);
 	if (s->error)
 		attr_str(w, "error.type", s->sqlstate);
 }

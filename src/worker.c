@@ -647,6 +647,7 @@ worker_apply_part(CqrsQueue *queue, CqrsRecord *records, int n, bool last,
 						 errmsg("%lld commands of one batch failed on their own",
 								(long long) stats->poisoned),
 						 errdetail("So many failures point at the read model or its triggers, not at the commands; nothing was dead-lettered.")));
+			cqrs_trace_batch_outcomes(records, n);
 			if (last)
 			{
 				cqrs_save_offset(cqrs_slot_name, queue->last_commit_lsn);

@@ -108,6 +108,22 @@ is($command->{status}, 'error', 'its span has status error');
 is($command->{attributes}{'error.type'}, '22023', 'with the SQLSTATE');
 like($command->{attributes}{'status.message'}, qr/amount/, 'and the message');
 
+# what became of a command: its apply span says
+sql(q{SELECT cqrs.submit_order('fate-1', 'u', 1); SELECT cqrs.cancel_order('fate-1')});
+my $dead = sql(qq{BEGIN; SET LOCAL cqrs.traceparent = '00-$trace-$client_span-01';
+	SELECT command_id FROM cqrs.ship_order('fate-1'); COMMIT;});
+my $parked = sql(qq{BEGIN; SET LOCAL cqrs.traceparent = '00-$trace-$client_span-01';
+	SELECT command_id FROM cqrs.ship_order('fate-2', sequence_id => 3); COMMIT;});
+$cid = submit('fate-3', "00-$trace-$client_span-01");
+wait_projected($node);
+my %fate = map { $_->{attributes}{'cqrs.command_id'} => $_ } by_name(take_spans(), 'cqrs.apply');
+is($fate{$cid}{attributes}{'cqrs.outcome'}, 'applied', 'an applied command\'s apply span says applied');
+is($fate{$parked}{attributes}{'cqrs.outcome'}, 'parked', 'a parked one\'s says parked');
+is($fate{$dead}{attributes}{'cqrs.outcome'}, 'dead_lettered', 'a dead-lettered one\'s says dead_lettered');
+is($fate{$dead}{status}, 'error', 'with status error');
+is($fate{$dead}{attributes}{'status.message'},
+	sql(qq{SELECT reason FROM cqrs.dead_letter WHERE command_id = '$dead'}), 'and the reason');
+
 # without a traceparent, by ratio: the trace is the command's own
 sql(q{ALTER SYSTEM SET cqrs.trace_sample_ratio = 1; SELECT pg_reload_conf()});
 $node->poll_query_until('postgres', q{SELECT current_setting('cqrs.trace_sample_ratio') = '1'});
