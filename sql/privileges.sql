@@ -69,6 +69,20 @@ SELECT state FROM cqrs.status;
 \echo :SQLSTATE
 RESET ROLE;
 
+-- Spans name commands and aggregates: the operator's, not the reader's
+-- or writer's.
+SET ROLE regress_cqrs_ops;
+SELECT count(*) >= 0 AS sees_spans FROM cqrs.spans();
+RESET ROLE;
+SET ROLE regress_cqrs_report;
+SELECT count(*) FROM cqrs.spans();
+\echo :SQLSTATE
+RESET ROLE;
+SET ROLE regress_cqrs_app;
+SELECT count(*) FROM cqrs.spans(consume => true);
+\echo :SQLSTATE
+RESET ROLE;
+
 -- A role with no cqrs role gets nothing at all, not even the schema.
 SET ROLE regress_cqrs_nobody;
 SELECT cqrs.uuidv7();
