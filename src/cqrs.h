@@ -382,6 +382,7 @@ typedef struct CqrsSpan
 	bool		taken;			/* read with cqrs.spans(consume => true) */
 	uint8		outcome;		/* apply: 1 applied, 2 parked, 3 dead-lettered */
 	Oid			dbid;			/* the database it happened in */
+	int32		encoding;		/* that database's, its strings' */
 	int16		nlinks;
 	int32		batch_size;		/* batch: commands; redis: keys */
 	int32		traced;			/* batch: traced commands in it */
@@ -393,7 +394,6 @@ typedef struct CqrsSpan
 	XLogRecPtr	lsn_start;		/* batch: commit of its first command */
 	XLogRecPtr	lsn_end;		/* and of its last: the batch id */
 	char		sqlstate[6];
-	/* strings in UTF-8 */
 	char		database[NAMEDATALEN];
 	char		operation[NAMEDATALEN]; /* command: the function called */
 	char		user[NAMEDATALEN];	/* command: who called it */

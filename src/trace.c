@@ -258,20 +258,40 @@ trace_emit(const CqrsSpan *span)
 }
 
 /*
- * Copy what fits of src, in the database's encoding, into dst[size] in
- * UTF-8 (what OTLP/JSON is written in, whatever the database), cut at a
- * character boundary.
+ * Copy what fits of src into dst[size], cut at a character boundary.  Kept
+ * in the database's encoding: converting needs the catalogs, and the
+ * projector's spans end outside a transaction (see trace_json_string()).
  */
 static void
 trace_copy(char *dst, const char *src, int size)
 {
-	char	   *utf8 = pg_server_to_any(src, strlen(src), PG_UTF8);
-	int			len = pg_encoding_mbcliplen(PG_UTF8, utf8, strlen(utf8), size - 1);
+	int			len = pg_mbcliplen(src, strlen(src), size - 1);
 
-	memcpy(dst, utf8, len);
+	memcpy(dst, src, len);
 	dst[len] = '\0';
-	if (utf8 != src)
-		pfree(utf8);
+}
+
+/*
+ * A span's string as a JSON string.  OTLP/JSON is UTF-8: a span of a
+ * database in another encoding has its non-ASCII bytes written as '?'
+ * (the exporter has no database to convert with).
+ */
+static void
+trace_json_string(StringInfo buf, const char *str, bool ascii)
+{
+	char	   *copy;
+
+	if (!ascii)
+	{
+		escape_json(buf, str);
+		return;
+	}
+	copy = pstrdup(str);
+	for (char *c = copy; *c; c++)
+		if (IS_HIGHBIT_SET(*c))
+			*c = '?';
+	escape_json(buf, copy);
+	pfree(copy);
 }
 
 /*
@@ -286,6 +306,7 @@ trace_span_init(CqrsSpan *span, CqrsSpanKind kind, TimestampTz start,
 	memset(span, 0, sizeof(CqrsSpan));
 	span->kind = kind;
 	span->dbid = MyDatabaseId;
+	span->encoding = GetDatabaseEncoding();
 	span->start = start;
 	span->end = GetCurrentTimestamp();
 	if (database != NULL)
@@ -371,7 +392,7 @@ static const char *const outcome_names[] = {
 typedef struct TraceResult
 {
 	uint8		outcome;		/* TraceOutcome */
-	char		reason[128];	/* of a dead letter, in UTF-8 */
+	char		reason[128];	/* of a dead letter */
 } TraceResult;
 
 static struct
@@ -614,6 +635,7 @@ cqrs_trace_batch_end(CqrsRecord *records, int n, int attempts)
 		memset(&apply, 0, sizeof(CqrsSpan));
 		apply.kind = CQRS_SPAN_APPLY;
 		apply.dbid = span.dbid;
+		apply.encoding = span.encoding;
 		apply.start = span.start;
 		apply.end = span.end;
 		strlcpy(apply.database, span.database, NAMEDATALEN);
@@ -763,6 +785,7 @@ typedef struct AttrWriter
 {
 	StringInfo	buf;
 	bool		otlp;
+	bool		ascii;			/* see trace_json_string() */
 	bool		first;
 } AttrWriter;
 
@@ -793,7 +816,7 @@ attr_str(AttrWriter *w, const char *key, const char *value)
 	attr_key(w, key);
 	if (w->otlp)
 		appendStringInfoString(w->buf, "{\"stringValue\":");
-	escape_json(w->buf, value);
+	trace_json_string(w->buf, value, w->ascii);
 	if (w->otlp)
 		appendStringInfoString(w->buf, "}}");
 }
@@ -897,7 +920,8 @@ void
 cqrs_trace_otlp_span(StringInfo buf, const CqrsSpan *s)
 {
 	char		hex[CQRS_TRACE_ID_LEN * 2 + 1];
-	AttrWriter	w = {.buf = buf, .otlp = true, .first = true};
+	bool		ascii = s->encoding != PG_UTF8;
+	AttrWriter	w = {.buf = buf, .otlp = true, .ascii = ascii, .first = true};
 
 	trace_hex(hex, s->trace_id, CQRS_TRACE_ID_LEN);
 	appendStringInfo(buf, "{\"traceId\":\"%s\"", hex);
@@ -931,44 +955,18 @@ cqrs_trace_otlp_span(StringInfo buf, const CqrsSpan *s)
 	if (s->error)
 	{
 		appendStringInfoString(buf, ",\"status\":{\"code\":2,\"message\":");
-		escape_json(buf, s->message);
+		trace_json_string(buf, s->message, ascii);
 		appendStringInfoChar(buf, '}');
 	}
 	appendStringInfoChar(buf, '}');
-}
-
-/* A span's strings back from UTF-8 into this database's encoding. */
-static void
-trace_to_server(char *field, int size)
-{
-	char	   *conv = pg_any_to_server(field, strlen(field), PG_UTF8);
-
-	if (conv != field)
-	{
-		int			len = pg_mbcliplen(conv, strlen(conv), size - 1);
-
-		memcpy(field, conv, len);
-		field[len] = '\0';
-	}
-}
-
-static void
-trace_span_to_server(CqrsSpan *s)
-{
-	trace_to_server(s->database, sizeof(s->database));
-	trace_to_server(s->operation, sizeof(s->operation));
-	trace_to_server(s->user, sizeof(s->user));
-	trace_to_server(s->command_type, sizeof(s->command_type));
-	trace_to_server(s->aggregate_id, sizeof(s->aggregate_id));
-	trace_to_server(s->message, sizeof(s->message));
 }
 
 /*
  * cqrs.spans(consume boolean DEFAULT false) RETURNS TABLE (trace_id text,
  * span_id text, parent_span_id text, name text, kind text, start_time
  * timestamptz, end_time timestamptz, status text, attributes jsonb, links
- * jsonb): the spans of this database waiting to be exported, oldest
- * first; with consume, they are taken out (and not exported).
+ * jsonb): the spans of this database (so in its encoding) waiting to be
+ * exported, oldest first; with consume, they are taken out (and not exported).
  */
 Datum
 spans(PG_FUNCTION_ARGS)
@@ -1014,7 +1012,6 @@ spans(PG_FUNCTION_ARGS)
 		values[6] = TimestampTzGetDatum(s->end);
 		values[7] = CStringGetTextDatum(s->error ? "error" : "unset");
 
-		trace_span_to_server(s);
 		initStringInfo(&json);
 		appendStringInfoChar(&json, '{');
 		trace_attributes(&w, s);

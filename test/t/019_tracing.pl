@@ -19,7 +19,12 @@ use PostgreSQL::Test::Utils;
 use Test::More;
 use Time::HiRes qw(usleep time);
 
-my $node = cqrs_node('tracing', conf => qq{
+# A database in LATIN1, not UTF-8: spans keep its characters, and the
+# projector, which ends its spans outside a transaction, converts nothing.
+# The test talks UTF-8 to it.
+$ENV{PGCLIENTENCODING} = 'UTF8';
+my $node = cqrs_node('tracing', initdb => [ '--encoding=LATIN1', '--locale=C' ],
+	conf => qq{
 cqrs.trace_max_spans = 64
 cqrs.otel_naptime = '100ms'
 cqrs.otel_timeout = '500ms'
@@ -123,6 +128,12 @@ is($fate{$dead}{attributes}{'cqrs.outcome'}, 'dead_lettered', 'a dead-lettered o
 is($fate{$dead}{status}, 'error', 'with status error');
 is($fate{$dead}{attributes}{'status.message'},
 	sql(qq{SELECT reason FROM cqrs.dead_letter WHERE command_id = '$dead'}), 'and the reason');
+
+# a character outside ASCII, in the LATIN1 database
+submit("caf\xc3\xa9-1", "00-$trace-$client_span-01");
+wait_projected($node);
+my @accented = grep { ($_->{attributes}{'cqrs.aggregate_id'} // '') eq "caf\x{e9}-1" } @{ take_spans() };
+is(scalar @accented, 2, 'in a LATIN1 database the command and apply spans keep the aggregate id as it is');
 
 # without a traceparent, by ratio: the trace is the command's own
 sql(q{ALTER SYSTEM SET cqrs.trace_sample_ratio = 1; SELECT pg_reload_conf()});
@@ -282,6 +293,18 @@ cmp_ok(abs($command->{startTimeUnixNano} / 1e9 - time), '<', 60, 'in Unix nanose
 ok($node->poll_query_until('postgres',
 	q{SELECT value >= 3 FROM cqrs.metrics() WHERE name = 'cqrs_spans_exported_total'}),
 	'cqrs_spans_exported_total counts them');
+submit("caf\xc3\xa9-2", "00-$trace-$client_span-01");
+my @exported_accent;
+$deadline = time + 10;
+until (@exported_accent || time > $deadline)
+{
+	usleep(100_000);
+	@exported_accent = grep { $_->{key} eq 'cqrs.aggregate_id' && $_->{value}{stringValue} eq 'caf?-2' }
+	  map { @{ $_->{attributes} } }
+	  map { map { @{ $_->{scopeSpans}[0]{spans} } } @{ decode_json($_->{body})->{resourceSpans} } }
+	  grep { $_->{mode} eq 'ok' } @{ received() };
+}
+ok(@exported_accent, 'exported from the LATIN1 database as valid JSON, the non-ASCII byte as ?');
 
 # A receiver that answers 503: the request's spans are counted as failed
 # and the server log says why.
