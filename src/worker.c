@@ -121,6 +121,17 @@ worker_set_state(CqrsState state)
 	SpinLockRelease(&cqrs_shared->mutex);
 }
 
+/* Take a configuration reload, if one is pending. */
+static void
+worker_reload(void)
+{
+	if (ConfigReloadPending)
+	{
+		ConfigReloadPending = false;
+		ProcessConfigFile(PGC_SIGHUP);
+	}
+}
+
 /*
  * Sleep on the latch for up to timeout ms, then handle interrupts and
  * configuration reloads.
@@ -132,11 +143,7 @@ worker_wait(long timeout)
 					 timeout, PG_WAIT_EXTENSION);
 	ResetLatch(MyLatch);
 	CHECK_FOR_INTERRUPTS();
-	if (ConfigReloadPending)
-	{
-		ConfigReloadPending = false;
-		ProcessConfigFile(PGC_SIGHUP);
-	}
+	worker_reload();
 }
 
 /*
@@ -259,11 +266,7 @@ worker_try_lead(void)
 	pgstat_report_activity(STATE_IDLE, NULL);
 
 	/* what we waited through may have changed both */
-	if (ConfigReloadPending)
-	{
-		ConfigReloadPending = false;
-		ProcessConfigFile(PGC_SIGHUP);
-	}
+	worker_reload();
 	if (!cqrs_enabled || !worker_extension_exists())
 	{
 		LockRelease(&tag, ExclusiveLock, true);
@@ -647,7 +650,7 @@ worker_apply_part(CqrsQueue *queue, CqrsRecord *records, int n, bool last,
 						 errmsg("%lld commands of one batch failed on their own",
 								(long long) stats->poisoned),
 						 errdetail("So many failures point at the read model or its triggers, not at the commands; nothing was dead-lettered.")));
-			cqrs_trace_batch_outcomes(records, n);
+			cqrs_trace_batch_outcomes(records);
 			if (last)
 			{
 				cqrs_save_offset(cqrs_slot_name, queue->last_commit_lsn);
@@ -1118,11 +1121,7 @@ worker_stream(void)
 
 		CHECK_FOR_INTERRUPTS();
 		/* under load it may not sleep for long: take a reload here too */
-		if (ConfigReloadPending)
-		{
-			ConfigReloadPending = false;
-			ProcessConfigFile(PGC_SIGHUP);
-		}
+		worker_reload();
 		if (!cqrs_enabled)
 			break;
 		if (worker_paused())
