@@ -421,27 +421,20 @@ static bool
 cmd_insert(CqrsCommand *cmd, CqrsReceipt *receipt)
 {
 	/* with the command's locks held, under a statement snapshot */
+#define LOG_INSERT_SQL(command_id_check) \
+		"INSERT INTO cqrs.command_log" \
+		" (command_id, command_type, aggregate_id, sequence_id, payload," \
+		" traceparent)" \
+		" SELECT $1, $2, $3, $4, $5, $6" \
+		" WHERE" command_id_check " NOT EXISTS (SELECT FROM cqrs.command_log" \
+		"                  WHERE aggregate_id OPERATOR(pg_catalog.=) $3" \
+		"                  AND sequence_id OPERATOR(pg_catalog.=) $4)" \
+		" RETURNING log_id"
 	static const char *sql =
-		"INSERT INTO cqrs.command_log"
-		" (command_id, command_type, aggregate_id, sequence_id, payload,"
-		" traceparent)"
-		" SELECT $1, $2, $3, $4, $5, $6"
-		" WHERE NOT EXISTS (SELECT FROM cqrs.command_log"
-		"                    WHERE command_id OPERATOR(pg_catalog.=) $1)"
-		" AND NOT EXISTS (SELECT FROM cqrs.command_log"
-		"                  WHERE aggregate_id OPERATOR(pg_catalog.=) $3"
-		"                  AND sequence_id OPERATOR(pg_catalog.=) $4)"
-		" RETURNING log_id";
+		LOG_INSERT_SQL(" NOT EXISTS (SELECT FROM cqrs.command_log"
+					   " WHERE command_id OPERATOR(pg_catalog.=) $1) AND");
 	/* the same, for a command_id generated here (in no other row) */
-	static const char *fresh_sql =
-		"INSERT INTO cqrs.command_log"
-		" (command_id, command_type, aggregate_id, sequence_id, payload,"
-		" traceparent)"
-		" SELECT $1, $2, $3, $4, $5, $6"
-		" WHERE NOT EXISTS (SELECT FROM cqrs.command_log"
-		"                  WHERE aggregate_id OPERATOR(pg_catalog.=) $3"
-		"                  AND sequence_id OPERATOR(pg_catalog.=) $4)"
-		" RETURNING log_id";
+	static const char *fresh_sql = LOG_INSERT_SQL("");
 	/* under a transaction snapshot */
 	static const char *snapshot_sql =
 		"INSERT INTO cqrs.command_log"
