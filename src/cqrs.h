@@ -427,7 +427,7 @@ typedef struct CqrsTraceCommand
 } CqrsTraceCommand;
 extern void cqrs_trace_command(const CqrsTraceCommand *call);
 extern void cqrs_trace_batch_begin(CqrsRecord *records, int n);
-extern void cqrs_trace_batch_outcomes(CqrsRecord *records, int n);
+extern void cqrs_trace_batch_outcomes(CqrsRecord *records);
 extern void cqrs_trace_redis_begin(int keys);
 extern void cqrs_trace_redis_end(bool ok);
 extern void cqrs_trace_batch_end(CqrsRecord *records, int n, int attempts);

@@ -388,12 +388,14 @@ static const char *const outcome_names[] = {
 	[TRACE_DEAD_LETTERED] = "dead_lettered",
 };
 
-/* What became of a traced command of the batch, and why. */
-typedef struct TraceResult
+/* A traced command of the batch: where, in which trace, what became of it. */
+typedef struct TracedCommand
 {
-	uint8		outcome;		/* TraceOutcome */
+	int			index;			/* in the batch's records */
+	uint8		trace_id[CQRS_TRACE_ID_LEN];
+	uint8		outcome;		/* TraceOutcome, once read */
 	char		reason[128];	/* of a dead letter */
-} TraceResult;
+} TracedCommand;
 
 static struct
 {
@@ -402,59 +404,67 @@ static struct
 	CqrsSpan	batch;
 	TimestampTz redis_start;
 	int			redis_keys;
-	TraceResult *results;		/* per traced command, in record order */
-	int			nresults;
+	TracedCommand *traced;		/* in record order */
+	int			ntraced;
 	int			capacity;
+	bool		outcomes;		/* their outcomes were read */
 } tb;
 
+/*
+ * Before a batch (or part of a large one) is applied: which of its
+ * records are traced.  Only a batch with a traced command has spans, and
+ * only its traced commands are looked at again.
+ */
 void
 cqrs_trace_batch_begin(CqrsRecord *records, int n)
 {
-	uint8		trace_id[CQRS_TRACE_ID_LEN];
 	uint8		parent_id[CQRS_SPAN_ID_LEN];
 
 	tb.active = false;
-	tb.nresults = 0;
-	if (ring == NULL || n == 0)
+	tb.ntraced = 0;
+	tb.outcomes = false;
+	if (ring == NULL)
 		return;
 	for (int i = 0; i < n; i++)
 	{
 		CqrsRecord *rec = &records[i];
+		TracedCommand *t;
 
+		if (tb.ntraced == tb.capacity)
+		{
+			tb.capacity = Max(16, tb.capacity * 2);
+			tb.traced = tb.traced == NULL ?
+				MemoryContextAlloc(TopMemoryContext, sizeof(TracedCommand) * tb.capacity) :
+				repalloc(tb.traced, sizeof(TracedCommand) * tb.capacity);
+		}
+		t = &tb.traced[tb.ntraced];
 		if (rec->aggregate_id == NULL ||
 			!cqrs_trace_sampled(rec->traceparent, &rec->command_id,
-								trace_id, parent_id))
+								t->trace_id, parent_id))
 			continue;
+		t->index = i;
+		tb.ntraced++;
 		if (!tb.active)
 		{
 			tb.active = true;
 			tb.start = GetCurrentTimestamp();
 			memset(&tb.batch, 0, sizeof(CqrsSpan));
-			memcpy(tb.batch.trace_id, trace_id, CQRS_TRACE_ID_LEN);
+			memcpy(tb.batch.trace_id, t->trace_id, CQRS_TRACE_ID_LEN);
 			trace_derived_span_id(tb.batch.parent_id, &rec->command_id, 1);
 			trace_random_span_id(tb.batch.span_id);
+			tb.batch.lsn_start = records[0].commit_lsn;
+			tb.batch.lsn_end = records[n - 1].commit_lsn;
 		}
 		if (tb.batch.nlinks < CQRS_SPAN_LINKS)
 		{
 			CqrsSpanLink *link = &tb.batch.links[tb.batch.nlinks++];
 
-			memcpy(link->trace_id, trace_id, CQRS_TRACE_ID_LEN);
+			memcpy(link->trace_id, t->trace_id, CQRS_TRACE_ID_LEN);
 			trace_derived_span_id(link->span_id, &rec->command_id, 1);
 		}
-		tb.batch.traced++;
 	}
-	if (tb.active)
-	{
-		tb.batch.lsn_start = records[0].commit_lsn;
-		tb.batch.lsn_end = records[n - 1].commit_lsn;
-	}
+	tb.batch.traced = tb.ntraced;
 }
-
-typedef struct TraceOutcomeArgs
-{
-	CqrsRecord *records;
-	int			n;
-} TraceOutcomeArgs;
 
 static void trace_read_outcomes(void *arg);
 
@@ -465,18 +475,16 @@ static void trace_read_outcomes(void *arg);
  * subtransaction: should it fail, the batch goes on without outcomes.
  */
 void
-cqrs_trace_batch_outcomes(CqrsRecord *records, int n)
+cqrs_trace_batch_outcomes(CqrsRecord *records)
 {
-	TraceOutcomeArgs args = {records, n};
 	ErrorData  *edata;
 
-	tb.nresults = 0;
+	tb.outcomes = false;
 	if (!tb.active)
 		return;
-	edata = cqrs_try_subtransaction(trace_read_outcomes, &args);
+	edata = cqrs_try_subtransaction(trace_read_outcomes, records);
 	if (edata != NULL)
 	{
-		tb.nresults = 0;
 		ereport(WARNING,
 				(errmsg("cqrs projector could not read what became of the traced commands of a batch: %s",
 						edata->message),
@@ -488,8 +496,7 @@ cqrs_trace_batch_outcomes(CqrsRecord *records, int n)
 static void
 trace_read_outcomes(void *arg)
 {
-	CqrsRecord *records = ((TraceOutcomeArgs *) arg)->records;
-	int			n = ((TraceOutcomeArgs *) arg)->n;
+	CqrsRecord *records = arg;
 	static SPIPlanPtr plan = NULL;
 	static const char *sql =
 		"SELECT d.reason, p.command_id IS NOT NULL"
@@ -504,36 +511,19 @@ trace_read_outcomes(void *arg)
 		" AND p.command_id OPERATOR(pg_catalog.=) c.id"
 		" ORDER BY c.i";
 	Oid			argtypes[3] = {UUIDARRAYOID, TEXTARRAYOID, INT8ARRAYOID};
-	Datum	   *ids;
-	Datum	   *aggregates;
-	Datum	   *sequences;
+	int			k = tb.ntraced;
+	Datum	   *ids = palloc(sizeof(Datum) * k);
+	Datum	   *aggregates = palloc(sizeof(Datum) * k);
+	Datum	   *sequences = palloc(sizeof(Datum) * k);
 	Datum		values[3];
-	uint8		trace_id[CQRS_TRACE_ID_LEN];
-	uint8		parent_id[CQRS_SPAN_ID_LEN];
-	int			k = 0;
 
-	ids = palloc(sizeof(Datum) * n);
-	aggregates = palloc(sizeof(Datum) * n);
-	sequences = palloc(sizeof(Datum) * n);
-	for (int i = 0; i < n; i++)
+	for (int j = 0; j < k; j++)
 	{
-		CqrsRecord *rec = &records[i];
+		CqrsRecord *rec = &records[tb.traced[j].index];
 
-		if (rec->aggregate_id == NULL ||
-			!cqrs_trace_sampled(rec->traceparent, &rec->command_id,
-								trace_id, parent_id))
-			continue;
-		ids[k] = UUIDPGetDatum(&rec->command_id);
-		aggregates[k] = CStringGetTextDatum(rec->aggregate_id);
-		sequences[k] = Int64GetDatum(rec->sequence_id);
-		k++;
-	}
-	if (k > tb.capacity)
-	{
-		if (tb.results != NULL)
-			pfree(tb.results);
-		tb.results = MemoryContextAlloc(TopMemoryContext, sizeof(TraceResult) * k);
-		tb.capacity = k;
+		ids[j] = UUIDPGetDatum(&rec->command_id);
+		aggregates[j] = CStringGetTextDatum(rec->aggregate_id);
+		sequences[j] = Int64GetDatum(rec->sequence_id);
 	}
 	values[0] = cqrs_array(ids, NULL, k, UUIDOID);
 	values[1] = cqrs_array(aggregates, NULL, k, TEXTOID);
@@ -543,24 +533,24 @@ trace_read_outcomes(void *arg)
 		elog(ERROR, "could not read what became of the traced commands");
 	for (int j = 0; j < k; j++)
 	{
+		TracedCommand *t = &tb.traced[j];
 		HeapTuple	tup = SPI_tuptable->vals[j];
 		TupleDesc	desc = SPI_tuptable->tupdesc;
 		bool		isnull;
 		Datum		reason = SPI_getbinval(tup, desc, 1, &isnull);
 
-		tb.results[j].reason[0] = '\0';
+		t->reason[0] = '\0';
 		if (!isnull)
 		{
-			tb.results[j].outcome = TRACE_DEAD_LETTERED;
-			trace_copy(tb.results[j].reason, TextDatumGetCString(reason),
-					   sizeof(tb.results[j].reason));
+			t->outcome = TRACE_DEAD_LETTERED;
+			trace_copy(t->reason, TextDatumGetCString(reason), sizeof(t->reason));
 		}
 		else if (DatumGetBool(SPI_getbinval(tup, desc, 2, &isnull)))
-			tb.results[j].outcome = TRACE_PARKED;
+			t->outcome = TRACE_PARKED;
 		else
-			tb.results[j].outcome = TRACE_APPLIED;
+			t->outcome = TRACE_APPLIED;
 	}
-	tb.nresults = k;
+	tb.outcomes = true;
 }
 
 void
@@ -601,8 +591,6 @@ cqrs_trace_redis_end(bool ok)
 void
 cqrs_trace_batch_end(CqrsRecord *records, int n, int attempts)
 {
-	uint8		trace_id[CQRS_TRACE_ID_LEN];
-	uint8		parent_id[CQRS_SPAN_ID_LEN];
 	CqrsSpan	span;
 
 	if (!tb.active)
@@ -620,18 +608,12 @@ cqrs_trace_batch_end(CqrsRecord *records, int n, int attempts)
 	span.lsn_start = tb.batch.lsn_start;
 	span.lsn_end = tb.batch.lsn_end;
 
-	for (int i = 0, k = 0; i < n; i++)
+	for (int j = 0; j < tb.ntraced; j++)
 	{
-		CqrsRecord *rec = &records[i];
+		TracedCommand *t = &tb.traced[j];
+		CqrsRecord *rec = &records[t->index];
 		CqrsSpan	apply;
-		TraceResult *result;
 
-		if (rec->aggregate_id == NULL ||
-			!cqrs_trace_sampled(rec->traceparent, &rec->command_id,
-								trace_id, parent_id))
-			continue;
-		result = k < tb.nresults ? &tb.results[k] : NULL;
-		k++;
 		memset(&apply, 0, sizeof(CqrsSpan));
 		apply.kind = CQRS_SPAN_APPLY;
 		apply.dbid = span.dbid;
@@ -639,7 +621,7 @@ cqrs_trace_batch_end(CqrsRecord *records, int n, int attempts)
 		apply.start = span.start;
 		apply.end = span.end;
 		strlcpy(apply.database, span.database, NAMEDATALEN);
-		memcpy(apply.trace_id, trace_id, CQRS_TRACE_ID_LEN);
+		memcpy(apply.trace_id, t->trace_id, CQRS_TRACE_ID_LEN);
 		trace_derived_span_id(apply.parent_id, &rec->command_id, 1);
 		trace_derived_span_id(apply.span_id, &rec->command_id, 2);
 		apply.nlinks = 1;
@@ -653,13 +635,13 @@ cqrs_trace_batch_end(CqrsRecord *records, int n, int attempts)
 		apply.lsn_start = span.lsn_start;
 		apply.lsn_end = span.lsn_end;
 		apply.batch_size = n;
-		if (result != NULL)
+		if (tb.outcomes)
 		{
-			apply.outcome = result->outcome + 1;
-			if (result->outcome == TRACE_DEAD_LETTERED)
+			apply.outcome = t->outcome + 1;
+			if (t->outcome == TRACE_DEAD_LETTERED)
 			{
 				apply.error = true;
-				memcpy(apply.message, result->reason, sizeof(apply.message));
+				memcpy(apply.message, t->reason, sizeof(apply.message));
 			}
 		}
 		trace_emit(&apply);
