@@ -17,6 +17,7 @@ OBJS = \
 	src/repair.o \
 	src/spi.o \
 	src/redis.o \
+	src/redis_cluster.o \
 	src/trace.o \
 	src/otel.o
 DATA = cqrs--0.1.0.sql cqrs--0.1.0--0.2.0.sql
@@ -68,6 +69,7 @@ include $(PGXS)
 
 # Every module includes these; PGXS tracks no header dependencies itself.
 $(OBJS): src/cqrs.h src/compat.h
+src/redis.o src/redis_cluster.o: src/redis_cluster.h
 
 # The load generator (libpq, hiredis when built with it, pthreads).
 LOAD_CFLAGS = -O2 -Wall -Wextra -Wno-unused-parameter -pthread \
@@ -78,8 +80,9 @@ LOAD_CFLAGS += -DUSE_HIREDIS $(filter -I%,$(shell pkg-config --cflags hiredis))
 LOAD_LIBS += $(shell pkg-config --libs hiredis)
 endif
 
-tools/cqrs-load: tools/cqrs-load.c
-	$(CC) $(LOAD_CFLAGS) $(CQRS_CFLAGS) -o $@ $< $(LOAD_LIBS)
+tools/cqrs-load: tools/cqrs-load.c src/redis_cluster.c src/redis_cluster.h
+	$(CC) $(LOAD_CFLAGS) -I$(srcdir)/src $(CQRS_CFLAGS) -o $@ tools/cqrs-load.c \
+		src/redis_cluster.c $(LOAD_LIBS)
 
 cqrs-load: tools/cqrs-load
 

@@ -711,6 +711,10 @@ admin_collect(MetricSink *sink)
 				  "Failed Redis connections, commands and pipelines since the server started.",
 				  (double) snap.redis_errors_total);
 
+	metric_single(sink, "cqrs_redis_redirects_total", "counter",
+				  "MOVED and ASK replies of a Redis Cluster the projector followed since the server started.",
+				  (double) snap.redis_redirects_total);
+
 	metric_single(sink, "cqrs_redis_backlog", "gauge",
 				  "Orders whose Redis key the projector still has to write (rows in cqrs.redis_backlog).",
 				  (double) admin_count("SELECT pg_catalog.count(*) FROM cqrs.redis_backlog"));

@@ -143,6 +143,7 @@ typedef struct CqrsShared
 	bool		redis_backlog_hint;	/* a session committed backlog entries */
 	uint64		redis_writes_total; /* keys the projector wrote */
 	uint64		redis_errors_total;
+	uint64		redis_redirects_total;	/* cluster redirections followed */
 	uint64		redis_hits;		/* Redis's keyspace_hits, keyspace_misses */
 	uint64		redis_misses;
 } CqrsShared;

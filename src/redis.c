@@ -63,183 +63,30 @@
 #include "utils/memutils.h"
 #include "utils/timestamp.h"
 
-#ifdef USE_HIREDIS
-#include <hiredis.h>
-#endif
-
 #include "cqrs.h"
+#include "redis_cluster.h"
 
 char	   *cqrs_redis_url = NULL;
 int			cqrs_redis_ttl = 300;
 int			cqrs_redis_ttl_jitter = 30;
 int			cqrs_redis_timeout = 200;
 
-/* A parsed cqrs.redis_url. */
-typedef struct RedisTarget
-{
-	char		host[256];
-	int			port;
-	char		user[128];
-	char		password[256];
-	int			db;
-} RedisTarget;
-
-/* Copy url[0, len) to dst (size dstlen), decoding %XX; false if bad. */
-static bool
-redis_url_part(char *dst, size_t dstlen, const char *src, size_t len)
-{
-	size_t		n = 0;
-
-	for (size_t i = 0; i < len; i++)
-	{
-		char		c = src[i];
-
-		if (c == '%')
-		{
-			char		hex[3];
-			char	   *end;
-
-			if (i + 2 >= len)
-				return false;
-			hex[0] = src[i + 1];
-			hex[1] = src[i + 2];
-			hex[2] = '\0';
-			c = (char) strtol(hex, &end, 16);
-			if (*end != '\0' || c == '\0')
-				return false;
-			i += 2;
-		}
-		if (n + 1 >= dstlen)
-			return false;
-		dst[n++] = c;
-	}
-	dst[n] = '\0';
-	return true;
-}
-
 /*
- * Parse redis://[[user]:password@]host[:port][/db].  On failure, returns
- * false with *problem saying what is wrong, never quoting the URL (it may
- * hold a password).
- */
-static bool
-redis_parse_url(const char *url, RedisTarget *t, const char **problem)
-{
-	const char *p;
-	const char *at;
-	const char *host_end;
-	char	   *end;
-	long		v;
-
-	memset(t, 0, sizeof(*t));
-	t->port = 6379;
-	if (strncmp(url, "redis://", 8) != 0)
-	{
-		*problem = "It must start with redis://.";
-		return false;
-	}
-	p = url + 8;
-	at = strrchr(p, '@');
-	if (at != NULL)
-	{
-		const char *colon = memchr(p, ':', at - p);
-
-		if (colon == NULL)
-		{
-			*problem = "The part before @ must be :password or user:password.";
-			return false;
-		}
-		if (!redis_url_part(t->user, sizeof(t->user), p, colon - p) ||
-			!redis_url_part(t->password, sizeof(t->password), colon + 1,
-							at - colon - 1))
-		{
-			*problem = "The user name or password is too long or badly percent-encoded.";
-			return false;
-		}
-		p = at + 1;
-	}
-
-	if (*p == '[')
-	{
-		host_end = strchr(p, ']');
-		if (host_end == NULL)
-		{
-			*problem = "An IPv6 address must end with ].";
-			return false;
-		}
-		if (!redis_url_part(t->host, sizeof(t->host), p + 1, host_end - p - 1))
-		{
-			*problem = "The host name is too long.";
-			return false;
-		}
-		p = host_end + 1;
-	}
-	else
-	{
-		host_end = p + strcspn(p, ":/");
-		if (!redis_url_part(t->host, sizeof(t->host), p, host_end - p))
-		{
-			*problem = "The host name is too long.";
-			return false;
-		}
-		p = host_end;
-	}
-	if (t->host[0] == '\0')
-	{
-		*problem = "It names no host.";
-		return false;
-	}
-
-	if (*p == ':')
-	{
-		errno = 0;
-		v = strtol(p + 1, &end, 10);
-		if (end == p + 1 || errno != 0 || v < 1 || v > 65535)
-		{
-			*problem = "The port must be a number from 1 to 65535.";
-			return false;
-		}
-		t->port = (int) v;
-		p = end;
-	}
-	if (*p == '/' && p[1] != '\0')
-	{
-		errno = 0;
-		v = strtol(p + 1, &end, 10);
-		if (end == p + 1 || errno != 0 || v < 0 || v > INT_MAX || *end != '\0')
-		{
-			*problem = "The database must be a number.";
-			return false;
-		}
-		t->db = (int) v;
-		p = end;
-	}
-	else if (*p == '/')
-		p++;
-	if (*p != '\0')
-	{
-		*problem = "Only a port and a database number may follow the host.";
-		return false;
-	}
-	return true;
-}
-
-/*
- * check_hook of cqrs.redis_url: empty, or a URL redis_parse_url() takes.
+ * check_hook of cqrs.redis_url: empty, or a URL rc_parse_url() takes.
  */
 bool
 cqrs_redis_check_url(char **newval, void **extra, GucSource source)
 {
-	RedisTarget t;
+	RcTarget	t;
 	const char *problem;
 
 	if (*newval == NULL || (*newval)[0] == '\0')
 		return true;
-	if (redis_parse_url(*newval, &t, &problem))
+	if (rc_parse_url(*newval, &t, &problem))
 		return true;
 	GUC_check_errmsg("invalid value for parameter \"cqrs.redis_url\"");
 	GUC_check_errdetail("%s", problem);
-	GUC_check_errhint("The form is redis://[[user]:password@]host[:port][/db].");
+	GUC_check_errhint("The form is redis://[[user]:password@]host[:port][,host[:port]...][/db].");
 	return false;
 }
 
@@ -528,14 +375,19 @@ typedef struct RedisWrite
 	bool		created;		/* the batch created the row (version 1) */
 } RedisWrite;
 
-static redisContext *redis = NULL;
+/*
+ * The connection: one server or a cluster (redis_cluster.c), NULL until
+ * first opened; redis_up while it is open and answering.
+ */
+static RcConn *redis = NULL;
+static bool redis_up = false;
 static char *redis_url_open = NULL;	/* the URL redis was opened for */
-static char redis_sha[41];
 static TimestampTz redis_retry_at = 0;
 static int	redis_failures = 0;
 static bool redis_was_up = false;
 static bool redis_drain_needed = true;
 static TimestampTz redis_stats_at = 0;
+static unsigned long redis_redirects_seen = 0;
 
 /*
  * The installation the projector writes for (system identifier, database,
@@ -565,12 +417,15 @@ static const char *
 redis_where(void)
 {
 	static char where[300];
-	RedisTarget t;
+	RcTarget	t;
 	const char *problem;
 
-	if (!redis_parse_url(cqrs_redis_url, &t, &problem))
+	if (redis_up)
+		return rc_describe(redis, where, sizeof(where));
+	if (!rc_parse_url(cqrs_redis_url, &t, &problem))
 		return "Redis";
-	snprintf(where, sizeof(where), "Redis at %s:%d", t.host, t.port);
+	snprintf(where, sizeof(where), "Redis at %s:%d%s", t.seeds[0].host,
+			 t.seeds[0].port, t.nseeds > 1 ? " and other seed nodes" : "");
 	return where;
 }
 
@@ -578,8 +433,8 @@ static void
 redis_close(void)
 {
 	if (redis != NULL)
-		redisFree(redis);
-	redis = NULL;
+		rc_close(redis);
+	redis_up = false;
 	redis_write_through = false;
 	redis_set_connected(false);
 }
@@ -614,102 +469,116 @@ redis_fail(const char *what)
 	redis_failures++;
 }
 
-/* The error of a failed call or reply, as text. */
-static const char *
-redis_error(redisReply *reply)
-{
-	if (reply != NULL && reply->type == REDIS_REPLY_ERROR)
-		return reply->str;
-	if (reply != NULL)
-		return "unexpected reply";
-	if (redis != NULL && redis->err)
-		return redis->errstr;
-	return "no reply";
-}
-
-/* A command failed or answered what it should not: free the reply, fail. */
+/*
+ * After a call: count the redirections it followed, and if the cluster's
+ * map lost a primary (failed over: its last writes may not have reached
+ * the replica that took over), write every key again.
+ */
 static void
-redis_fail_reply(const char *command, redisReply *reply)
+redis_after_call(void)
 {
-	char		what[256];
-
-	snprintf(what, sizeof(what), "%s: %s", command, redis_error(reply));
-	if (reply != NULL)
-		freeReplyObject(reply);
-	redis_fail(what);
-}
-
-/* Run one command; the reply, or NULL after redis_fail(). */
-static redisReply *
-redis_call(int argc, const char **argv, int expected_type)
-{
-	redisReply *reply;
-
-	reply = redisCommandArgv(redis, argc, argv, NULL);
-	if (reply == NULL || reply->type != expected_type)
+	if (redis->primary_gone)
 	{
-		redis_fail_reply(argv[0], reply);
-		return NULL;
+		redis->primary_gone = false;
+		ereport(LOG,
+				(errmsg("cqrs projector found a Redis Cluster primary replaced or emptied"),
+				 errdetail("Its last writes may not have reached the node that took over its slots; every key is written again from the read model.")));
+		redis_resync_needed = true;
+		redis_drain_needed = true;
 	}
-	return reply;
+	if (redis->redirects == redis_redirects_seen)
+		return;
+	SpinLockAcquire(&cqrs_shared->mutex);
+	cqrs_shared->redis_redirects_total += redis->redirects - redis_redirects_seen;
+	SpinLockRelease(&cqrs_shared->mutex);
+	redis_redirects_seen = redis->redirects;
 }
 
 /*
- * Connect, authenticate, select the database and load the script.
+ * Run commands, each routed by its key (rc_run()).  False after
+ * redis_fail() when a node could not be reached, or when any command
+ * answered an error or a type other than expected_type (-1: any).  The
+ * replies are freed; *written counts integer 1 and status replies.
+ */
+static bool
+redis_run(RcCommand *cmds, int n, int expected_type, uint64 *written)
+{
+	bool		ok = rc_run(redis, cmds, n);
+	char		failure[256] = "";
+
+	redis_after_call();
+	if (!ok)
+		strlcpy(failure, redis->err, sizeof(failure));
+	if (written != NULL)
+		*written = 0;
+	for (int i = 0; i < n; i++)
+	{
+		redisReply *reply = cmds[i].reply;
+
+		if (reply == NULL)
+			continue;
+		if (failure[0] == '\0' &&
+			(reply->type == REDIS_REPLY_ERROR ||
+			 (expected_type >= 0 && reply->type != expected_type)))
+			snprintf(failure, sizeof(failure), "%s: %s", cmds[i].argv[0],
+					 reply->type == REDIS_REPLY_ERROR ? reply->str : "unexpected reply");
+		else if (written != NULL &&
+				 ((reply->type == REDIS_REPLY_INTEGER && reply->integer == 1) ||
+				  reply->type == REDIS_REPLY_STATUS))
+			(*written)++;
+		freeReplyObject(reply);
+		cmds[i].reply = NULL;
+	}
+	if (failure[0] != '\0')
+	{
+		redis_fail(failure);
+		return false;
+	}
+	return true;
+}
+
+/*
+ * Learn the server or the cluster, connect to the first node that serves
+ * a slot (which authenticates and loads the script, and so proves the
+ * credentials), and start over: drain the backlog, read the counters.
  */
 static bool
 redis_open(void)
 {
-	RedisTarget t;
+	RcTarget	t;
 	const char *problem;
-	struct timeval tv;
-	redisReply *reply;
+	int			first = -1;
 
-	if (!redis_parse_url(cqrs_redis_url, &t, &problem))
+	if (!rc_parse_url(cqrs_redis_url, &t, &problem))
 		return false;			/* the check hook prevents this */
-	tv.tv_sec = cqrs_redis_timeout / 1000;
-	tv.tv_usec = (cqrs_redis_timeout % 1000) * 1000;
-
-	redis = redisConnectWithTimeout(t.host, t.port, tv);
-	if (redis == NULL || redis->err)
+	if (redis == NULL)
+		redis = MemoryContextAllocZero(TopMemoryContext, sizeof(RcConn));
+	if (memcmp(&redis->target, &t, sizeof(t)) != 0)
 	{
-		redis_fail(redis ? redis->errstr : "out of memory");
+		/* another URL: forget the nodes of the old one */
+		memset(redis, 0, sizeof(RcConn));
+		redis->target = t;
+	}
+	redis->timeout.tv_sec = cqrs_redis_timeout / 1000;
+	redis->timeout.tv_usec = (cqrs_redis_timeout % 1000) * 1000;
+	redis->script = redis_cas_script;
+	redis_redirects_seen = redis->redirects;
+
+	if (rc_open(redis))
+	{
+		redis_after_call();
+		for (int i = 0; i < redis->nnodes && first < 0; i++)
+			if (redis->nodes[i].serves)
+				first = i;
+		if (first < 0)
+			snprintf(redis->err, sizeof(redis->err), "no node serves a slot");
+	}
+	if (first < 0 || rc_node(redis, first) == NULL)
+	{
+		redis_fail(redis->err);
 		return false;
 	}
-	if (redisSetTimeout(redis, tv) != REDIS_OK)
-	{
-		redis_fail("could not set the timeout");
-		return false;
-	}
-	if (t.password[0] != '\0')
-	{
-		const char *argv[3] = {"AUTH", t.user, t.password};
-
-		if (t.user[0] == '\0')
-			reply = redis_call(2, (const char *[]) {"AUTH", t.password}, REDIS_REPLY_STATUS);
-		else
-			reply = redis_call(3, argv, REDIS_REPLY_STATUS);
-		if (reply == NULL)
-			return false;
-		freeReplyObject(reply);
-	}
-	if (t.db != 0)
-	{
-		char		db[16];
-
-		snprintf(db, sizeof(db), "%d", t.db);
-		reply = redis_call(2, (const char *[]) {"SELECT", db}, REDIS_REPLY_STATUS);
-		if (reply == NULL)
-			return false;
-		freeReplyObject(reply);
-	}
-	reply = redis_call(3, (const char *[]) {"SCRIPT", "LOAD", redis_cas_script},
-					   REDIS_REPLY_STRING);
-	if (reply == NULL)
-		return false;
-	strlcpy(redis_sha, reply->str, sizeof(redis_sha));
-	freeReplyObject(reply);
-
+	redis_up = true;
 	ereport(LOG,
 			(errmsg("cqrs projector writes through to %s", redis_where())));
 	redis_failures = 0;
@@ -721,108 +590,101 @@ redis_open(void)
 }
 
 /*
- * Send the writes in one pipeline and read every reply.  False (after
- * redis_fail()) if any failed; some may have been done.
+ * Send the writes in one call (a pipeline per node) and read every reply.
+ * False (after redis_fail()) if any failed; some may have been done.
  */
 static bool
 redis_send(List *writes)
 {
 	ListCell   *lc;
-	const char *failed = NULL;
-	char		failure[256];
-	uint64		written = 0;
+	int			n = list_length(writes);
+	RcCommand  *cmds = palloc0(sizeof(RcCommand) * Max(n, 1));
+	uint64		written;
 	int			jitter = Min(cqrs_redis_ttl_jitter, cqrs_redis_ttl - 1);
+	int			i = 0;
 
 	foreach(lc, writes)
 	{
 		RedisWrite *w = lfirst(lc);
-		char		key[CQRS_MAX_ID_BYTES + NAMEDATALEN + 2];
-		int			rc;
+		RcCommand  *cmd = &cmds[i++];
+		const char **argv = palloc(sizeof(char *) * 7);
 
-		snprintf(key, sizeof(key), "%s:%s",
-				 w->projection ? w->projection : "order", w->order_id);
+		cmd->argv = argv;
+		cmd->key = psprintf("%s:%s", w->projection ? w->projection : "order",
+							w->order_id);
 		if (w->json == NULL)
-			rc = redisAppendCommandArgv(redis, 2, (const char *[]) {"DEL", key}, NULL);
+		{
+			cmd->argc = 2;
+			argv[0] = "DEL";
+			argv[1] = cmd->key;
+			continue;
+		}
+
+		/*
+		 * Nothing is newer than a row just created: a key that exists
+		 * already is a client's fill of this very version.  So no script,
+		 * only "if absent".
+		 */
+		if (w->created)
+		{
+			cmd->argc = 6;
+			argv[0] = "SET";
+			argv[1] = cmd->key;
+			argv[2] = w->json;
+			argv[3] = "EX";
+			argv[5] = "NX";
+		}
 		else
 		{
-			char		version[32];
-			char		ttl[16];
-
-			snprintf(version, sizeof(version), INT64_FORMAT, w->version);
-			snprintf(ttl, sizeof(ttl), "%d", cqrs_redis_ttl - jitter +
+			cmd->argc = 7;
+			argv[0] = "EVALSHA";
+			argv[1] = redis->sha;
+			argv[2] = "1";
+			argv[3] = cmd->key;
+			argv[4] = w->json;
+			argv[5] = psprintf(INT64_FORMAT, w->version);
+		}
+		argv[cmd->argc == 6 ? 4 : 6] =
+			psprintf("%d", cqrs_redis_ttl - jitter +
 					 (int) pg_prng_uint64_range(&pg_global_prng_state, 0, 2 * jitter));
-
-			/*
-			 * Nothing is newer than a row just created: a key that exists
-			 * already is a client's fill of this very version.  So no
-			 * script, only "if absent".
-			 */
-			if (w->created)
-				rc = redisAppendCommandArgv(redis, 6, (const char *[]) {
-					"SET", key, w->json, "EX", ttl, "NX"}, NULL);
-			else
-				rc = redisAppendCommandArgv(redis, 7, (const char *[]) {
-					"EVALSHA", redis_sha, "1", key, w->json, version, ttl}, NULL);
-		}
-		if (rc != REDIS_OK)
-		{
-			redis_fail("out of memory");
-			return false;
-		}
 	}
 
-	foreach(lc, writes)
-	{
-		redisReply *reply = NULL;
-
-		if (redisGetReply(redis, (void **) &reply) != REDIS_OK)
-		{
-			snprintf(failure, sizeof(failure), "%s", redis_error(NULL));
-			redis_fail(failure);
-			return false;
-		}
-		if (reply->type == REDIS_REPLY_ERROR)
-		{
-			if (failed == NULL)
-			{
-				strlcpy(failure, reply->str, sizeof(failure));
-				failed = failure;
-			}
-		}
-		else if ((reply->type == REDIS_REPLY_INTEGER && reply->integer == 1) ||
-				 reply->type == REDIS_REPLY_STATUS)
-			written++;
-		freeReplyObject(reply);
-	}
-	if (failed != NULL)
-	{
-		redis_fail(failed);
+	if (!redis_run(cmds, n, -1, &written))
 		return false;
-	}
-
 	SpinLockAcquire(&cqrs_shared->mutex);
 	cqrs_shared->redis_writes_total += written;
 	SpinLockRelease(&cqrs_shared->mutex);
 	return true;
 }
 
-/* Read keyspace_hits and keyspace_misses from INFO stats. */
+/* Sum keyspace_hits and keyspace_misses from INFO stats of every primary. */
 static void
 redis_read_stats(void)
 {
-	redisReply *reply;
-	const char *p;
 	uint64		hits = 0;
 	uint64		misses = 0;
 
-	reply = redis_call(2, (const char *[]) {"INFO", "stats"}, REDIS_REPLY_STRING);
-	if (reply == NULL)
-		return;
-	if ((p = strstr(reply->str, "keyspace_hits:")) != NULL)
-		hits = strtoull(p + strlen("keyspace_hits:"), NULL, 10);
-	if ((p = strstr(reply->str, "keyspace_misses:")) != NULL)
-		misses = strtoull(p + strlen("keyspace_misses:"), NULL, 10);
-	freeReplyObject(reply);
+	for (int i = 0; i < redis->nnodes; i++)
+	{
+		redisReply *reply;
+		const char *p;
+
+		if (!redis->nodes[i].serves)
+			continue;
+		reply = rc_node_command(redis, i, 2, (const char *[]) {"INFO", "stats"});
+		if (reply == NULL || reply->type != REDIS_REPLY_STRING)
+		{
+			if (reply != NULL)
+				freeReplyObject(reply);
+			redis_fail(redis->err);
+			return;
+		}
+		if ((p = strstr(reply->str, "keyspace_hits:")) != NULL)
+			hits += strtoull(p + strlen("keyspace_hits:"), NULL, 10);
+		if ((p = strstr(reply->str, "keyspace_misses:")) != NULL)
+			misses += strtoull(p + strlen("keyspace_misses:"), NULL, 10);
+		freeReplyObject(reply);
+	}
 
 	SpinLockAcquire(&cqrs_shared->mutex);
 	cqrs_shared->redis_hits = hits;
@@ -841,52 +703,63 @@ redis_noperm(redisReply *reply)
 }
 
 /*
- * Delete every order key, in SCAN-sized batches.  False after redis_fail().
+ * Delete every order key, SCANning each primary in batches of about 1000
+ * keys.  False after redis_fail().
  */
 static bool
 redis_purge_orders(uint64 *deleted)
 {
-	char		cursor[32] = "0";
-
 	*deleted = 0;
-	do
+	for (int node = 0; node < redis->nnodes; node++)
 	{
-		redisReply *reply;
-		redisReply *keys;
+		char		cursor[32] = "0";
 
-		reply = redis_call(6, (const char *[]) {"SCAN", cursor, "MATCH", "order:*",
-												"COUNT", "1000"},
-						   REDIS_REPLY_ARRAY);
-		if (reply == NULL)
-			return false;
-		if (reply->elements != 2 || reply->element[0]->type != REDIS_REPLY_STRING ||
-			reply->element[1]->type != REDIS_REPLY_ARRAY)
+		if (!redis->nodes[node].serves)
+			continue;
+		do
 		{
-			redis_fail_reply("SCAN", reply);
-			return false;
-		}
-		strlcpy(cursor, reply->element[0]->str, sizeof(cursor));
-		keys = reply->element[1];
-		if (keys->elements > 0)
-		{
-			const char **argv = palloc(sizeof(char *) * (keys->elements + 1));
-			redisReply *del;
+			redisReply *reply;
+			redisReply *keys;
 
-			argv[0] = "DEL";
-			for (size_t i = 0; i < keys->elements; i++)
-				argv[i + 1] = keys->element[i]->str;
-			del = redis_call(keys->elements + 1, argv, REDIS_REPLY_INTEGER);
-			pfree(argv);
-			if (del == NULL)
+			reply = rc_node_command(redis, node, 6,
+									(const char *[]) {"SCAN", cursor, "MATCH", "order:*",
+													  "COUNT", "1000"});
+			if (reply == NULL || reply->type != REDIS_REPLY_ARRAY ||
+				reply->elements != 2 || reply->element[0]->type != REDIS_REPLY_STRING ||
+				reply->element[1]->type != REDIS_REPLY_ARRAY)
 			{
-				freeReplyObject(reply);
+				if (reply != NULL)
+					freeReplyObject(reply);
+				redis_fail(reply == NULL ? redis->err : "SCAN: unexpected reply");
 				return false;
 			}
-			*deleted += del->integer;
-			freeReplyObject(del);
-		}
-		freeReplyObject(reply);
-	} while (strcmp(cursor, "0") != 0);
+			strlcpy(cursor, reply->element[0]->str, sizeof(cursor));
+			keys = reply->element[1];
+			if (keys->elements > 0)
+			{
+				RcCommand  *cmds = palloc0(sizeof(RcCommand) * keys->elements);
+				uint64		gone;
+
+				for (size_t i = 0; i < keys->elements; i++)
+				{
+					const char **argv = palloc(sizeof(char *) * 2);
+
+					argv[0] = "DEL";
+					argv[1] = keys->element[i]->str;
+					cmds[i].argc = 2;
+					cmds[i].argv = argv;
+					cmds[i].key = argv[1];
+				}
+				if (!redis_run(cmds, (int) keys->elements, REDIS_REPLY_INTEGER, &gone))
+				{
+					freeReplyObject(reply);
+					return false;
+				}
+				*deleted += gone;
+			}
+			freeReplyObject(reply);
+		} while (strcmp(cursor, "0") != 0);
+	}
 	return true;
 }
 
@@ -903,11 +776,20 @@ redis_purge_orders(uint64 *deleted)
 static bool
 redis_check_marker(void)
 {
+	RcCommand	cmd = {2, (const char *[]) {"GET", REDIS_MARKER_KEY}, REDIS_MARKER_KEY, NULL};
 	redisReply *reply;
 	uint64		deleted = 0;
 	bool		other;
 
-	reply = redisCommand(redis, "GET %s", REDIS_MARKER_KEY);
+	if (!rc_run(redis, &cmd, 1))
+	{
+		if (cmd.reply != NULL)
+			freeReplyObject(cmd.reply);
+		redis_fail(redis->err);
+		return false;
+	}
+	redis_after_call();
+	reply = cmd.reply;
 	if (redis_noperm(reply))
 	{
 		freeReplyObject(reply);
@@ -919,10 +801,10 @@ redis_check_marker(void)
 		redis_marker_ok = true;
 		return true;
 	}
-	if (reply == NULL || (reply->type != REDIS_REPLY_STRING &&
-						  reply->type != REDIS_REPLY_NIL))
+	if (reply->type != REDIS_REPLY_STRING && reply->type != REDIS_REPLY_NIL)
 	{
-		redis_fail_reply("GET", reply);
+		redis_fail(reply->type == REDIS_REPLY_ERROR ? reply->str : "GET: unexpected reply");
+		freeReplyObject(reply);
 		return false;
 	}
 	if (reply->type == REDIS_REPLY_STRING &&
@@ -937,11 +819,10 @@ redis_check_marker(void)
 
 	if (other && !redis_purge_orders(&deleted))
 		return false;
-	reply = redis_call(3, (const char *[]) {"SET", REDIS_MARKER_KEY, redis_installation},
-					   REDIS_REPLY_STATUS);
-	if (reply == NULL)
+	cmd.argc = 3;
+	cmd.argv = (const char *[]) {"SET", REDIS_MARKER_KEY, redis_installation};
+	if (!redis_run(&cmd, 1, REDIS_REPLY_STATUS, NULL))
 		return false;
-	freeReplyObject(reply);
 	if (other)
 		ereport(LOG,
 				(errmsg("cqrs projector deleted " UINT64_FORMAT " order keys another installation left in Redis",
@@ -984,7 +865,7 @@ cqrs_redis_tick(void)
 		redis_url_open = MemoryContextStrdup(TopMemoryContext, cqrs_redis_url);
 
 	now = GetCurrentTimestamp();
-	if (redis == NULL)
+	if (!redis_up)
 	{
 		if (now < redis_retry_at || !redis_open())
 			return false;
@@ -997,7 +878,7 @@ cqrs_redis_tick(void)
 	{
 		redis_stats_at = now;
 		redis_read_stats();
-		if (redis == NULL)
+		if (!redis_up)
 			return false;
 	}
 
@@ -1095,7 +976,7 @@ cqrs_redis_drain(int limit)
 	StringInfoData json;
 	uint64		n;
 
-	if (redis == NULL)
+	if (!redis_up)
 		return false;
 	if (redis_resync_needed)
 	{
@@ -1166,7 +1047,7 @@ cqrs_redis_batch_begin(void)
 											  ALLOCSET_DEFAULT_SIZES);
 	MemoryContextReset(redis_context);
 	redis_pending = NIL;
-	redis_write_through = redis_configured() && redis != NULL;
+	redis_write_through = redis_configured() && redis_up;
 }
 
 /*
@@ -1258,7 +1139,7 @@ cqrs_redis_batch_done(void)
 	redis_write_through = false;
 	if (redis_pending == NIL)
 		return true;
-	if (redis == NULL || !redis_send(redis_pending))
+	if (!redis_up || !redis_send(redis_pending))
 		return false;
 	redis_pending = NIL;
 	return true;

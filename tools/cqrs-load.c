@@ -49,9 +49,8 @@
 #include <unistd.h>
 
 #include <libpq-fe.h>
-#ifdef USE_HIREDIS
-#include <hiredis.h>
-#endif
+
+#include "redis_cluster.h"
 
 #define MAX_SECONDS		86400
 #define RING_SIZE		(1 << 20)
@@ -89,12 +88,8 @@ static const char *opt_series = NULL;
 static const char *opt_sync_commit = NULL;
 static bool opt_pooled = false;
 
-/* Redis target, parsed from --redis. */
-static char redis_host[256];
-static int	redis_port = 6379;
-static char redis_user[128];
-static char redis_password[256];
-static int	redis_db = 0;
+/* Redis target (one server or a cluster's seed nodes), from --redis. */
+static RcTarget redis_target;
 
 static atomic_bool stopping = false;
 static struct timespec started;
@@ -555,65 +550,68 @@ typedef struct Reader
 	unsigned int seed;
 	PGconn	   *conn;
 #ifdef USE_HIREDIS
-	redisContext *redis;
+	RcConn	   *redis;			/* NULL while Redis is down */
 #endif
 	double		redis_retry_at;
 	Samples    *samples;
 } Reader;
 
 #ifdef USE_HIREDIS
-static redisContext *
+static void
+redis_free(RcConn *c)
+{
+	rc_close(c);
+	free(c);
+}
+
+/*
+ * Open Redis (one server or a cluster, routed by redis_cluster.c) and
+ * check that it answers; NULL on failure, or exit if fatal.
+ */
+static RcConn *
 redis_open(bool fatal)
 {
-	struct timeval tv = {0, 200 * 1000};
-	redisContext *c = redisConnectWithTimeout(redis_host, redis_port, tv);
-	redisReply *reply;
+	RcConn	   *c = calloc(1, sizeof(RcConn));
+	RcCommand	ping = {1, (const char *[]) {"PING"}, NULL, NULL};
 
-	if (c == NULL || c->err)
-		goto fail;
-	redisSetTimeout(c, tv);
-	if (redis_password[0])
+	if (c == NULL)
 	{
-		reply = redis_user[0] ?
-			redisCommand(c, "AUTH %s %s", redis_user, redis_password) :
-			redisCommand(c, "AUTH %s", redis_password);
-		if (reply == NULL || reply->type == REDIS_REPLY_ERROR)
-		{
-			if (fatal)
-				fprintf(stderr, "cqrs-load: Redis refused the password: %s\n",
-						reply ? reply->str : c->errstr);
-			if (reply)
-				freeReplyObject(reply);
-			redisFree(c);
-			if (fatal)
-				exit(1);
-			return NULL;
-		}
-		freeReplyObject(reply);
-	}
-	if (redis_db)
-	{
-		reply = redisCommand(c, "SELECT %d", redis_db);
-		if (reply == NULL || reply->type == REDIS_REPLY_ERROR)
-		{
-			if (reply)
-				freeReplyObject(reply);
-			goto fail;
-		}
-		freeReplyObject(reply);
-	}
-	return c;
-
-fail:
-	if (fatal)
-	{
-		fprintf(stderr, "cqrs-load: could not connect to Redis at %s:%d: %s\n",
-				redis_host, redis_port, c ? c->errstr : "out of memory");
+		fprintf(stderr, "cqrs-load: out of memory\n");
 		exit(1);
 	}
-	if (c)
-		redisFree(c);
+	c->target = redis_target;
+	c->timeout.tv_usec = 200 * 1000;
+	if (rc_open(c) && rc_run(c, &ping, 1) &&
+		ping.reply->type != REDIS_REPLY_ERROR)
+	{
+		freeReplyObject(ping.reply);
+		return c;
+	}
+	if (fatal)
+	{
+		fprintf(stderr, "cqrs-load: could not connect to Redis: %s\n",
+				ping.reply ? ping.reply->str : c->err);
+		exit(1);
+	}
+	if (ping.reply)
+		freeReplyObject(ping.reply);
+	redis_free(c);
 	return NULL;
+}
+
+/* One command on the key's node; the reply, or NULL. */
+static redisReply *
+redis_key_command(RcConn *c, int argc, const char **argv, const char *key)
+{
+	RcCommand	cmd = {argc, argv, key, NULL};
+
+	if (!rc_run(c, &cmd, 1))
+	{
+		if (cmd.reply)
+			freeReplyObject(cmd.reply);
+		return NULL;
+	}
+	return cmd.reply;
 }
 
 /* Redis failed: go to the database, retry in a second. */
@@ -622,7 +620,7 @@ reader_redis_down(Reader *r)
 {
 	count_error("redis");
 	if (r->redis)
-		redisFree(r->redis);
+		redis_free(r->redis);
 	r->redis = NULL;
 	r->redis_retry_at = now_s() + 1;
 }
@@ -665,8 +663,12 @@ reader_read(Reader *r, const char *id)
 	}
 	if (opt_read_mode != READ_DB && r->redis != NULL)
 	{
-		redisReply *reply = redisCommand(r->redis, "GET order:%s", id);
+		char		key[ID_LEN + 8];
+		redisReply *reply;
 		SfEntry    *e;
+
+		snprintf(key, sizeof(key), "order:%s", id);
+		reply = redis_key_command(r->redis, 2, (const char *[]) {"GET", key}, key);
 
 		if (reply == NULL || reply->type == REDIS_REPLY_ERROR)
 		{
@@ -698,9 +700,11 @@ reader_read(Reader *r, const char *id)
 			{
 				int			ttl = json ? opt_ttl - opt_ttl_jitter +
 					rand_r(&r->seed) % (2 * opt_ttl_jitter + 1) : opt_miss_ttl;
+				char		ttl_text[16];
 
-				reply = redisCommand(r->redis, "SET order:%s %s EX %d NX",
-									 id, json ? json : "-", ttl);
+				snprintf(ttl_text, sizeof(ttl_text), "%d", ttl);
+				reply = redis_key_command(r->redis, 6, (const char *[]) {
+					"SET", key, json ? json : "-", "EX", ttl_text, "NX"}, key);
 				if (reply == NULL || reply->type == REDIS_REPLY_ERROR)
 					reader_redis_down(r);
 				if (reply)
@@ -775,7 +779,7 @@ reader_main(void *arg)
 	PQfinish(r->conn);
 #ifdef USE_HIREDIS
 	if (r->redis)
-		redisFree(r->redis);
+		redis_free(r->redis);
 #endif
 	return NULL;
 }
@@ -987,7 +991,8 @@ usage(FILE *f)
 			"Usage: cqrs-load [OPTION]...\n\n"
 			"  -d, --dbname=CONNINFO     libpq connection string (default \"dbname=postgres\";\n"
 			"                            run as root, the role is postgres unless PGUSER or user= names one)\n"
-			"  -r, --redis=URL           redis://[[user]:password@]host[:port][/db]; none: read the database only\n"
+			"  -r, --redis=URL           redis://[[user]:password@]host[:port][,host[:port]...][/db]\n"
+			"                            (several hosts: a Redis Cluster); none: read the database only\n"
 			"  -w, --writers=N           writer threads (default 4; 0: no writes)\n"
 			"  -W, --write-rate=R        writes per second, all writers (default 0: flat out)\n"
 			"  -c, --readers=N           reader threads (default 4; 0: no reads)\n"
@@ -1027,48 +1032,12 @@ parse_number(const char *opt, const char *v, double min, double max)
 static void
 parse_redis_url(const char *url)
 {
-	const char *p = url;
-	const char *at;
-	const char *colon;
-	const char *end;
+	const char *problem;
 
-	if (strncmp(p, "redis://", 8) != 0)
-		goto bad;
-	p += 8;
-	if ((at = strrchr(p, '@')) != NULL)
-	{
-		colon = memchr(p, ':', at - p);
-		if (colon == NULL)
-			goto bad;
-		snprintf(redis_user, sizeof(redis_user), "%.*s", (int) (colon - p), p);
-		snprintf(redis_password, sizeof(redis_password), "%.*s", (int) (at - colon - 1), colon + 1);
-		p = at + 1;
-	}
-	end = p + strcspn(p, ":/");
-	if (end == p || end - p >= (long) sizeof(redis_host))
-		goto bad;
-	snprintf(redis_host, sizeof(redis_host), "%.*s", (int) (end - p), p);
-	p = end;
-	if (*p == ':')
-	{
-		redis_port = (int) strtol(p + 1, (char **) &end, 10);
-		if (end == p + 1 || redis_port < 1 || redis_port > 65535)
-			goto bad;
-		p = end;
-	}
-	if (*p == '/' && p[1])
-	{
-		redis_db = (int) strtol(p + 1, (char **) &end, 10);
-		if (end == p + 1 || *end != '\0' || redis_db < 0)
-			goto bad;
-		p = end;
-	}
-	else if (*p == '/')
-		p++;
-	if (*p == '\0')
+	if (rc_parse_url(url, &redis_target, &problem))
 		return;
-bad:
-	fprintf(stderr, "cqrs-load: invalid --redis URL: the form is redis://[[user]:password@]host[:port][/db]\n");
+	fprintf(stderr, "cqrs-load: invalid --redis URL: %s The form is redis://[[user]:password@]host[:port][,host[:port]...][/db]\n",
+			problem);
 	exit(2);
 }
 
@@ -1226,7 +1195,7 @@ main(int argc, char **argv)
 	PQclear(res);
 #ifdef USE_HIREDIS
 	if (opt_redis)
-		redisFree(redis_open(true));
+		redis_free(redis_open(true));
 #endif
 
 	clock_gettime(CLOCK_MONOTONIC, &started);

@@ -77,7 +77,8 @@ for my $name ('cqrs_projection_lag_seconds', 'cqrs_slot_lag_bytes', 'cqrs_parked
 	'cqrs_cache_hit_ratio',
 	'cqrs_batch_flush_duration_seconds_bucket', 'cqrs_batch_flush_duration_seconds_sum',
 	'cqrs_batch_flush_duration_seconds_count', 'cqrs_redis_connected',
-	'cqrs_redis_writes_total', 'cqrs_redis_errors_total', 'cqrs_redis_backlog',
+	'cqrs_redis_writes_total', 'cqrs_redis_errors_total',
+	'cqrs_redis_redirects_total', 'cqrs_redis_backlog',
 	'cqrs_spans_buffered', 'cqrs_spans_dropped_total', 'cqrs_spans_exported_total',
 	'cqrs_spans_failed_total')
 {
