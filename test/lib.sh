@@ -219,6 +219,53 @@ cqrs_redis_start() {
 	return 1
 }
 
+# Start a Redis Cluster of $3 primaries (default 3), without replicas, on
+# 127.0.0.1 ports $2, $2+1, ..., one redis-server per subdirectory of $1,
+# no persistence, as the server user; stopped by cqrs_redis_cluster_stop.
+# Returns 1 when it could not.
+cqrs_redis_cluster_start() {
+	local dir=$1 port=$2 n=${3:-3} i nodes=()
+	command -v redis-server >/dev/null || return 1
+	cqrs_redis_cluster_stop "$dir"
+	for i in $(seq 0 $((n - 1))); do
+		mkdir -p "$dir/$i"
+		[ "$(id -u)" -eq 0 ] && chown "$(cqrs_pg_user)": "$dir" "$dir/$i"
+		cqrs_as_pg redis-server --port $((port + i)) --bind 127.0.0.1 --save '' \
+			--appendonly no --daemonize yes --pidfile "$dir/$i/redis.pid" \
+			--dir "$dir/$i" --logfile "$dir/$i/redis.log" \
+			--cluster-enabled yes --cluster-config-file "$dir/$i/nodes.conf" \
+			--cluster-node-timeout 1000 >/dev/null || return 1
+		nodes+=("127.0.0.1:$((port + i))")
+	done
+	for _ in $(seq 50); do
+		[ "$(redis-cli -p $((port + n - 1)) ping 2>/dev/null)" = PONG ] && break
+		sleep 0.1
+	done
+	redis-cli --cluster create "${nodes[@]}" --cluster-yes >"$dir/create.log" 2>&1 || {
+		cqrs_log "redis-cli --cluster create failed: see $dir/create.log"
+		return 1
+	}
+	for _ in $(seq 100); do
+		local ok=0
+		for i in $(seq 0 $((n - 1))); do
+			redis-cli -p $((port + i)) cluster info 2>/dev/null | grep -q 'cluster_state:ok' && ok=$((ok + 1))
+		done
+		[ "$ok" -eq "$n" ] && return 0
+		sleep 0.1
+	done
+	cqrs_log "the Redis Cluster on ports $port.. did not become ready"
+	return 1
+}
+
+# Stop the redis-servers cqrs_redis_cluster_start started in $1.
+cqrs_redis_cluster_stop() {
+	local d
+	for d in "$1"/*/; do
+		[ -f "$d/redis.pid" ] && cqrs_stop_pidfile "$d/redis.pid"
+	done
+	return 0
+}
+
 # Start Debian's pgbouncer from directory $1 (made anew), listening on
 # 127.0.0.1:$2 in transaction pooling mode, in front of database postgres
 # of the cluster whose socket is in $3, port $4, with $5 server
