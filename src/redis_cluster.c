@@ -117,7 +117,7 @@ rc_parse_addr(const char **pp, RcAddr *a, const char **problem)
 		v = strtol(p + 1, &end, 10);
 		if (end == p + 1 || errno != 0 || v < 1 || v > 65535)
 		{
-			*problem = "A port must be a number from 1 to 65535.";
+			*problem = "The port must be a number from 1 to 65535.";
 			return false;
 		}
 		a->port = (int) v;
