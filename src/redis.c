@@ -596,12 +596,22 @@ redis_open(void)
 static bool
 redis_send(List *writes)
 {
+	static MemoryContext send_context = NULL;
+	MemoryContext old;
 	ListCell   *lc;
 	int			n = list_length(writes);
-	RcCommand  *cmds = palloc0(sizeof(RcCommand) * Max(n, 1));
+	RcCommand  *cmds;
 	uint64		written;
 	int			jitter = Min(cqrs_redis_ttl_jitter, cqrs_redis_ttl - 1);
 	int			i = 0;
+	bool		ok;
+
+	/* the commands live for this call only; it runs outside transactions */
+	if (send_context == NULL)
+		send_context = AllocSetContextCreate(TopMemoryContext, "cqrs redis send",
+											 ALLOCSET_DEFAULT_SIZES);
+	old = MemoryContextSwitchTo(send_context);
+	cmds = palloc0(sizeof(RcCommand) * Max(n, 1));
 
 	foreach(lc, writes)
 	{
@@ -649,7 +659,10 @@ redis_send(List *writes)
 					 (int) pg_prng_uint64_range(&pg_global_prng_state, 0, 2 * jitter));
 	}
 
-	if (!redis_run(cmds, n, -1, &written))
+	ok = redis_run(cmds, n, -1, &written);
+	MemoryContextSwitchTo(old);
+	MemoryContextReset(send_context);
+	if (!ok)
 		return false;
 	SpinLockAcquire(&cqrs_shared->mutex);
 	cqrs_shared->redis_writes_total += written;
